@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both start with `make install`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# No model hub is reachable: everything loads from installed packages or local files.
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+# Re-installs only when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/phrasefuse demo --work work/demo
+
+bench: install
+	$(PY) bench/extract.py
+
+clean:
+	rm -rf $(VENV) work .pytest_cache

@@ -1,0 +1,3 @@
+from phrasefuse.cli import main
+
+main()

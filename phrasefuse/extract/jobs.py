@@ -1,0 +1,250 @@
+"""The extract jobs: embed every image / text of a manifest once, into a store.
+
+Each job is reader -> mapper -> writer:
+  reader  the manifest rows not yet in the store (`pending_rows`), and, per row,
+          its content key (sha256 of the image bytes / of the text);
+  mapper  the encoder, on batches (images decoded in DataLoader workers);
+  writer  `StoreWriter`: whole shards, errors.parquet, the store lock.
+
+Embed once: an id already in the store is skipped; an item whose content key is
+already embedded (another id, an earlier manifest) is copied, not re-embedded.
+A killed job loses at most the shard it was filling; the next run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.errors import BadInput
+from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from phrasefuse.manifests import Manifest, read_manifest
+from phrasefuse.manifests.tables import sql
+from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+@dataclass
+class ExtractSummary:
+    what: str
+    store: str
+    rows: int = 0
+    embedded: int = 0  # ran through the model
+    reused: int = 0  # content already embedded under another id: copied
+    present: int = 0  # id already in the store: skipped
+    failed: int = 0  # in errors.parquet
+    seconds: float = 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        done = self.embedded + self.reused
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        failed = f"{self.failed} failed" + (f" (see {self.store}/errors.parquet)" if self.failed else "")
+        return (f"extract {self.what}: {self.embedded} embedded, {self.reused} reused, {self.present} already in store, "
+                f"{failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"rows_per_second": round(self.rows_per_second, 2)}
+
+
+# ---------------------------------------------------------------- reader
+
+
+def pending_rows(manifest: Manifest, store: EmbeddingStore) -> tuple[pa.Table, pa.Table]:
+    """(rows of the manifest whose id is not in the store, the store's id/key table)."""
+    existing = store.ids_and_keys() if store.exists() else pa.table({"id": pa.array([], pa.string()),
+                                                                      "key": pa.array([], pa.string())})
+    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table["id"], value_set=existing["id"])))
+    return todo, existing
+
+
+@contextmanager
+def _progress(total: int, what: str, enabled: bool | None):
+    """A rich progress bar (rows/s, ETA) on a terminal; nothing otherwise."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled or total == 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"extract {what}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    start = time.perf_counter()
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total, rate="")
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            rate = done / max(1e-9, time.perf_counter() - start)
+            bar.update(task, advance=n, rate=f"{rate:.1f} rows/s")
+
+        yield advance
+
+
+def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
+    """Rows whose content is already in the store: copy the embedding under the new id."""
+    if not known:
+        return 0
+    writer.flush()  # keys embedded in this run must be on disk to be found
+    ids, keys = zip(*known)
+    emb = writer.store.embeddings_by_key(pa.array(keys, pa.string()))
+    writer.add(ids, keys, emb)
+    return len(ids)
+
+
+# ---------------------------------------------------------------- images
+
+
+def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model: str = DEFAULT_IMAGE_MODEL,
+                   batch_size: int = 64, workers: int | None = None, device: str = "auto",
+                   limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
+                   progress: bool | None = None) -> ExtractSummary:
+    """Embed the `image` column of a manifest into the store `out`."""
+    import torch
+
+    from phrasefuse.extract.encoders import load_image_encoder
+    from phrasefuse.extract.images import ImageRows, collate, worker_init
+
+    _check_sizes(batch_size, shard_size, limit)
+    rows = read_manifest(manifest, require_image=True).head(limit)
+    encoder = load_image_encoder(model, device)
+    meta = new_meta(modality="image", encoder=encoder.identity, dtype=dtype, preprocess=encoder.preprocess,
+                    source={"manifest": str(manifest), "column": "image"})
+    summary = ExtractSummary("images", str(out), rows=len(rows))
+    start = time.perf_counter()
+    with StoreWriter.open(out, meta, shard_size) as writer:
+        todo, existing = pending_rows(rows, writer.store)
+        summary.present = len(rows) - todo.num_rows
+        dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.transform,
+                            encoder.resize_shorter, frozenset(existing["key"].to_pylist()))
+        workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+            worker_init_fn=worker_init if workers else None, pin_memory=encoder.device.type == "cuda",
+            prefetch_factor=4 if workers else None, persistent_workers=False)
+        embedded_keys: set[str] = set()
+        known: list[tuple[str, str]] = []
+        with _progress(todo.num_rows, "images", progress) as advance:
+            for batch in loader:
+                known.extend(batch["known"])
+                if batch["errors"]:
+                    writer.add_errors(*zip(*batch["errors"]))
+                    summary.failed += len(batch["errors"])
+                if batch["pixels"] is not None:
+                    fresh = _first_of_each_key(batch["keys"], embedded_keys)
+                    known.extend((batch["ids"][i], batch["keys"][i]) for i in np.flatnonzero(~fresh))
+                    if fresh.any():
+                        pixels = batch["pixels"] if fresh.all() else batch["pixels"][torch.from_numpy(fresh)]
+                        ids = [i for i, f in zip(batch["ids"], fresh) if f]
+                        keys = [k for k, f in zip(batch["keys"], fresh) if f]
+                        writer.add(ids, keys, encoder.encode(pixels))
+                        embedded_keys.update(keys)
+                        summary.embedded += len(ids)
+                advance(len(batch["ids"]) + len(batch["known"]) + len(batch["errors"]))
+        summary.reused = _copy_known(writer, known)
+        writer.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _first_of_each_key(keys: list[str], seen: set[str]) -> np.ndarray:
+    """True for the rows whose key was not embedded before in this run (nor earlier in the batch)."""
+    fresh = np.ones(len(keys), dtype=bool)
+    batch_seen: set[str] = set()
+    for i, k in enumerate(keys):
+        if k in seen or k in batch_seen:
+            fresh[i] = False
+        batch_seen.add(k)
+    return fresh
+
+
+# ---------------------------------------------------------------- texts
+
+
+def text_column(manifest: Manifest, col: str) -> pa.Array:
+    """A text column as strings: lists (tags) joined with ', ', numbers cast; whitespace trimmed."""
+    values = manifest.column(col).combine_chunks()
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        values = pc.binary_join(pc.cast(values, pa.list_(pa.string())), ", ")
+    elif pa.types.is_null(values.type) or not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        try:
+            values = pc.cast(values, pa.string())
+        except pa.ArrowException:
+            raise BadInput(f"{manifest.source}: column '{col}' has type {values.type}; expected text") from None
+    return pc.utf8_trim_whitespace(pc.cast(values, pa.string()))
+
+
+def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike, *,
+                  model: str = DEFAULT_TEXT_MODEL, batch_size: int = 256, device: str = "auto",
+                  limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
+                  progress: bool | None = None) -> ExtractSummary:
+    """Embed the text column `col` of a manifest into the store `out`. Each distinct
+    text is embedded once; missing and empty texts go to errors.parquet."""
+    from phrasefuse.extract.encoders import load_text_encoder
+
+    _check_sizes(batch_size, shard_size, limit)
+    rows = read_manifest(manifest).head(limit)
+    texts = text_column(rows, col)  # refuses a missing column before loading a model
+    encoder = load_text_encoder(model, device)
+    meta = new_meta(modality="text", encoder=encoder.identity, dtype=dtype,
+                    source={"manifest": str(manifest), "column": col})
+    summary = ExtractSummary(f"texts ({col})", str(out), rows=len(rows))
+    start = time.perf_counter()
+    table = pa.table({"id": rows.ids, "text": texts})
+    with StoreWriter.open(out, meta, shard_size) as writer:
+        existing = writer.store.ids_and_keys() if writer.store.exists() else None
+        if existing is not None:
+            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=existing["id"])))
+        summary.present = len(rows) - table.num_rows
+        # Missing / empty texts are row errors, not manifest errors.
+        missing = pc.or_(pc.is_null(table["text"]), pc.equal(pc.utf8_length(table["text"].fill_null("")), 0))
+        bad = table.filter(missing)
+        writer.add_errors(bad["id"].to_pylist(),
+                          ["missing text" if t is None else "empty text" for t in bad["text"].to_pylist()])
+        summary.failed = bad.num_rows
+        table = table.filter(pc.invert(missing))
+        keys = sql("SELECT sha256(text) AS key FROM t", t=table)["key"]
+        table = table.append_column("key", keys)
+        known = pc.is_in(table["key"], value_set=existing["key"]) if existing is not None else \
+            pa.array(np.zeros(table.num_rows, bool))
+        reuse, todo = table.filter(known), table.filter(pc.invert(known))
+        # One model call per distinct text; every row with that text gets its vector.
+        unique = sql("SELECT key, any_value(text) AS text FROM t GROUP BY key", t=todo)
+        with _progress(unique.num_rows, f"texts ({col})", progress) as advance:
+            for start_row in range(0, unique.num_rows, shard_size):
+                chunk = unique.slice(start_row, shard_size)
+                emb = encoder.encode(chunk["text"].to_pylist(), batch_size=batch_size)
+                rows_of_chunk = todo.filter(pc.is_in(todo["key"], value_set=chunk["key"]))
+                where = pc.index_in(rows_of_chunk["key"], value_set=chunk["key"]).to_numpy()
+                writer.add(rows_of_chunk["id"], rows_of_chunk["key"], emb[where])
+                summary.embedded += chunk.num_rows
+                summary.reused += rows_of_chunk.num_rows - chunk.num_rows
+                advance(chunk.num_rows)
+        summary.reused += _copy_known(writer, list(zip(reuse["id"].to_pylist(), reuse["key"].to_pylist())))
+        writer.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _check_sizes(batch_size: int, shard_size: int, limit: int | None) -> None:
+    if batch_size < 1:
+        raise BadInput(f"--batch-size {batch_size}: must be at least 1")
+    if shard_size < 1:
+        raise BadInput(f"--shard-size {shard_size}: must be at least 1")
+    if limit is not None and limit < 0:
+        raise BadInput(f"--limit {limit}: must be 0 or more")

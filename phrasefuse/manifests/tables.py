@@ -1,0 +1,88 @@
+"""Read any user table (Parquet, CSV, JSON Lines, or a glob of them) through DuckDB.
+
+Every row keeps where it came from (`_file`, `_row`: 1-based data row within its
+file) so that validation errors can name the file and the row.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from phrasefuse.errors import BadInput
+
+# CSV is read as text so that ids like "007" stay strings; JSON and Parquet keep their types.
+READERS = {
+    ".parquet": "read_parquet($path)",
+    ".pq": "read_parquet($path)",
+    ".csv": "read_csv($path, header=true, all_varchar=true)",
+    ".tsv": "read_csv($path, header=true, all_varchar=true, delim='\t')",
+    ".jsonl": "read_json($path, format='newline_delimited')",
+    ".ndjson": "read_json($path, format='newline_delimited')",
+    ".json": "read_json($path, format='auto')",
+}
+FILE_COL, ROW_COL = "_file", "_row"
+
+
+def expand(pattern: str | os.PathLike) -> list[Path]:
+    """The files a table argument names: one path, or a glob (sorted)."""
+    pattern = str(pattern)
+    if glob.has_magic(pattern):
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise BadInput(f"{pattern}: no file matches this pattern; check the path")
+        return files
+    path = Path(pattern)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file; check the path")
+    return [path]
+
+
+def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
+    """All files of `pattern` as one Arrow table, with `_file` and `_row` columns.
+
+    Files may differ in columns (missing ones become null); a column whose types
+    cannot be unified across files is an error naming both files.
+    """
+    tables = []
+    for path in expand(pattern):
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise BadInput(f"{path}: unknown {what} format '{path.suffix}'; use .parquet, .csv, .tsv, .jsonl or .json")
+        con = duckdb.connect()
+        try:
+            table = con.sql(f"SELECT * FROM {reader}", params={"path": str(path)}).to_arrow_table()
+        except duckdb.Error as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"{path}: cannot read as {what} ({first}); fix the file or its extension") from None
+        finally:
+            con.close()
+        n = table.num_rows
+        table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(path)))
+        table = table.append_column(ROW_COL, pa.array(range(1, n + 1), pa.int64()))
+        tables.append(table)
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as e:
+        names = ", ".join(str(t[FILE_COL][0]) for t in tables if t.num_rows)
+        raise BadInput(f"{pattern}: files disagree on column types ({e}); files: {names}") from None
+
+
+def sql(query: str, **tables: pa.Table | pa.Array) -> pa.Table:
+    """Run a DuckDB query over Arrow tables named by keyword (no copies in, Arrow out)."""
+    con = duckdb.connect()
+    try:
+        for name, t in tables.items():
+            con.register(name, pa.table({"value": t}) if isinstance(t, (pa.Array, pa.ChunkedArray)) else t)
+        return con.sql(query).to_arrow_table()
+    finally:
+        con.close()
+
+
+def where(table: pa.Table, index: int) -> str:
+    """'FILE: row N' for row `index` of a table from `read_table`."""
+    return f"{table[FILE_COL][index].as_py()}: row {table[ROW_COL][index].as_py()}"

@@ -1,0 +1,499 @@
+"""The embedding store: the on-disk format every stage reads and writes.
+
+A store is a folder per feature (DESIGN.md, Data model)::
+
+    STORE/meta.json              encoder identity, dim, dtype, normalised, preprocessing, versions
+    STORE/part-00000.parquet     id (string), key (string), emb (fixed_size_list<float32|float16>[dim]),
+    STORE/part-00001.parquet     ... plus any extra columns a stage adds (e.g. phrases, scores)
+    STORE/errors.parquet         id, reason: rows that could not be embedded (retried on the next run)
+    STORE/.lock                  flock'ed by the one job writing the store
+
+Every file appears whole or not at all: it is written to a hidden temporary name,
+fsync'ed, then renamed (`write_atomic`). Each id is in at most one shard.
+
+`EmbeddingStore` reads (into NumPy through one contiguous Arrow buffer, no per-row
+Python); `StoreWriter` appends shards under the lock. Other stages (index, fuse)
+use these two and never touch the files directly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from phrasefuse import __version__
+from phrasefuse.errors import BadInput
+
+FORMAT = "phrasefuse-store"
+FORMAT_VERSION = 1
+META = "meta.json"
+ERRORS = "errors.parquet"
+LOCK = ".lock"
+SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+# Fields of meta["encoder"] that say which model made the vectors; "spec" is how the
+# user named it and may differ (another path to the same checkpoint).
+IDENTITY_FIELDS = ("family", "name", "weights_sha256", "dim")
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills a hidden temporary file,
+    which is fsync'ed and renamed over `path`; the folder is fsync'ed after."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    write_atomic(path, write)
+
+
+def write_parquet_atomic(path: str | os.PathLike, table: pa.Table) -> None:
+    # Embeddings barely compress; ids and keys do.
+    compression = {name: ("none" if name == "emb" else "zstd") for name in table.column_names}
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression=compression))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def embedding_array(emb: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    """(n, dim) floats -> Arrow fixed_size_list<dtype>[dim], without a per-row loop."""
+    emb = np.ascontiguousarray(emb, dtype=np.dtype(dtype))
+    n, dim = emb.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=DTYPES[dtype]), dim)
+
+
+def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Arrow fixed_size_list column -> (n, dim) NumPy view of one contiguous buffer."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    dim = column.type.list_size
+    values = column.flatten()  # respects slice offsets
+    if len(values) == 0:
+        return np.zeros((0, dim), dtype=values.type.to_pandas_dtype())
+    return values.to_numpy(zero_copy_only=True).reshape(-1, dim)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+# ---------------------------------------------------------------- meta
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an embedding (recorded in meta.json)."""
+    from importlib import metadata
+
+    versions = {"phrasefuse": __version__}
+    for dist in ("torch", "torchvision", "open_clip_torch", "timm", "sentence-transformers",
+                 "transformers", "pillow", "pyarrow", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def new_meta(*, modality: str, encoder: dict, dtype: str, preprocess: dict | None = None,
+             source: dict | None = None, extra: dict | None = None) -> dict:
+    """The meta.json of a new store. `encoder` holds spec + IDENTITY_FIELDS."""
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "modality": modality,
+        "encoder": encoder,
+        "dim": int(encoder["dim"]),
+        "dtype": dtype,
+        "normalized": True,
+        "preprocess": preprocess or {},
+        "source": source or {},
+        "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def encoder_identity(encoder: dict) -> dict:
+    return {k: encoder.get(k) for k in IDENTITY_FIELDS}
+
+
+def describe_encoder(encoder: dict) -> str:
+    return f"{encoder.get('spec') or encoder.get('name')} (dim {encoder.get('dim')}, weights {str(encoder.get('weights_sha256'))[:12]})"
+
+
+# ---------------------------------------------------------------- reading
+
+
+class EmbeddingStore:
+    """A store folder, read-only. Cheap to construct; reads lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.path)!r})"
+
+    # -- layout
+    @property
+    def meta_path(self) -> Path:
+        return self.path / META
+
+    @property
+    def errors_path(self) -> Path:
+        return self.path / ERRORS
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    @property
+    def meta(self) -> dict:
+        if not hasattr(self, "_meta"):
+            if not self.meta_path.is_file():
+                raise BadInput(f"{self.path}: not an embedding store (no {META}); create it with 'phrasefuse extract'")
+            try:
+                meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise BadInput(f"{self.meta_path}: unreadable ({e}); restore it or re-create the store") from None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise BadInput(f"{self.meta_path}: not a phrasefuse store meta (format != {FORMAT!r})")
+            if meta.get("format_version", 0) > FORMAT_VERSION:
+                raise BadInput(f"{self.meta_path}: store format {meta['format_version']} is newer than this "
+                               f"phrasefuse reads ({FORMAT_VERSION}); upgrade phrasefuse")
+            self._meta = meta
+        return self._meta
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    def shard_paths(self) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if SHARD_RE.match(p.name))
+
+    def next_shard_number(self) -> int:
+        numbers = [int(SHARD_RE.match(p.name).group(1)) for p in self.shard_paths()]
+        return max(numbers, default=-1) + 1
+
+    def num_rows(self) -> int:
+        """Row count from the Parquet footers, without reading data."""
+        return sum(pq.read_metadata(p).num_rows for p in self.shard_paths())
+
+    # -- reading
+    def _check_schema(self, shard: Path, schema: pa.Schema) -> None:
+        expected = pa.list_(DTYPES[self.dtype], self.dim)
+        for name in ("id", "key", "emb"):
+            if name not in schema.names:
+                raise BadInput(f"{shard}: no '{name}' column; run 'phrasefuse inspect --verify {self.path}'")
+        if schema.field("emb").type != expected:
+            raise BadInput(f"{shard}: column emb is {schema.field('emb').type}, expected {expected} "
+                           f"(meta.json); run 'phrasefuse inspect --verify {self.path}'")
+
+    def read_table(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """All shards as one Arrow table (shard order, then row order)."""
+        self.meta  # fail early on a folder that is not a store
+        columns = list(columns) if columns is not None else None
+        tables = []
+        for shard in self.shard_paths():
+            try:
+                self._check_schema(shard, pq.read_schema(shard))
+                tables.append(pq.read_table(shard, columns=columns))
+            except (OSError, pa.ArrowException) as e:
+                raise BadInput(f"{shard}: unreadable shard ({e}); run 'phrasefuse inspect --verify {self.path}'") from None
+        if not tables:
+            return self.empty_table(columns)
+        return pa.concat_tables(tables, promote_options="default")
+
+    def empty_table(self, columns: Iterable[str] | None = None) -> pa.Table:
+        schema = pa.schema([("id", pa.string()), ("key", pa.string()),
+                            ("emb", pa.list_(DTYPES[self.dtype], self.dim))])
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
+        return schema.empty_table()
+
+    def ids_and_keys(self) -> pa.Table:
+        return self.read_table(["id", "key"])
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, emb): ids as a NumPy object array, emb (n, dim) in the stored dtype."""
+        table = self.read_table(["id", "emb"])
+        return table["id"].to_numpy(), embeddings_to_numpy(table["emb"])
+
+    def lookup(self, ids: pa.Array | Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings for `ids` in their order: (emb (n, dim) float32, present (n,) bool).
+        Ids absent from the store get a zero row and present=False."""
+        ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
+        table = self.read_table(["id", "emb"])
+        found = pc.index_in(ids, value_set=table["id"])
+        present = found.is_valid().to_numpy(zero_copy_only=False)
+        pos = found.fill_null(0).to_numpy(zero_copy_only=False)
+        emb = embeddings_to_numpy(table["emb"]).astype(np.float32, copy=False)
+        out = np.zeros((len(pos), self.dim), dtype=np.float32)
+        if len(emb):
+            out[present] = emb[pos[present]]
+        return out, present
+
+    def embeddings_by_key(self, keys: pa.Array) -> np.ndarray:
+        """Stored embeddings for content keys (all must be present), in the order of
+        `keys`; reads one shard at a time, so memory holds only the matches."""
+        keys = pa.array(keys, pa.string()) if not isinstance(keys, pa.Array) else keys
+        unique = pc.unique(keys)
+        found_keys, found_emb = [], []
+        remaining = unique
+        for shard in self.shard_paths():
+            if len(remaining) == 0:
+                break
+            t = pq.read_table(shard, columns=["key", "emb"])
+            t = t.filter(pc.is_in(t["key"], value_set=remaining))
+            if t.num_rows:
+                # One row per key (the same content may be stored under several ids).
+                first = pc.index_in(pc.unique(t["key"]), value_set=t["key"])
+                t = t.take(first)
+                found_keys.append(t["key"].combine_chunks())
+                found_emb.append(embeddings_to_numpy(t["emb"]))
+                remaining = remaining.filter(pc.invert(pc.is_in(remaining, value_set=t["key"])))
+        if len(remaining):
+            raise RuntimeError(f"{self.path}: {len(remaining)} content keys vanished from the store during the job")
+        all_keys = pa.concat_arrays(found_keys) if found_keys else pa.array([], pa.string())
+        all_emb = np.concatenate(found_emb) if found_emb else np.zeros((0, self.dim), np.float32)
+        return all_emb[pc.index_in(keys, value_set=all_keys).to_numpy()]
+
+    def errors(self) -> pa.Table:
+        if not self.errors_path.is_file():
+            return pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+        return pq.read_table(self.errors_path)
+
+
+# ---------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """Appends shards to a store, holding its lock. Use as a context manager::
+
+        with StoreWriter.open(path, meta, shard_size=10_000) as writer:
+            writer.add(ids, keys, emb)            # buffered; a full buffer becomes a shard
+            writer.add_errors(ids, reasons)
+        # closing flushes the last shard and the errors file
+
+    Opening refuses a store whose encoder identity, modality, source column or dtype
+    differ from `meta` (exit 2), and another job holding the lock (exit 2).
+    """
+
+    def __init__(self, store: EmbeddingStore, meta: dict, shard_size: int, lock_fd: int):
+        self.store = store
+        self.meta = meta
+        self.shard_size = max(1, int(shard_size))
+        self._lock_fd = lock_fd
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._next = store.next_shard_number()
+        self._old_errors = store.errors()
+        self._new_errors: list[pa.Table] = []
+        self._written_ids: list[pa.Array] = []
+        self._errors_dirty = False
+        self.rows_written = 0
+        self.shards_written = 0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, meta: dict, shard_size: int = 10_000) -> "StoreWriter":
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"{path}: cannot create the store folder ({e.strerror}); choose another --out") from None
+        lock_fd = _acquire_lock(path)
+        try:
+            store = EmbeddingStore(path)
+            if store.exists():
+                meta = _compatible_meta(store, meta)
+            elif store.shard_paths():
+                raise BadInput(f"{path}: has shards but no {META}; restore meta.json or use a new --out folder")
+            else:
+                write_json_atomic(store.meta_path, meta)
+            for stale in path.glob(".*.tmp-*"):  # left by a killed job; we hold the lock
+                stale.unlink(missing_ok=True)
+            return cls(store, meta, shard_size, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+                self.flush()  # Ctrl-C keeps what is already embedded
+        finally:
+            os.close(self._lock_fd)
+
+    # -- appending
+    def add(self, ids: Iterable[str] | pa.Array, keys: Iterable[str] | pa.Array, emb: np.ndarray,
+            extra: dict[str, pa.Array] | None = None) -> None:
+        """Buffer rows; write a shard each time `shard_size` rows are buffered."""
+        if len(emb) == 0:
+            return
+        if emb.shape[1] != self.store.dim:
+            raise RuntimeError(f"embedding dim {emb.shape[1]} != store dim {self.store.dim}")
+        columns = {"id": pa.array(ids, pa.string()), "key": pa.array(keys, pa.string()),
+                   "emb": embedding_array(emb, self.meta["dtype"])}
+        columns.update(extra or {})
+        self._buffer.append(pa.table(columns))
+        self._buffered += len(emb)
+        if self._buffered >= self.shard_size:
+            self.flush()
+
+    def add_errors(self, ids: Iterable[str], reasons: Iterable[str]) -> None:
+        ids, reasons = list(ids), list(reasons)
+        if ids:
+            self._new_errors.append(pa.table({"id": pa.array(ids, pa.string()),
+                                              "reason": pa.array(reasons, pa.string())}))
+            self._errors_dirty = True
+
+    def flush(self) -> None:
+        """Write buffered rows as one shard (whole or not at all), then errors.parquet."""
+        if self._buffered:
+            table = pa.concat_tables(self._buffer)
+            shard = self.store.path / f"part-{self._next:05d}.parquet"
+            write_parquet_atomic(shard, table)
+            self._next += 1
+            self.shards_written += 1
+            self.rows_written += table.num_rows
+            self._written_ids.append(table["id"].combine_chunks())
+            self._buffer, self._buffered = [], 0
+            self._errors_dirty = self._errors_dirty or self._old_errors.num_rows > 0
+        if self._errors_dirty:
+            self._write_errors()
+
+    def _write_errors(self) -> None:
+        # Old errors stay unless their id was embedded now or failed again (new reason wins).
+        new = pa.concat_tables(self._new_errors) if self._new_errors else self._old_errors.schema.empty_table()
+        resolved = pa.concat_arrays(self._written_ids + [new["id"].combine_chunks()]) if (
+            self._written_ids or new.num_rows) else pa.array([], pa.string())
+        old = self._old_errors.filter(pc.invert(pc.is_in(self._old_errors["id"], value_set=resolved)))
+        errors = pa.concat_tables([old.select(["id", "reason"]), new.select(["id", "reason"])])
+        if errors.num_rows:
+            write_parquet_atomic(self.store.errors_path, errors)
+        elif self.store.errors_path.exists():
+            self.store.errors_path.unlink()
+        self._errors_dirty = False
+
+
+def _acquire_lock(path: Path) -> int:
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise BadInput(f"{path}: another job (pid {holder}) is writing this store; wait for it to finish "
+                       f"or write to another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _compatible_meta(store: EmbeddingStore, meta: dict) -> dict:
+    """The existing store's meta, after refusing a job that would mix in other vectors."""
+    have = store.meta
+    if encoder_identity(have["encoder"]) != encoder_identity(meta["encoder"]):
+        raise BadInput(f"{store.path}: holds embeddings of {describe_encoder(have['encoder'])}, not of "
+                       f"{describe_encoder(meta['encoder'])}; write to another --out folder")
+    if have.get("modality") != meta.get("modality"):
+        raise BadInput(f"{store.path}: holds {have.get('modality')} embeddings, not {meta.get('modality')}; "
+                       f"write to another --out folder")
+    have_col, want_col = have.get("source", {}).get("column"), meta.get("source", {}).get("column")
+    if have_col != want_col:
+        raise BadInput(f"{store.path}: holds embeddings of column '{have_col}', not '{want_col}'; "
+                       f"write to another --out folder")
+    if have["dtype"] != meta["dtype"]:
+        raise BadInput(f"{store.path}: stores {have['dtype']}, not {meta['dtype']}; drop --dtype or use another --out")
+    return have
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify_store(store: EmbeddingStore) -> list[str]:
+    """Read every shard; return one line per problem (empty: the store is sound).
+
+    Checks: readable Parquet, schema against meta.json, no NaN/inf, no zero
+    vectors, unit norms when the store says normalised, each id once.
+    """
+    problems: list[str] = []
+    seen: list[pa.Array] = []
+    for shard in store.shard_paths():
+        try:
+            store._check_schema(shard, pq.read_schema(shard))
+            table = pq.read_table(shard, columns=["id", "emb"])
+        except (BadInput, OSError, pa.ArrowException) as e:
+            problems.append(f"{shard.name}: {str(e).splitlines()[0][:200]}")
+            continue
+        emb = embeddings_to_numpy(table["emb"]).astype(np.float32)
+        bad = ~np.isfinite(emb).all(axis=1)
+        norms = np.linalg.norm(np.nan_to_num(emb), axis=1)
+        if bad.any():
+            problems.append(f"{shard.name}: {int(bad.sum())} rows with NaN/inf (first id {table['id'][int(np.argmax(bad))]})")
+        zero = norms < 1e-6
+        if zero.any():
+            problems.append(f"{shard.name}: {int(zero.sum())} zero vectors (first id {table['id'][int(np.argmax(zero))]})")
+        tol = 1e-2 if store.dtype == "float16" else 1e-3
+        off = ~bad & ~zero & (np.abs(norms - 1) > tol)
+        if store.meta.get("normalized") and off.any():
+            problems.append(f"{shard.name}: {int(off.sum())} vectors not unit-norm although meta says normalized")
+        seen.append(table["id"].combine_chunks())
+    if seen:
+        ids = pa.concat_arrays(seen)
+        if len(pc.unique(ids)) != len(ids):
+            counts = pc.value_counts(ids)
+            dup = counts.filter(pc.greater(counts.field("counts"), 1))
+            problems.append(f"{len(dup)} ids stored more than once (first: {dup[0]['values']})")
+    return problems
