@@ -202,9 +202,11 @@ def load_image_encoder(spec: str = DEFAULT_IMAGE_MODEL, device: str = "auto") ->
     if s.family == "open_clip":
         model, arch, transform = _open_clip(s)
         size = _open_clip_image_size(model)
+        mean, std = _mean_std(transform)
+        # The identity covers both towers: image and text vectors of one CLIP share a space.
         return ImageEncoder(spec, "open_clip", arch, _OpenClipImage(model), transform, size,
-                            {"input_size": size, "resize": "shortest", "mean": _mean_std(transform)[0],
-                             "std": _mean_std(transform)[1]}, dev)
+                            {"input_size": size, "resize": "shortest", "mean": mean, "std": std}, dev,
+                            weights_sha256=state_dict_sha256(model))
     if s.family == "timm":
         return _timm_image_encoder(s, dev)
     if s.family == "builtin" and s.name == "efficientnet-lite0":

@@ -1,0 +1,51 @@
+"""Shared fixtures: no network, a tiny random open_clip model, generated datasets, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# No model hub at test time: everything loads from installed packages or files the tests write.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_config(tmp_path_factory) -> Path:
+    """Path to an open_clip model-config JSON of a tiny random CLIP (spec: open_clip:PATH@)."""
+    path = tmp_path_factory.mktemp("clip") / "tiny-test-clip.json"
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tiny_clip_config) -> str:
+    return f"open_clip:{tiny_clip_config}@"
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    """60 generated JPEGs (6 shape classes) and their manifest.parquet; read-only for tests."""
+    from phrasefuse.synthetic import generate_images
+
+    return generate_images(tmp_path_factory.mktemp("shapes"), 60, seed=0, size=(96, 72))
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """The real `phrasefuse` CLI in a subprocess (as users and acceptance checks run it)."""
+    proc = subprocess.run([sys.executable, "-m", "phrasefuse", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"phrasefuse {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
