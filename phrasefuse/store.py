@@ -388,8 +388,8 @@ class StoreWriter:
         columns.update(extra or {})
         self._buffer.append(pa.table(columns))
         self._buffered += len(emb)
-        if self._buffered >= self.shard_size:
-            self.flush()
+        while self._buffered >= self.shard_size:
+            self._write_shard(self.shard_size)
 
     def add_errors(self, ids: Iterable[str], reasons: Iterable[str]) -> None:
         ids, reasons = list(ids), list(reasons)
@@ -399,18 +399,24 @@ class StoreWriter:
             self._errors_dirty = True
 
     def flush(self) -> None:
-        """Write buffered rows as one shard (whole or not at all), then errors.parquet."""
+        """Write all buffered rows as a shard (whole or not at all), then errors.parquet."""
         if self._buffered:
-            table = pa.concat_tables(self._buffer)
-            shard = self.store.path / f"part-{self._next:05d}.parquet"
-            write_parquet_atomic(shard, table)
-            self._next += 1
-            self.shards_written += 1
-            self.rows_written += table.num_rows
-            self._written_ids.append(table["id"].combine_chunks())
-            self._buffer, self._buffered = [], 0
-            self._errors_dirty = self._errors_dirty or self._old_errors.num_rows > 0
+            self._write_shard(self._buffered)
         if self._errors_dirty:
+            self._write_errors()
+
+    def _write_shard(self, rows: int) -> None:
+        """The first `rows` buffered rows become the next part-NNNNN.parquet."""
+        buffered = pa.concat_tables(self._buffer)
+        table, rest = buffered.slice(0, rows), buffered.slice(rows)
+        write_parquet_atomic(self.store.path / f"part-{self._next:05d}.parquet", table)
+        self._next += 1
+        self.shards_written += 1
+        self.rows_written += table.num_rows
+        self._written_ids.append(table["id"].combine_chunks())
+        self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
+        # Ids embedded now leave errors.parquet with the same shard that stores them.
+        if self._old_errors.num_rows or self._errors_dirty:
             self._write_errors()
 
     def _write_errors(self) -> None:

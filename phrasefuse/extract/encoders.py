@@ -52,7 +52,7 @@ def parse_spec(spec: str) -> Spec:
                        f"(e.g. {DEFAULT_IMAGE_MODEL} or open_clip:ViT-B-32@laion2b_s34b_b79k)")
     name, weights = rest, None
     if family in ("open_clip", "timm") and "@" in rest:
-        name, weights = rest.rsplit("@", 1)
+        name, _, weights = rest.partition("@")  # model names never hold "@"; checkpoint paths might
         weights = weights or None
     return Spec(family, name, weights, spec)
 
