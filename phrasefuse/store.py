@@ -370,8 +370,13 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-                self.flush()  # Ctrl-C keeps what is already embedded
+            if exc_type is None:
+                self.flush()
+            else:
+                try:  # Ctrl-C or a failure: keep what is already embedded, if the disk lets us
+                    self.flush()
+                except Exception:  # noqa: BLE001 - the original exception is the one to report
+                    pass
         finally:
             os.close(self._lock_fd)
 
