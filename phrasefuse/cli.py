@@ -23,6 +23,7 @@ import typer
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL
 
 app = typer.Typer(help=__doc__.split("\n\nThis module")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -96,6 +97,216 @@ def extract_texts(
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 
 
+# ---------------------------------------------------------------- fuse: heads on cached embeddings
+
+fuse_app = typer.Typer(help="Train, evaluate and ablate heads on cached embeddings (seconds; nothing is re-embedded).",
+                       no_args_is_help=True)
+app.add_typer(fuse_app, name="fuse")
+
+
+class HeadKind(str, Enum):
+    mlp = "mlp"
+    lgbm = "lgbm"
+    linear = "linear"
+
+
+FEATURE_HELP = ("Embedding store (repeatable): image, metadata text, phrases. NAME=PATH names the feature "
+                "(default: the folder name).")
+LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column means multi-label)."
+
+
+@fuse_app.command("train")
+def fuse_train(
+    manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with id, labels and (optionally) split."),
+    feature: list[str] = typer.Option(..., "--feature", help=FEATURE_HELP),
+    head: HeadKind = typer.Option(..., "--head", help="mlp, lgbm or linear."),
+    out: Path = typer.Option(..., "--out", help="Head folder (written whole; an existing head is replaced)."),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling and subsampling."),
+    multilabel: bool = typer.Option(False, "--multilabel", help="Multi-label (sigmoid) head even on a string column ('a|b')."),
+    threshold: float = typer.Option(0.3, "--threshold", help="Multi-label: global decision threshold."),
+    per_label_thresholds: bool = typer.Option(False, "--per-label-thresholds", help="Multi-label: tune one threshold per label on val."),
+    max_labels: Optional[int] = typer.Option(None, "--max-labels", help="Multi-label: at most N labels per image."),
+    label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table (label, description): label texts for --align-descriptions and --label-prior."),
+    align_descriptions: float = typer.Option(0.0, "--align-descriptions", help="mlp: weight W of an InfoNCE loss pulling image projections to frozen label-description embeddings."),
+    text_model: str = typer.Option(DEFAULT_TEXT_MODEL, "--text-model", help="Text encoder for --align-descriptions."),
+    label_prior: Optional[str] = typer.Option(None, "--label-prior", help="Text/phrases store: add cos(its vector, label text) to the head's log-probabilities, weight tuned on val."),
+    tune_rows: int = typer.Option(10_000, "--tune-rows", help="linear/lgbm: training rows used to tune text trust (all rows train the final head)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Train a head on --feature stores; report it beside the image-only head; save the better one."""
+    from phrasefuse.fuse.train import train_head
+
+    report = train_head(manifest, feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
+                        threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
+                        label_descriptions=label_descriptions, align_descriptions=align_descriptions,
+                        text_model=text_model, label_prior=label_prior, tune_rows=tune_rows)
+    _print(report.as_dict() if as_json else report.text(), as_json)
+
+
+@fuse_app.command("eval")
+def fuse_eval(
+    head: Path = typer.Argument(..., help="Head folder from 'fuse train'."),
+    manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    feature: Optional[list[str]] = typer.Option(None, "--feature", help="NAME=PATH: read feature NAME from another store (same encoder)."),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="Label column (default: the head's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Top-1/top-5/macro-F1/per-class accuracy, or mAP and micro P/R/F1 (multi-label), on one split."""
+    from phrasefuse.fuse.evaluate import eval_text, evaluate
+
+    report = evaluate(head, manifest, split=split, feature_args=feature, label_col=label_col)
+    _print(report if as_json else eval_text(report), as_json)
+
+
+@fuse_app.command("ablate")
+def fuse_ablate(
+    manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with labels and splits."),
+    feature: list[str] = typer.Option(..., "--feature", help=FEATURE_HELP),
+    head: HeadKind = typer.Option(..., "--head", help="mlp, lgbm or linear."),
+    shots: Optional[list[str]] = typer.Option(None, "--shots", help="K labelled examples per class (repeatable, or 1,5,10); default: all training data."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds (shots draws and head initialisations) to average over."),
+    seed: int = typer.Option(0, "--seed", help="First seed."),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
+    multilabel: bool = typer.Option(False, "--multilabel", help="Multi-label heads."),
+    out: Path = typer.Option(Path("ablation"), "--out", help="Folder for ablation.md and ablation.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Train and test every sensible feature subset; print the table (also written as Markdown and JSON)."""
+    from phrasefuse.fuse.ablate import ablate, ablation_text
+
+    ks = []
+    for value in shots or []:
+        for part in str(value).split(","):
+            try:
+                ks.append(int(part))
+            except ValueError:
+                raise BadInput(f"--shots {value}: expected whole numbers (e.g. --shots 1 --shots 5, or 1,5)") from None
+    report = ablate(manifest, feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
+                    multilabel=multilabel, out=out)
+    _print(report.as_dict() if as_json else ablation_text(report), as_json)
+
+
+@fuse_app.command("zeroshot")
+def fuse_zeroshot(
+    manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
+    phrases: str = typer.Option(..., "--phrases", help="Phrases (or any text) store; its encoder embeds the label texts."),
+    label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table (label, description); default: label names."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
+    multilabel: bool = typer.Option(False, "--multilabel", help="Multi-label labels."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Classify with no labelled image: cos(text feature, label text embedding) as class scores."""
+    from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
+
+    report = zeroshot(manifest, phrases, label_descriptions=label_descriptions, split=split, label_col=label_col,
+                      multilabel=multilabel)
+    _print(report if as_json else zeroshot_text(report), as_json)
+
+
+@app.command("predict")
+def predict(
+    head: Path = typer.Argument(..., help="Head folder from 'fuse train'."),
+    manifest: str = typer.Option(..., "--manifest", help="Manifest whose ids are in the head's feature stores."),
+    out: Path = typer.Option(..., "--out", help="Predictions Parquet file (written whole)."),
+    top_k: int = typer.Option(5, "--top-k", help="Labels (with probabilities) per row."),
+    feature: Optional[list[str]] = typer.Option(None, "--feature", help="NAME=PATH: read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Predict every row: top-k labels with probabilities, missing features, and the phrases behind them."""
+    from phrasefuse.fuse.evaluate import predict as run
+
+    summary = run(head, manifest, out, top_k=top_k, feature_args=feature)
+    _print(summary.as_dict() if as_json else summary.line(), as_json)
+
+
+# ---------------------------------------------------------------- index (phrasefuse/index/)
+
+index_app = typer.Typer(help="Prototype index: phrases for images that came with no text.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+class IndexKind(str, Enum):
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivf_sq8 = "ivf-sq8"
+    ivf_flat = "ivf-flat"
+    ivf_pq = "ivf-pq"
+
+
+@index_app.command("build")
+def index_build(
+    pairs: str = typer.Option(..., "--pairs", help="Pairs table (Parquet, CSV, JSON Lines, or a quoted glob): query, image_id, optional weight."),
+    images: Path = typer.Option(..., "--images", help="Image embedding store whose ids the pairs name."),
+    out: Path = typer.Option(..., "--out", help="Index folder (written whole, replacing an older index)."),
+    min_images: int = typer.Option(1, "--min-images", help="Drop phrases with fewer images than this."),
+    text_prototypes: bool = typer.Option(False, "--text-prototypes", help="Phrases with no image get a prototype from the image encoder's text tower (open_clip stores only)."),
+    kind: IndexKind = typer.Option(IndexKind.auto, "--kind", help="FAISS index kind; auto: exact when small, else IVF (PQ when over --memory)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget of the loaded index, e.g. 4G (default: half of this machine's RAM)."),
+    weights: bool = typer.Option(True, "--weights/--no-weights", help="Weight each pair by the table's 'weight' column, when it has one."),
+    target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, "--target-recall", help="recall@10 vs exact search that the search setting is tuned to reach."),
+    device: Device = typer.Option(Device.auto, "--device", help="For --text-prototypes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of training samples and recall queries."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Build the prototype index: each query phrase's prototype is the re-normalised mean
+    embedding of its images; a FAISS index over them gives an image its nearest phrases.
+
+    Phrases are normalised (case, whitespace). Pairs naming ids missing from the store, empty
+    phrases and duplicate pairs are counted and dropped; recall@10 against exact search is
+    measured on held-out image embeddings and stored in INDEX/meta.json.
+    """
+    from phrasefuse.index.build import build_index
+
+    summary = build_index(pairs, images, out, min_images=min_images, text_prototypes=text_prototypes,
+                          kind=kind.value, memory=memory, use_weights=weights, target_recall=target_recall,
+                          device=device.value, seed=seed)
+    _print(summary.as_dict() if as_json else summary.line(), as_json)
+
+
+@index_app.command("lookup")
+def index_lookup(
+    index: Path = typer.Argument(..., help="Index folder."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    k: int = typer.Option(DEFAULT_LOOKUP_K, "-k", help="Phrases per image."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: a list of {image, phrases, scores}."),
+) -> None:
+    """Print the top-k phrases (cosine scores) of IMAGE files, embedded with the index's own encoder."""
+    from phrasefuse.index.lookup import lookup
+
+    result = lookup(index, images, k=k, device=device.value)
+    _print(result.as_list() if as_json else result.text(), as_json)
+
+
+@app.command("phrases")
+def phrases(
+    index: Path = typer.Option(..., "--index", help="Index folder (phrasefuse index build)."),
+    images: Path = typer.Option(..., "--images", help="Image store embedded with the index's encoder."),
+    out: Path = typer.Option(..., "--out", help="Phrases store folder (created, or resumed)."),
+    k: int = typer.Option(DEFAULT_PHRASES_K, "-k", help="Phrases per image, averaged into the text feature."),
+    text_model: str = typer.Option(DEFAULT_TEXT_MODEL, "--text-model", help="Encoder spec that embeds the phrases."),
+    score_weighted: bool = typer.Option(False, "--score-weighted", help="Weight the phrase embeddings by their cosine scores instead of a plain mean."),
+    batch_size: int = typer.Option(10_000, "--batch-size", help="Images per FAISS search."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Stored float type."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """For every image of --images: its top-k phrases and scores, and the mean of their text
+    embeddings, into an embedding store (with 'phrases' and 'scores' columns) that fuse reads
+    as a feature. Ids already in --out are skipped; each distinct phrase is embedded once.
+    """
+    from phrasefuse.index.phrases import generate_phrases
+
+    summary = generate_phrases(index, images, out, k=k, text_model=text_model, score_weighted=score_weighted,
+                               batch_size=batch_size, device=device.value, shard_size=shard_size, dtype=dtype.value)
+    _print(summary.as_dict() if as_json else summary.line(), as_json)
+
+
 @app.command("inspect")
 def inspect(
     path: Path = typer.Argument(..., help="An embedding store (or, later, an index or a head)."),
@@ -127,6 +338,24 @@ def _print(obj, as_json: bool) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else obj)
 
 
+# Typer >= 0.29 raises usage errors (missing option, bad choice) and aborts from its own vendored click.
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+
+    USAGE_ERRORS: tuple = (click.ClickException, _TyperClickException)
+except ImportError:
+    USAGE_ERRORS = (click.ClickException,)
+ABORTS: tuple = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
+INTERRUPTED = "phrasefuse: interrupted; finished shards are kept, re-run the same command to resume"
+
+
+def _usage_line(e: Exception) -> str:
+    """A usage error as the contract's one line, with where to read more."""
+    ctx = getattr(e, "ctx", None)
+    where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    return f"phrasefuse: error: {e.format_message().rstrip('.')}{where}"
+
+
 def _terminate(signum, frame):  # SIGTERM stops like Ctrl-C: finished shards are kept
     raise KeyboardInterrupt
 
@@ -139,14 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     except BadInput as e:
         print(f"phrasefuse: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
-        print("phrasefuse: interrupted; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+    except (KeyboardInterrupt, *ABORTS):
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        print("phrasefuse: interrupted; finished shards are kept, re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except USAGE_ERRORS as e:
+        print(_usage_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, unless asked for
         if os.environ.get("PHRASEFUSE_DEBUG"):

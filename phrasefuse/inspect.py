@@ -33,6 +33,14 @@ class Report:
 
 def describe(path: str | os.PathLike, verify: bool = False) -> Report:
     path = Path(path)
+    from phrasefuse.fuse.artifact import describe_head, is_head  # a head folder (fuse train)
+
+    if is_head(path):
+        return describe_head(path, verify=verify)
+    from phrasefuse.index.folder import describe_index, is_index  # an index folder (index build)
+
+    if is_index(path):
+        return describe_index(path, verify=verify)
     store = EmbeddingStore(path)
     if not store.exists():
         raise BadInput(f"{path}: not a phrasefuse store (no meta.json); pass a folder written by phrasefuse")

@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,18 +239,23 @@ class EmbeddingStore:
 
     def read_table(self, columns: Iterable[str] | None = None) -> pa.Table:
         """All shards as one Arrow table (shard order, then row order)."""
-        self.meta  # fail early on a folder that is not a store
         columns = list(columns) if columns is not None else None
-        tables = []
-        for shard in self.shard_paths():
-            try:
-                self._check_schema(shard, pq.read_schema(shard))
-                tables.append(pq.read_table(shard, columns=columns))
-            except (OSError, pa.ArrowException) as e:
-                raise BadInput(f"{shard}: unreadable shard ({e}); run 'phrasefuse inspect --verify {self.path}'") from None
+        tables = list(self.iter_tables(columns))
         if not tables:
             return self.empty_table(columns)
         return pa.concat_tables(tables, promote_options="default")
+
+    def iter_tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+        """Each shard as an Arrow table, in shard order: one shard in memory at a time."""
+        self.meta  # fail early on a folder that is not a store
+        columns = list(columns) if columns is not None else None
+        for shard in self.shard_paths():
+            try:
+                self._check_schema(shard, pq.read_schema(shard))
+                table = pq.read_table(shard, columns=columns)
+            except (OSError, pa.ArrowException) as e:
+                raise BadInput(f"{shard}: unreadable shard ({e}); run 'phrasefuse inspect --verify {self.path}'") from None
+            yield table
 
     def empty_table(self, columns: Iterable[str] | None = None) -> pa.Table:
         schema = pa.schema([("id", pa.string()), ("key", pa.string()),

@@ -1,0 +1,170 @@
+"""`phrasefuse index build`: pairs + image store -> prototypes -> FAISS index folder.
+
+reader   the pairs table, cleaned and counted (pairs.py), and the image store's embeddings;
+mapper   prototypes as segment sums (prototypes.py); with --text-prototypes, phrases that have
+         no image get one from the image encoder's own text tower (open_clip: same space);
+writer   the FAISS index, chosen, trained and tuned (ann.py), in an index folder (folder.py).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from phrasefuse.errors import BadInput
+from phrasefuse.index import DEFAULT_TARGET_RECALL
+from phrasefuse.index.ann import build_index as build_faiss_index
+from phrasefuse.index.ann import human_bytes, parse_memory
+from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write_index_folder
+from phrasefuse.index.pairs import read_pairs
+from phrasefuse.index.prototypes import prototypes
+from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize, library_versions
+
+RECALL_QUERIES = 1000  # sample image embeddings: half tune the search setting, half measure recall@10
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    pairs: dict  # PairCounts
+    counts: dict  # phrases kept / dropped, prototypes by source
+    index: dict  # IndexReport
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        p, c, ix = self.pairs, self.counts, self.index
+        dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in p.items()
+                            if k not in ("pairs_read", "pairs_used") and v)
+        setting = f" {ix['search_param']}={ix['search_value']}" if ix.get("search_param") else ""
+        lines = [
+            f"index build: {c['phrases']} phrases ({c['prototypes_from_images']} from images, "
+            f"{c['prototypes_from_text']} from text) from {p['pairs_used']} of {p['pairs_read']} pairs"
+            + (f" (dropped: {dropped})" if dropped else ""),
+            f"  index: {ix['factory']}{setting} ({human_bytes(ix['bytes'])}); {ix['reason']}",
+            f"  recall@10 {ix['recall_at_10']:.3f} vs exact search"
+            + (f" on {ix['recall_queries']} held-out image embeddings" if ix["recall_queries"] else " (exact)")
+            + f"; {self.seconds:.1f} s -> {self.out}",
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def as_dict(self) -> dict:
+        return {"out": self.out, "pairs": self.pairs, "counts": self.counts, "index": self.index,
+                "seconds": round(self.seconds, 2), "notes": self.notes}
+
+
+def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
+                min_images: int = 1, text_prototypes: bool = False, kind: str = "auto",
+                memory: str | int | None = None, use_weights: bool = True,
+                target_recall: float = DEFAULT_TARGET_RECALL, device: str = "auto", seed: int = 0) -> BuildSummary:
+    """Build the prototype index of the pairs table `pairs` over the image store `images` into `out`."""
+    start = time.perf_counter()
+    if min_images < 1:
+        raise BadInput(f"--min-images {min_images}: must be at least 1")
+    if not 0 < target_recall <= 1:
+        raise BadInput(f"--target-recall {target_recall}: must be in (0, 1]")
+    memory_bytes = memory if isinstance(memory, int) else parse_memory(memory)
+    store = EmbeddingStore(images)
+    if store.meta.get("modality") != "image":
+        raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store "
+                       f"(phrasefuse extract images)")
+    ids, emb = store.embeddings()
+    if len(ids) == 0:
+        raise BadInput(f"--images {images}: the store has no embeddings; run 'phrasefuse extract images' first")
+
+    pairs_data = read_pairs(pairs, pa.array(ids, pa.string()), use_weights)
+    phrases, counts = pairs_data.phrases, pairs_data.images_per_phrase()
+    kept = counts >= min_images
+    # Gather only the images the pairs use (the store may be far larger).
+    used_images, image_row = np.unique(pairs_data.image_row, return_inverse=True)
+    keep_pair = kept[pairs_data.phrase]
+    remap = np.cumsum(kept) - 1  # old phrase index -> index among kept phrases
+    image_protos, ok = prototypes(remap[pairs_data.phrase[keep_pair]], image_row[keep_pair], emb[used_images],
+                                  int(kept.sum()), pairs_data.weight[keep_pair] if pairs_data.weighted else None)
+    kept_idx = np.flatnonzero(kept)[ok]
+    vectors, sources, image_counts = [image_protos[ok]], [np.full(len(kept_idx), "image")], [counts[kept_idx]]
+    names = [phrases.take(pa.array(kept_idx, pa.int64()))]
+
+    no_images = np.flatnonzero(counts == 0)
+    notes: list[str] = []
+    if text_prototypes and len(no_images):
+        text_names = phrases.take(pa.array(no_images, pa.int64()))
+        vectors.append(_text_prototypes(store, text_names.to_pylist(), device))
+        sources.append(np.full(len(no_images), "text"))
+        image_counts.append(np.zeros(len(no_images), np.int64))
+        names.append(text_names)
+    elif len(no_images):
+        notes.append(f"{len(no_images)} phrases have no image in the store"
+                     + (" (--text-prototypes gives them one if the store's encoder is open_clip)"
+                        if not text_prototypes else ""))
+    n_text = int(sum(len(s) for s in sources[1:]))
+    summary_counts = {
+        "phrases": int(len(kept_idx) + n_text),
+        "prototypes_from_images": int(len(kept_idx)),
+        "prototypes_from_text": n_text,
+        "phrases_below_min_images": int(((counts > 0) & ~kept).sum()),
+        "phrases_without_images": int(len(no_images) - n_text),
+        "phrases_zero_prototype": int((~ok).sum()),  # their images cancel out
+    }
+    if summary_counts["phrases"] == 0:
+        raise BadInput(_no_usable_rows(pairs, images, pairs_data, summary_counts, min_images))
+
+    vectors = np.concatenate(vectors).astype(np.float32, copy=False)
+    table = phrases_table(pa.concat_arrays(names), np.concatenate(image_counts), np.concatenate(sources))
+    sample = np.random.default_rng(seed).choice(len(ids), size=min(len(ids), RECALL_QUERIES), replace=False)
+    index, report = build_faiss_index(vectors, l2_normalize(emb[np.sort(sample)]), kind=kind,
+                                      memory=memory_bytes, target_recall=target_recall, seed=seed)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "build_id": uuid.uuid4().hex,
+        "encoder": store.meta["encoder"],
+        "dim": int(vectors.shape[1]),
+        "metric": "inner product on unit vectors (cosine)",
+        "images": {"store": str(images), "rows": int(len(ids))},
+        "pairs": {"path": str(pairs), "counts": pairs_data.counts.as_dict(), "min_images": min_images,
+                  "weighted": pairs_data.weighted, "normalisation": "NFKC, lower case, whitespace collapsed, trimmed"},
+        "counts": summary_counts,
+        "recall_at_10": report.recall_at_10,
+        "index": report.as_dict(),
+        "versions": {**library_versions(), "faiss": _faiss_version()},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_index_folder(out, index, table, meta)
+    return BuildSummary(str(out), pairs_data.counts.as_dict(), summary_counts, report.as_dict(),
+                        time.perf_counter() - start, notes)
+
+
+def _text_prototypes(store: EmbeddingStore, texts: list[str], device: str) -> np.ndarray:
+    """Prototypes from the image encoder's own text tower (only open_clip shares one space)."""
+    from phrasefuse.extract.encoders import load_text_encoder
+
+    encoder_meta = store.meta["encoder"]
+    if encoder_meta.get("family") != "open_clip":
+        raise BadInput(f"--text-prototypes: store {store.path} was embedded with {describe_encoder(encoder_meta)}, "
+                       f"which has no text tower in the same space; use an open_clip image store, or drop the flag")
+    encoder = load_text_encoder(encoder_meta["spec"], device)
+    if encoder_identity(encoder.identity) != encoder_identity(encoder_meta):
+        raise BadInput(f"--text-prototypes: {encoder_meta['spec']} now loads {describe_encoder(encoder.identity)}, "
+                       f"not the model of store {store.path}; restore those weights or re-extract the store")
+    return encoder.encode(texts)
+
+
+def _no_usable_rows(pairs, images, data, counts: dict, min_images: int) -> str:
+    c = data.counts
+    parts = [f"{c.pairs_read} rows read", f"{c.empty_phrase} empty phrases", f"{c.no_image_id} without image_id",
+             f"{c.missing_id} image_ids not in the store" + (f" (e.g. {data.missing_example!r})" if data.missing_example else ""),
+             f"{c.zero_weight} of weight 0", f"{counts['phrases_below_min_images']} phrases below --min-images {min_images}"]
+    return (f"{pairs}: no usable pairs ({'; '.join(parts)}); image_id must name ids of the image store {images}")
+
+
+def _faiss_version() -> str:
+    import faiss
+
+    return faiss.__version__

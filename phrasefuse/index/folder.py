@@ -1,0 +1,224 @@
+"""The index folder on disk, and `PhraseIndex` to query it.
+
+    INDEX/meta.json         format, the image store's encoder (identity + spec), dim, index kind,
+                            structure and search setting, recall@10 at build time, counts, build id
+    INDEX/phrases.parquet   row i = FAISS row i: phrase, images (image count), source (image|text)
+    INDEX/index.faiss       the FAISS index (faiss.write_index; no pickle)
+
+The folder is built under a hidden temporary sibling and renamed into place, so an
+index is there whole or not at all (a rebuild replaces the old one the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from phrasefuse.errors import BadInput
+from phrasefuse.store import describe_encoder, encoder_identity, write_atomic, write_json_atomic, write_parquet_atomic
+
+FORMAT = "phrasefuse-index"
+FORMAT_VERSION = 1
+META = "meta.json"
+PHRASES = "phrases.parquet"
+FAISS_FILE = "index.faiss"
+SOURCES = ("image", "text")
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    try:
+        return json.loads((Path(path) / META).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def phrases_table(phrases: pa.Array, images: np.ndarray, source: np.ndarray) -> pa.Table:
+    return pa.table({"phrase": pa.array(phrases, pa.string()), "images": pa.array(images, pa.int64()),
+                     "source": pa.array(source, pa.string())})
+
+
+def write_index_folder(out: str | os.PathLike, index, phrases: pa.Table, meta: dict) -> None:
+    """Write the three files under a temporary sibling folder, then rename it to `out`."""
+    import faiss
+
+    out = Path(out)
+    if out.exists() and not (is_index(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise BadInput(f"{out}: exists and is not a phrasefuse index; choose another --out (or remove it)")
+    if index.ntotal != phrases.num_rows:
+        raise RuntimeError(f"index has {index.ntotal} rows, phrases table {phrases.num_rows}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{out.parent}: cannot create the folder ({e.strerror}); choose another --out") from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_atomic(tmp / FAISS_FILE, lambda path: faiss.write_index(index, path))
+        write_parquet_atomic(tmp / PHRASES, phrases)
+        write_json_atomic(tmp / META, meta)  # last: a folder with meta.json is complete
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)  # put the previous index back
+        raise
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class PhraseIndex:
+    """An index folder, read-only. Cheap to open (meta and phrases); the FAISS file loads on first search."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / META
+        if not meta_path.is_file():
+            raise BadInput(f"{self.path}: not a phrasefuse index (no {META}); build one with 'phrasefuse index build'")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{meta_path}: unreadable ({e}); rebuild the index") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise BadInput(f"{meta_path}: not a phrasefuse index meta (format != {FORMAT!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise BadInput(f"{meta_path}: index format {meta['format_version']} is newer than this phrasefuse "
+                           f"reads ({FORMAT_VERSION}); upgrade phrasefuse")
+        self.meta = meta
+        self._faiss = None
+        self._table: pa.Table | None = None
+
+    def __repr__(self) -> str:
+        return f"PhraseIndex({str(self.path)!r})"
+
+    @property
+    def encoder(self) -> dict:
+        return self.meta["encoder"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            try:
+                self._table = pq.read_table(self.path / PHRASES)
+            except (OSError, pa.ArrowException) as e:
+                raise BadInput(f"{self.path / PHRASES}: unreadable ({str(e).splitlines()[0][:160]}); "
+                               f"rebuild the index") from None
+        return self._table
+
+    @property
+    def phrases(self) -> pa.Array:
+        return self.table["phrase"].combine_chunks()
+
+    @property
+    def faiss_index(self):
+        if self._faiss is None:
+            import faiss
+
+            from phrasefuse.index.ann import Plan, faiss_threads, set_search_value
+
+            faiss_threads()
+            path = self.path / FAISS_FILE
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as e:
+                raise BadInput(f"{path}: unreadable FAISS index ({str(e).strip().splitlines()[-1][:160]}); "
+                               f"rebuild the index") from None
+            info = self.meta["index"]
+            set_search_value(index, Plan(info["kind"], self.dim), info.get("search_value"))
+            self._faiss = index
+        return self._faiss
+
+    def check_encoder(self, encoder: dict, what: str) -> None:
+        """Refuse vectors from another encoder (identity) or of another dimension."""
+        if int(encoder.get("dim", -1)) != self.dim:
+            raise BadInput(f"{what}: embeddings of dim {encoder.get('dim')}, but index {self.path} holds dim "
+                           f"{self.dim} ({describe_encoder(self.encoder)}); use vectors of that encoder")
+        if encoder_identity(encoder) != encoder_identity(self.encoder):
+            raise BadInput(f"{what}: embeddings of {describe_encoder(encoder)}, but index {self.path} was built "
+                           f"from {describe_encoder(self.encoder)}; query it with that encoder's embeddings "
+                           f"(or build an index from this store)")
+
+    def search(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n, k') float32 cosine, rows (n, k') int64 into `phrases`, -1 = none), k' = min(k, phrases)."""
+        from phrasefuse.index.ann import search
+
+        emb = np.asarray(emb)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise BadInput(f"query embeddings of shape {emb.shape}, but index {self.path} holds dim {self.dim}")
+        return search(self.faiss_index, emb, k)
+
+
+def verify_index(index: PhraseIndex) -> list[str]:
+    """Load everything; one line per problem (empty: sound)."""
+    problems = []
+    try:
+        table = index.table
+        ntotal, dim = index.faiss_index.ntotal, index.faiss_index.d
+    except BadInput as e:
+        return [str(e)]
+    if ntotal != table.num_rows:
+        problems.append(f"{FAISS_FILE} has {ntotal} rows, {PHRASES} {table.num_rows}")
+    if dim != index.dim:
+        problems.append(f"{FAISS_FILE} has dim {dim}, meta.json {index.dim}")
+    for name in ("phrase", "images", "source"):
+        if name not in table.column_names:
+            problems.append(f"{PHRASES}: no '{name}' column")
+    if "phrase" in table.column_names and len(pc.unique(table["phrase"])) != table.num_rows:
+        problems.append(f"{PHRASES}: phrases are not unique")
+    return problems
+
+
+def describe_index(path: str | os.PathLike, verify: bool = False):
+    """`phrasefuse inspect INDEX [--verify]`: an inspect Report."""
+    from phrasefuse.inspect import Report
+
+    index = PhraseIndex(path)
+    report = Report("index", str(path), describe_fields(index))
+    if verify:
+        report.verified, report.problems = True, verify_index(index)
+    return report
+
+
+def describe_fields(index: PhraseIndex) -> dict:
+    meta, info, counts = index.meta, index.meta["index"], index.meta.get("counts", {})
+    setting = f", {info['search_param']}={info['search_value']}" if info.get("search_param") else ""
+    return {
+        "encoder": describe_encoder(meta["encoder"]),
+        "dim": meta["dim"],
+        "index": f"{info['kind']} ({info['factory']}{setting}), {info.get('reason', '')}",
+        "recall@10": f"{info['recall_at_10']} on {info['recall_queries']} held-out queries"
+                     if info.get("recall_queries") else f"{info['recall_at_10']} (exact search)",
+        "phrases": f"{counts.get('phrases')} ({counts.get('prototypes_from_images')} from images, "
+                   f"{counts.get('prototypes_from_text')} from text)",
+        "pairs": ", ".join(f"{k}={v}" for k, v in meta.get("pairs", {}).get("counts", {}).items()),
+        "images": meta.get("images", {}).get("store"),
+        "created": meta.get("created"),
+    }

@@ -1,0 +1,144 @@
+"""`phrasefuse phrases`: for every image of a store, its top-k phrases and a text feature.
+
+reader  the image store, one shard at a time, minus the ids already in the output store (resume);
+mapper  batched FAISS search -> top-k phrases and cosine scores; each distinct phrase is embedded
+        once with the text model (a phrase shared by a million images: one model call), and the
+        feature is the re-normalised mean of the k phrase embeddings (optionally score-weighted);
+writer  `StoreWriter`: an embedding store (modality text, column "phrases") whose shards also
+        carry `phrases` (list<string>) and `scores` (list<float32>), so fuse reads it like any feature.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.errors import BadInput
+from phrasefuse.extract import DEFAULT_TEXT_MODEL
+from phrasefuse.index import DEFAULT_PHRASES_K
+from phrasefuse.index.folder import PhraseIndex
+from phrasefuse.store import (EmbeddingStore, StoreWriter, embeddings_to_numpy, encoder_identity, l2_normalize,
+                              new_meta)
+
+DEFAULT_BATCH = 10_000
+DEFAULT_SHARD_SIZE = 10_000
+
+
+@dataclass
+class PhrasesSummary:
+    store: str
+    images: int = 0  # rows of the image store
+    written: int = 0  # rows written now
+    present: int = 0  # already in the output store: skipped
+    failed: int = 0  # no phrase found (errors.parquet)
+    phrases_embedded: int = 0  # distinct phrases run through the text model
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        return (f"phrases: {self.written} images done, {self.present} already in store, {self.failed} failed; "
+                f"{self.phrases_embedded} distinct phrases embedded; {self.seconds:.1f} s, {rate:.1f} rows/s "
+                f"-> {self.store}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def phrase_features(rows: np.ndarray, scores: np.ndarray, phrase_emb: np.ndarray,
+                    score_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, dim) unit rows, found (n, k) bool): the mean of the embeddings of each row's
+    phrases (rows = -1: none), or their score-weighted mean (negative scores weigh 0; a row whose
+    scores are all <= 0 falls back to the plain mean)."""
+    found = rows >= 0
+    weights = found.astype(np.float32)
+    if score_weighted:
+        by_score = np.clip(scores, 0, None).astype(np.float32) * found
+        positive = by_score.sum(axis=1) > 0
+        weights[positive] = by_score[positive]
+    summed = np.einsum("nk,nkd->nd", weights, phrase_emb[np.where(found, rows, 0)])
+    return l2_normalize(summed), found
+
+
+def list_column(values: pa.Array, found: np.ndarray) -> pa.ListArray:
+    """Row i: values[j] for the found j of row i (values given flat, row-major over found)."""
+    offsets = np.concatenate([[0], np.cumsum(found.sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+
+def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
+                     k: int = DEFAULT_PHRASES_K, text_model: str = DEFAULT_TEXT_MODEL, score_weighted: bool = False,
+                     batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256, device: str = "auto",
+                     shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32") -> PhrasesSummary:
+    """Write the phrases store `out` for the images of store `images`, looked up in `index`."""
+    from phrasefuse.extract.encoders import load_text_encoder
+
+    for flag, value in (("-k", k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value < 1:
+            raise BadInput(f"{flag} {value}: must be at least 1")
+    phrase_index = PhraseIndex(index)
+    store = EmbeddingStore(images)
+    if store.meta.get("modality") != "image":
+        raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store")
+    phrase_index.check_encoder(store.meta["encoder"], what=f"--images {images}")
+    settings = {"index": str(index), "build_id": phrase_index.meta["build_id"],
+                "index_encoder": encoder_identity(phrase_index.encoder), "k": k,
+                "weighting": "score" if score_weighted else "mean", "text_model": text_model}
+    _check_resumable(EmbeddingStore(out), settings)
+    text_encoder = load_text_encoder(text_model, device)
+    meta = new_meta(modality="text", encoder=text_encoder.identity, dtype=dtype,
+                    source={"manifest": store.meta.get("source", {}).get("manifest"), "images": str(images),
+                            "column": "phrases"},
+                    extra={"phrases": settings})
+
+    phrases = phrase_index.phrases
+    # Filled lazily, each phrase once; np.zeros only touches the pages of phrases actually used.
+    phrase_emb = np.zeros((len(phrases), text_encoder.dim), np.float32)
+    embedded = np.zeros(len(phrases), bool)
+    summary = PhrasesSummary(str(out), images=store.num_rows())
+    start = time.perf_counter()
+    with StoreWriter.open(out, meta, shard_size) as writer:
+        done = writer.store.ids_and_keys()["id"]
+        for shard in store.iter_tables(["id", "key", "emb"]):
+            todo = shard.filter(pc.invert(pc.is_in(shard["id"], value_set=done)))
+            summary.present += shard.num_rows - todo.num_rows
+            for offset in range(0, todo.num_rows, batch_size):
+                batch = todo.slice(offset, batch_size)
+                scores, rows = phrase_index.search(embeddings_to_numpy(batch["emb"]).astype(np.float32), k)
+                needed = np.unique(rows[rows >= 0])
+                new = needed[~embedded[needed]]
+                if len(new):
+                    phrase_emb[new] = text_encoder.encode(phrases.take(pa.array(new)).to_pylist(), text_batch_size)
+                    embedded[new] = True
+                    summary.phrases_embedded += len(new)
+                features, found = phrase_features(rows, scores, phrase_emb, score_weighted)
+                ok = found.any(axis=1)
+                good = batch.filter(pa.array(ok))
+                writer.add(good["id"], good["key"], features[ok], extra={
+                    "phrases": list_column(phrases.take(pa.array(rows[ok][found[ok]])), found[ok]),
+                    "scores": list_column(pa.array(scores[ok][found[ok]], pa.float32()), found[ok]),
+                })
+                failed = batch.filter(pa.array(~ok))["id"].to_pylist()
+                writer.add_errors(failed, ["no phrase found: the index returned no neighbour"] * len(failed))
+                summary.written += int(ok.sum())
+                summary.failed += len(failed)
+        writer.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _check_resumable(out: EmbeddingStore, settings: dict) -> None:
+    """Resuming must not mix rows of another index, k or weighting into one store."""
+    if not out.exists():
+        return
+    have = out.meta.get("phrases")
+    if not isinstance(have, dict):
+        raise BadInput(f"--out {out.path}: an embedding store that is not a phrases store; use another --out folder")
+    for key in ("build_id", "k", "weighting"):
+        if have.get(key) != settings[key]:
+            raise BadInput(f"--out {out.path}: holds phrases made with {key}={have.get(key)!r}, not "
+                           f"{settings[key]!r}; use another --out folder to keep both")
