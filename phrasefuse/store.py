@@ -121,6 +121,24 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 # ---------------------------------------------------------------- meta
 
 
+def read_meta_json(folder: str | os.PathLike, *, fmt: str, version: int, what: str, not_a: str, missing: str,
+                   unreadable: str) -> dict:
+    """The meta.json of a phrasefuse folder (store, index, head), checked for its format and version."""
+    meta_path = Path(folder) / META
+    if not meta_path.is_file():
+        raise BadInput(f"{folder}: not {not_a} (no {META}); {missing}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{meta_path}: unreadable ({e}); {unreadable}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise BadInput(f"{meta_path}: not a phrasefuse {what} meta (format != {fmt!r})")
+    if meta.get("format_version", 0) > version:
+        raise BadInput(f"{meta_path}: {what} format {meta['format_version']} is newer than this phrasefuse "
+                       f"reads ({version}); upgrade phrasefuse")
+    return meta
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape an embedding (recorded in meta.json)."""
     from importlib import metadata
@@ -192,17 +210,9 @@ class EmbeddingStore:
     @property
     def meta(self) -> dict:
         if not hasattr(self, "_meta"):
-            if not self.meta_path.is_file():
-                raise BadInput(f"{self.path}: not an embedding store (no {META}); create it with 'phrasefuse extract'")
-            try:
-                meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise BadInput(f"{self.meta_path}: unreadable ({e}); restore it or re-create the store") from None
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise BadInput(f"{self.meta_path}: not a phrasefuse store meta (format != {FORMAT!r})")
-            if meta.get("format_version", 0) > FORMAT_VERSION:
-                raise BadInput(f"{self.meta_path}: store format {meta['format_version']} is newer than this "
-                               f"phrasefuse reads ({FORMAT_VERSION}); upgrade phrasefuse")
+            meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="store",
+                                  not_a="an embedding store", missing="create it with 'phrasefuse extract'",
+                                  unreadable="restore it or re-create the store")
             self._meta = meta
         return self._meta
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import describe_encoder, encoder_identity, write_atomic, write_json_atomic, write_parquet_atomic
+from phrasefuse.store import describe_encoder, encoder_identity, read_meta_json, write_atomic, write_json_atomic, write_parquet_atomic
 
 FORMAT = "phrasefuse-index"
 FORMAT_VERSION = 1
@@ -96,18 +96,8 @@ class PhraseIndex:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta_path = self.path / META
-        if not meta_path.is_file():
-            raise BadInput(f"{self.path}: not a phrasefuse index (no {META}); build one with 'phrasefuse index build'")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise BadInput(f"{meta_path}: unreadable ({e}); rebuild the index") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise BadInput(f"{meta_path}: not a phrasefuse index meta (format != {FORMAT!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise BadInput(f"{meta_path}: index format {meta['format_version']} is newer than this phrasefuse "
-                           f"reads ({FORMAT_VERSION}); upgrade phrasefuse")
+        meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="index",
+                              not_a="a phrasefuse index", missing="build one with 'phrasefuse index build'", unreadable="rebuild the index")
         self.meta = meta
         self._faiss = None
         self._table: pa.Table | None = None
