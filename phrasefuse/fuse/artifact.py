@@ -1,0 +1,279 @@
+"""The head folder (DESIGN.md, Data model: Head)::
+
+    HEAD/meta.json              format, kind, task, label vocabulary, features (store path, encoder
+                                identity, dim, role, trust), architecture and hyper-parameters, seed,
+                                decision rule (multi-label), label prior, metrics, what was saved and why
+    HEAD/weights.safetensors    block normalisation, discriminant projections (lgbm), torch weights, prior label embeddings
+    HEAD/lgbm.txt               LightGBM's own text model (multi-class), or lgbm-NNNNN.txt per label
+
+No pickle anywhere. The folder is built under a hidden sibling name and renamed into
+place: it exists whole or not at all. Loading checks every store against the encoder
+identity recorded at training, so a head never scores vectors of another model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from phrasefuse.errors import BadInput
+from phrasefuse.fuse.data import Blocks, Feature, image_feature, load_blocks, parse_feature_arg
+from phrasefuse.fuse.heads import FittedHead, Task, restore
+from phrasefuse.fuse.labeltext import apply_prior, cosine_scores
+from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, library_versions
+
+FORMAT = "phrasefuse-head"
+FORMAT_VERSION = 1
+META = "meta.json"
+WEIGHTS = "weights.safetensors"
+
+
+def feature_record(feature: Feature) -> dict:
+    return {"name": feature.name, "path": str(feature.path), "modality": feature.modality,
+            "encoder": dict(feature.store.meta["encoder"]), "dim": feature.dim,
+            "source": feature.store.meta.get("source", {})}
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_head(out: str | os.PathLike, meta: dict, tensors: dict[str, np.ndarray], files: dict[str, str]) -> Path:
+    """Write the head folder whole or not at all (an existing head at `out` is replaced)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    if out.exists() and not is_head(out) and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out}: exists and is not a phrasefuse head; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
+                "files": sorted([WEIGHTS, *files]), "versions": library_versions(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        (tmp / META).write_text(json.dumps(full, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        for p in tmp.iterdir():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def is_head(path: str | os.PathLike) -> bool:
+    meta = Path(path) / META
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass
+class Head:
+    """A loaded head: the fitted model plus what it reads and how it decides."""
+
+    path: Path
+    meta: dict
+    fitted: FittedHead
+    prior_labels: np.ndarray | None  # (C, d) label text embeddings for the label prior
+
+    @property
+    def task(self) -> Task:
+        return self.fitted.task
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.fitted.task.vocab
+
+    def features(self, overrides: Sequence[str] | None = None) -> list[Feature]:
+        """The stores the head reads (recorded paths, or --feature overrides matched by
+        name), each checked against the encoder identity recorded at training."""
+        records = self.meta["features"]
+        paths = {r["name"]: Path(r["path"]) for r in records}
+        for arg in overrides or []:
+            name, path = parse_feature_arg(arg)
+            name = name or Path(path).resolve().name
+            if name not in paths:
+                raise BadInput(f"--feature {arg}: the head has no feature '{name}' (features: "
+                               f"{', '.join(paths)}); pass NAME=PATH with one of these names")
+            paths[name] = Path(path)
+        return [checked_feature(r, paths[r["name"]], self.path) for r in records]
+
+    def prior_feature(self, overrides: Sequence[str] | None = None) -> Feature | None:
+        prior = self.meta.get("prior")
+        if not prior:
+            return None
+        path = Path(prior["store"]["path"])
+        for arg in overrides or []:
+            name, p = parse_feature_arg(arg)
+            if (name or Path(p).resolve().name) == prior["store"]["name"]:
+                path = Path(p)
+        return checked_feature(prior["store"], path, self.path)
+
+    def inputs(self, ids: pa.Array, source: str, overrides: Sequence[str] | None = None) -> tuple[Blocks, np.ndarray | None]:
+        """(feature blocks, prior cosine scores or None) for `ids`."""
+        blocks = load_blocks(self.features(overrides), ids, source)
+        prior = self.prior_feature(overrides)
+        cos = None
+        if prior is not None:
+            pb = load_blocks([prior], ids, source)
+            cos = cosine_scores(pb.arrays[0], pb.present[:, 0], self.prior_labels)
+        return blocks, cos
+
+    def predict(self, blocks: Blocks, cos: np.ndarray | None = None) -> np.ndarray:
+        probs = self.fitted.predict(blocks)
+        if cos is not None:
+            probs = apply_prior(probs, cos, float(self.meta["prior"]["weight"]))
+        return probs
+
+    def decision(self) -> tuple[float | np.ndarray, int | None]:
+        """(threshold, max labels) of a multi-label head."""
+        d = self.meta.get("decision") or {}
+        per_label = d.get("per_label")
+        threshold = np.asarray(per_label, np.float32) if per_label else float(d.get("threshold", 0.5))
+        return threshold, d.get("max_labels")
+
+
+def checked_feature(record: dict, path: Path, head_path: Path) -> Feature:
+    store = EmbeddingStore(path)
+    if not store.exists():
+        raise BadInput(f"{path}: feature '{record['name']}' of head {head_path} is not there (no meta.json); "
+                       f"pass its new place with --feature {record['name']}=PATH")
+    have, want = encoder_identity(store.meta["encoder"]), encoder_identity(record["encoder"])
+    if have != want:
+        raise BadInput(f"{path}: holds vectors of {describe_encoder(store.meta['encoder'])}, but head {head_path} "
+                       f"was trained on {describe_encoder(record['encoder'])} for feature '{record['name']}'; "
+                       f"pass a store made with that encoder")
+    return Feature(record["name"], store)
+
+
+def read_head_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise BadInput(f"{path}: not a phrasefuse head (no {META}); pass a folder written by 'phrasefuse fuse train'")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{meta_path}: unreadable ({e}); re-train the head") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BadInput(f"{path}: not a phrasefuse head (meta.json format != {FORMAT!r}); pass a folder written by "
+                       f"'phrasefuse fuse train'")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise BadInput(f"{meta_path}: head format {meta['format_version']} is newer than this phrasefuse reads; "
+                       f"upgrade phrasefuse")
+    return meta
+
+
+def load_head(path: str | os.PathLike) -> Head:
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    meta = read_head_meta(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+        files = {name: (path / name).read_text(encoding="utf-8") for name in meta["files"] if name != WEIGHTS}
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"{path}: head files unreadable ({type(e).__name__}: {str(e)[:160]}); re-train the head") from None
+    task = Task(list(meta["labels"]), meta["task"] == "multilabel")
+    try:
+        fitted = restore(meta["architecture"], task, tensors, files)
+    except Exception as e:  # noqa: BLE001 - a tampered or truncated head is the user's input
+        raise BadInput(f"{path}: head weights do not match meta.json ({type(e).__name__}: {str(e)[:160]}); "
+                       f"re-train the head") from None
+    return Head(path, meta, fitted, tensors.get("prior.labels"))
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def describe_head(path: str | os.PathLike, verify: bool = False):
+    """`phrasefuse inspect HEAD`: what a head reads, how it decides, how well it did."""
+    from phrasefuse.inspect import Report
+
+    meta = read_head_meta(path)
+    sel = meta.get("selection", {})
+    fields = {
+        "head": meta.get("kind"),
+        "task": meta.get("task"),
+        "labels": f"{len(meta.get('labels', []))} ({', '.join(meta.get('labels', [])[:8])}"
+                  f"{', ...' if len(meta.get('labels', [])) > 8 else ''})",
+    }
+    for f in meta.get("features", []):
+        fields[f"feature {f['name']}"] = (f"{f.get('role')}, trust {f.get('trust', 1.0):.2f}, "
+                                          f"{describe_encoder(f['encoder'])}, {f['path']}")
+    if meta.get("prior"):
+        fields["label prior"] = f"{meta['prior']['store']['path']}, weight {meta['prior']['weight']}"
+    if meta.get("decision"):
+        d = meta["decision"]
+        fields["decision"] = f"threshold {'per-label' if d.get('per_label') else d.get('threshold')}, " \
+                             f"max labels {d.get('max_labels') or 'none'}"
+    fields["saved"] = f"{sel.get('saved')}: {sel.get('reason')}"
+    for split in ("val", "test"):
+        m = (meta.get("metrics") or {}).get(split) or {}
+        if m:
+            fields[split] = "; ".join(f"{name} {format_metrics(v)}" for name, v in m.items() if v)
+    fields["seed"] = meta.get("seed")
+    fields["created"] = meta.get("created")
+    report = Report("head", str(path), fields)
+    if verify:
+        report.verified = True
+        report.problems = verify_head(path)
+    return report
+
+
+def verify_head(path: str | os.PathLike) -> list[str]:
+    problems = []
+    try:
+        head = load_head(path)
+    except BadInput as e:
+        return [str(e)]
+    try:
+        head.features()
+        head.prior_feature()
+    except BadInput as e:
+        problems.append(str(e))
+    return problems
+
+
+def format_metrics(m: dict) -> str:
+    keys = ("top1", "top5", "macro_f1") if "top1" in m else ("mAP", "micro_precision", "micro_recall", "micro_f1")
+    return " ".join(f"{k}={100 * m[k]:.1f}" for k in keys if k in m and m[k] == m[k])

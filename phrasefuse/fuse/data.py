@@ -1,0 +1,292 @@
+"""Feature blocks and labels: embedding stores joined to a manifest on `id`.
+
+A *feature* is one embedding store. Its *block* for a list of ids is an (n, dim)
+float32 array, with a zero row and `present=False` for an id the store lacks
+(34% of Flickr descriptions are missing: a head trained with text must still
+predict for images without it). Heads see each block as `dim` normalised
+coordinates plus one "missing" indicator column.
+
+The *image feature* is the first store whose meta says modality "image"; every
+other feature (text, phrases, a second image store) is one whose trust is tuned.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.errors import BadInput
+from phrasefuse.manifests import Manifest
+from phrasefuse.manifests.dataset import LABELS_SEPARATOR
+from phrasefuse.store import EmbeddingStore, encoder_identity
+
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------- features
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One embedding store used as a head input."""
+
+    name: str
+    store: EmbeddingStore
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def modality(self) -> str:
+        return str(self.store.meta.get("modality"))
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    @property
+    def identity(self) -> dict:
+        return encoder_identity(self.store.meta["encoder"])
+
+    def has_column(self, name: str) -> bool:
+        shards = self.store.shard_paths()
+        if not shards:
+            return False
+        import pyarrow.parquet as pq
+
+        return name in pq.read_schema(shards[0]).names
+
+
+def parse_feature_arg(arg: str | os.PathLike) -> tuple[str | None, Path]:
+    """'PATH' or 'NAME=PATH' (NAME without '/'), as --feature takes them."""
+    text = str(arg)
+    name, sep, path = text.partition("=")
+    if sep and name and path and "/" not in name and not Path(text).exists():
+        return name, Path(path)
+    return None, Path(text)
+
+
+def resolve_features(args: Sequence[str | os.PathLike]) -> list[Feature]:
+    """Open the stores named by --feature; refuses non-stores and the same store twice."""
+    if not args:
+        raise BadInput("no --feature given; pass at least one embedding store (e.g. --feature stores/img)")
+    features: list[Feature] = []
+    for arg in args:
+        name, path = parse_feature_arg(arg)
+        store = EmbeddingStore(path)
+        if not path.is_dir():
+            raise BadInput(f"--feature {arg}: no such folder; pass an embedding store made by 'phrasefuse extract' "
+                           f"or 'phrasefuse phrases'")
+        store.meta  # BadInput when it is not a store
+        if any(f.path.resolve() == path.resolve() for f in features):
+            raise BadInput(f"--feature {arg}: the same store is given twice; pass each store once")
+        base = name or path.resolve().name
+        unique, k = base, 2
+        while any(f.name == unique for f in features):
+            unique, k = f"{base}-{k}", k + 1
+        features.append(Feature(unique, EmbeddingStore(path.resolve())))
+    return features
+
+
+def image_feature(features: Sequence[Feature]) -> int | None:
+    """Index of the image feature (the first image store), or None when all are text."""
+    return next((i for i, f in enumerate(features) if f.modality == "image"), None)
+
+
+@dataclass
+class Blocks:
+    """Raw rows of each feature for a list of ids (zero rows where absent)."""
+
+    arrays: list[np.ndarray]  # one (n, dim) float32 array per feature
+    present: np.ndarray  # (n, n_features) bool
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    def take(self, rows: np.ndarray) -> "Blocks":
+        return Blocks([a[rows] for a in self.arrays], self.present[rows])
+
+    def select(self, which: Sequence[int]) -> "Blocks":
+        return Blocks([self.arrays[j] for j in which], self.present[:, list(which)])
+
+
+def load_blocks(features: Sequence[Feature], ids: pa.Array, source: str, require_overlap: bool = True) -> Blocks:
+    """Look every id up in every store (Arrow hash join, no row loop)."""
+    arrays, present = [], []
+    for f in features:
+        emb, found = f.store.lookup(ids)
+        if require_overlap and len(ids) and not found.any():
+            raise BadInput(f"{f.path}: none of its {f.store.num_rows()} ids is among the {len(ids)} rows of "
+                           f"{source}; pass a store extracted from this manifest")
+        arrays.append(np.ascontiguousarray(emb, dtype=np.float32))
+        present.append(found)
+    n = len(ids)
+    return Blocks(arrays, np.stack(present, axis=1) if present else np.zeros((n, 0), bool))
+
+
+# Every block is scaled to this root-mean-square row norm: blocks weigh the same before
+# any trust scale, and coordinates are of order 1 (a unit-norm 1,280-dim block has
+# coordinates of ~0.03, which makes Adam take thousands of steps to grow the weights).
+BLOCK_NORM = 16.0
+
+
+@dataclass
+class BlockNorm:
+    """Per-block centring and one scalar per block (root-mean-square row norm BLOCK_NORM on
+    the training rows), so that concatenated blocks weigh the same before any trust scale."""
+
+    mean: list[np.ndarray]
+    rms: np.ndarray
+
+    @classmethod
+    def fit(cls, blocks: Blocks) -> "BlockNorm":
+        means, rms = [], []
+        for j, x in enumerate(blocks.arrays):
+            rows = x[blocks.present[:, j]]
+            mean = rows.mean(axis=0) if len(rows) else np.zeros(x.shape[1], np.float32)
+            spread = float(np.sqrt(np.mean(np.sum((rows - mean) ** 2, axis=1)))) if len(rows) else 1.0
+            means.append(mean.astype(np.float32))
+            rms.append(spread if spread > 1e-8 else 1.0)
+        return cls(means, np.asarray(rms, np.float32))
+
+    def select(self, which: Sequence[int]) -> "BlockNorm":
+        return BlockNorm([self.mean[j] for j in which], self.rms[list(which)])
+
+    def apply(self, blocks: Blocks, scales: Sequence[float] | None = None) -> np.ndarray:
+        """(n, sum(dim + 1)) float32: per block, scale * normalised coordinates (0 when
+        missing), then scale * the missing indicator."""
+        scales = [1.0] * len(blocks.arrays) if scales is None else list(scales)
+        n = len(blocks)
+        out = np.empty((n, sum(a.shape[1] + 1 for a in blocks.arrays)), np.float32)
+        offset = 0
+        for j, x in enumerate(blocks.arrays):
+            d, s, have = x.shape[1], float(scales[j]), blocks.present[:, j]
+            part = out[:, offset:offset + d]
+            np.subtract(x, self.mean[j], out=part)
+            part *= s * BLOCK_NORM / self.rms[j]
+            part[~have] = 0.0
+            out[:, offset + d] = np.where(have, 0.0, s)
+            offset += d + 1
+        return out
+
+    def tensors(self, prefix: str = "norm") -> dict[str, np.ndarray]:
+        out = {f"{prefix}.rms": self.rms}
+        out.update({f"{prefix}.mean.{j}": m for j, m in enumerate(self.mean)})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], n_blocks: int, prefix: str = "norm") -> "BlockNorm":
+        return cls([tensors[f"{prefix}.mean.{j}"] for j in range(n_blocks)], tensors[f"{prefix}.rms"])
+
+
+# ---------------------------------------------------------------- labels
+
+
+@dataclass
+class Labels:
+    """Encoded labels of some rows against a vocabulary.
+
+    multi-class: y (n,) int64, -1 for a label outside the vocabulary;
+    multi-label: y (n, C) float32 0/1, `unknown` counts each row's labels outside it.
+    """
+
+    vocab: list[str]
+    multilabel: bool
+    y: np.ndarray
+    unknown: np.ndarray
+
+    def take(self, rows: np.ndarray) -> "Labels":
+        return Labels(self.vocab, self.multilabel, self.y[rows], self.unknown[rows])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.vocab)
+
+
+def label_column(manifest: Manifest, label_col: str | None) -> str:
+    """The label column: --label-col, else 'label', else 'labels'."""
+    if label_col:
+        manifest.column(label_col)  # BadInput naming the columns when absent
+        return label_col
+    for name in ("label", "labels"):
+        if name in manifest.table.column_names:
+            return name
+    cols = ", ".join(c for c in manifest.table.column_names if not c.startswith("_"))
+    raise BadInput(f"{manifest.source}: no 'label' or 'labels' column (columns: {cols}); add labels or pass "
+                   f"--label-col")
+
+
+def is_multilabel(manifest: Manifest, label_col: str, multilabel: bool) -> bool:
+    t = manifest.column(label_col).type
+    return multilabel or pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def label_values(manifest: Manifest, label_col: str, multilabel: bool, rows: np.ndarray) -> pa.Array:
+    """The label column as strings (multi-class) or list<string> (multi-label), validated on `rows`
+    (a bool mask): a multi-class row needs a non-empty label."""
+    col = manifest.column(label_col).combine_chunks()
+    listy = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    if multilabel:
+        if not listy:
+            text = pc.cast(col, pa.string())
+            col = pc.split_pattern(pc.utf8_trim_whitespace(text), LABELS_SEPARATOR)
+        col = pc.cast(col, pa.list_(pa.string())).fill_null(pa.scalar([], pa.list_(pa.string())))
+        return col
+    if listy:
+        raise BadInput(f"{manifest.source}: column '{label_col}' holds lists; pass --multilabel for a multi-label head")
+    try:
+        col = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    except pa.ArrowException:
+        raise BadInput(f"{manifest.source}: column '{label_col}' has type {col.type}; expected one label string "
+                       f"per row") from None
+    empty = pc.fill_null(pc.equal(pc.utf8_length(col), 0), True).to_numpy(zero_copy_only=False) & rows
+    if empty.any():
+        i = int(np.argmax(empty))
+        raise BadInput(f"{manifest.where(i)}: column '{label_col}' is empty; give every row a label "
+                       f"(or drop the row)")
+    return col
+
+
+def build_vocab(values: pa.Array, rows: np.ndarray, multilabel: bool) -> list[str]:
+    """Sorted distinct labels of the rows (the training rows: a head predicts only what it saw)."""
+    picked = values.filter(pa.array(rows))
+    if multilabel:
+        picked = pc.list_flatten(picked)
+    return sorted(str(v) for v in pc.unique(picked.drop_null()).to_pylist() if str(v).strip())
+
+
+def encode_labels(values: pa.Array, vocab: Sequence[str], multilabel: bool) -> Labels:
+    vocab_arr = pa.array(list(vocab), pa.string())
+    n = len(values)
+    if not multilabel:
+        codes = pc.index_in(values, value_set=vocab_arr).fill_null(-1).to_numpy(zero_copy_only=False)
+        return Labels(list(vocab), False, codes.astype(np.int64), (codes < 0).astype(np.int64))
+    flat = pc.list_flatten(values)
+    parent = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+    codes = pc.index_in(pc.utf8_trim_whitespace(flat), value_set=vocab_arr).fill_null(-1).to_numpy(
+        zero_copy_only=False)
+    y = np.zeros((n, len(vocab)), np.float32)
+    known = codes >= 0
+    y[parent[known], codes[known]] = 1.0
+    unknown = np.bincount(parent[~known], minlength=n).astype(np.int64) if n else np.zeros(0, np.int64)
+    return Labels(list(vocab), True, y, unknown)
+
+
+def split_rows(manifest: Manifest) -> dict[str, np.ndarray]:
+    """Row indices of each split."""
+    split = manifest.table["split"].combine_chunks().to_numpy(zero_copy_only=False)
+    return {s: np.flatnonzero(split == s) for s in SPLITS}
+
+
+def require_rows(rows: dict[str, np.ndarray], names: Sequence[str], source: str) -> None:
+    for name in names:
+        if len(rows[name]) == 0:
+            raise BadInput(f"{source}: the '{name}' split has no rows (column 'split'); assign some rows to "
+                           f"'{name}', or drop the column for a hash split")

@@ -1,0 +1,188 @@
+"""`fuse eval`, `predict` and `fuse zeroshot`: a saved head (or the label prior alone) on a manifest."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.errors import BadInput
+from phrasefuse.fuse.artifact import Head, format_metrics, load_head
+from phrasefuse.fuse.data import (SPLITS, Feature, build_vocab, encode_labels, is_multilabel, label_column,
+                                  label_values, load_blocks, resolve_features, split_rows)
+from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_texts, read_descriptions
+from phrasefuse.fuse.metrics import decide, multiclass_metrics, multilabel_metrics
+from phrasefuse.manifests import Manifest, read_manifest
+from phrasefuse.store import write_parquet_atomic
+
+
+def split_selection(manifest: Manifest, split: str) -> np.ndarray:
+    """Row indices of `split` (train, val, test or all); refuses an empty one."""
+    if split == "all":
+        return np.arange(len(manifest))
+    if split not in SPLITS:
+        raise BadInput(f"--split {split}: expected one of {', '.join(SPLITS)} or all")
+    rows = split_rows(manifest)[split]
+    if len(rows) == 0:
+        raise BadInput(f"{manifest.source}: the '{split}' split has no rows (column 'split'); pick another --split")
+    return rows
+
+
+# ---------------------------------------------------------------- eval
+
+
+def evaluate(head_path: str | os.PathLike, manifest_path: str | os.PathLike, split: str = "test",
+             feature_args: Sequence[str] | None = None, label_col: str | None = None) -> dict:
+    head = load_head(head_path)
+    manifest = read_manifest(manifest_path)
+    rows = split_selection(manifest, split)
+    col = label_column(manifest, label_col or head.meta.get("label_col"))
+    mask = np.zeros(len(manifest), bool)
+    mask[rows] = True
+    values = label_values(manifest, col, head.task.multilabel, mask).take(pa.array(rows))
+    labels = encode_labels(values, head.vocab, head.task.multilabel)
+    blocks, cos = head.inputs(manifest.ids.take(pa.array(rows)), manifest.source, feature_args)
+    probs = head.predict(blocks, cos)
+    if head.task.multilabel:
+        threshold, max_labels = head.decision()
+        metrics = multilabel_metrics(probs, labels.y, head.vocab, threshold, max_labels, labels.unknown)
+    else:
+        metrics = multiclass_metrics(probs, labels.y, head.vocab)
+    names = [f["name"] for f in head.meta["features"]]
+    return {"head": str(head_path), "manifest": str(manifest_path), "split": split, "kind": head.meta["kind"],
+            "task": head.meta["task"], "rows": int(len(rows)), "metrics": metrics,
+            "missing": {n: int((~blocks.present[:, j]).sum()) for j, n in enumerate(names)}}
+
+
+def eval_text(report: dict) -> str:
+    m = report["metrics"]
+    lines = [f"fuse eval: {report['head']} ({report['kind']}, {report['task']}) on {report['manifest']}, "
+             f"split {report['split']} ({report['rows']} rows)", f"  {format_metrics(m)}"]
+    if "recall_at_80_precision" in m:
+        lines[-1] += f" recall@80%precision={100 * m['recall_at_80_precision']:.1f}"
+        lines.append(f"  threshold {m['threshold']}, max labels {m['max_labels'] or 'none'}")
+    per = m.get("per_class_accuracy") or m.get("per_label_ap") or {}
+    if per:
+        what = "per-class accuracy" if "per_class_accuracy" in m else "per-label AP"
+        lines.append(f"  {what}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in list(per.items())[:20])
+                     + (", ..." if len(per) > 20 else ""))
+    missing = {k: v for k, v in report["missing"].items() if v}
+    if missing:
+        lines.append("  rows without: " + ", ".join(f"{k} {v}" for k, v in missing.items()))
+    if m.get("unknown_labels"):
+        lines.append(f"  {m['unknown_labels']} labels outside the head's vocabulary (counted as errors)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictSummary:
+    out: str
+    rows: int
+    seconds: float
+
+    def line(self) -> str:
+        return f"predict: {self.rows} rows -> {self.out} ({self.seconds:.1f} s)"
+
+    def as_dict(self) -> dict:
+        return {"out": self.out, "rows": self.rows, "seconds": round(self.seconds, 2)}
+
+
+def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out: str | os.PathLike, top_k: int = 5,
+            feature_args: Sequence[str] | None = None) -> PredictSummary:
+    """Every manifest row: top-k labels with probabilities (multi-label: also the labels kept
+    by the head's threshold and cap), features missing for the row, and the phrases of any
+    phrases store among the features (so a user can see why)."""
+    start = time.perf_counter()
+    if top_k < 1:
+        raise BadInput(f"--top-k {top_k}: must be at least 1")
+    head = load_head(head_path)
+    manifest = read_manifest(manifest_path)
+    ids = manifest.ids
+    features = head.features(feature_args)
+    blocks, cos = head.inputs(ids, manifest.source, feature_args)
+    probs = head.predict(blocks, cos)
+    n, C = probs.shape
+    k = min(top_k, C)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    vocab = pa.array(head.vocab, pa.string())
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    columns: dict[str, pa.Array] = {"id": ids}
+    if head.task.multilabel:
+        threshold, max_labels = head.decision()
+        kept = decide(probs, threshold, max_labels)
+        row, col = np.nonzero(kept)
+        columns["labels"] = pa.ListArray.from_arrays(
+            pa.array(np.r_[0, np.cumsum(np.bincount(row, minlength=n))].astype(np.int32)), vocab.take(pa.array(col)))
+    else:
+        columns["label"] = vocab.take(pa.array(top[:, 0]))
+        columns["probability"] = pa.array(probs[np.arange(n), top[:, 0]].astype(np.float32))
+    columns["top_labels"] = pa.ListArray.from_arrays(offsets, vocab.take(pa.array(top.ravel())))
+    columns["top_probs"] = pa.ListArray.from_arrays(
+        offsets, pa.array(np.take_along_axis(probs, top, axis=1).ravel().astype(np.float32)))
+    names = np.array([f.name for f in features], dtype=object)
+    miss_row, miss_col = np.nonzero(~blocks.present)
+    columns["missing_features"] = pa.ListArray.from_arrays(
+        pa.array(np.r_[0, np.cumsum(np.bincount(miss_row, minlength=n))].astype(np.int32)),
+        pa.array(names[miss_col].tolist() if len(miss_col) else [], pa.string()))
+    phrase_features = [f for f in features if f.has_column("phrases")]
+    for f in phrase_features:
+        name = "phrases" if len(phrase_features) == 1 else f"phrases_{f.name}"
+        columns[name] = phrases_for(f, ids)
+    write_parquet_atomic(out, pa.table(columns))
+    return PredictSummary(str(out), n, time.perf_counter() - start)
+
+
+def phrases_for(feature: Feature, ids: pa.Array) -> pa.Array:
+    """The `phrases` list of each id in a phrases store (null where the store lacks the id)."""
+    table = feature.store.read_table(["id", "phrases"])
+    pos = pc.index_in(ids, value_set=table["id"])
+    return table["phrases"].combine_chunks().take(pos)
+
+
+# ---------------------------------------------------------------- zero-shot
+
+
+def zeroshot(manifest_path: str | os.PathLike, phrases: str | os.PathLike, label_descriptions: str | None = None,
+             split: str = "test", label_col: str | None = None, multilabel: bool = False) -> dict:
+    """The label prior alone: cos(text feature, label text embedding) as class scores, with
+    no labelled image. Label texts (names, or descriptions) are embedded by the encoder that
+    made the store. Rows the store lacks are reported as coverage and left out."""
+    manifest = read_manifest(manifest_path)
+    rows = split_selection(manifest, split)
+    col = label_column(manifest, label_col)
+    multi = is_multilabel(manifest, col, multilabel)
+    values = label_values(manifest, col, multi, np.ones(len(manifest), bool))
+    vocab = build_vocab(values, np.ones(len(manifest), bool), multi)  # every label of the manifest is a candidate
+    feature = resolve_features([phrases])[0]
+    descriptions = read_descriptions(label_descriptions) if label_descriptions else None
+    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, label_descriptions), feature.store)
+    blocks = load_blocks([feature], manifest.ids.take(pa.array(rows)), manifest.source)
+    covered = blocks.present[:, 0]
+    scores = cosine_scores(blocks.arrays[0], covered, label_emb)[covered]
+    labels = encode_labels(values.take(pa.array(rows[covered])), vocab, multi)
+    if multi:
+        m = multilabel_metrics(scores, labels.y, vocab, 0.5, None, labels.unknown)
+        metrics = {k: m[k] for k in ("rows", "mAP", "recall_at_80_precision", "per_label_ap")}
+    else:
+        metrics = multiclass_metrics(scores, labels.y, vocab)
+    return {"manifest": str(manifest_path), "phrases": str(feature.path), "split": split,
+            "label_texts": "descriptions" if descriptions else "label names", "labels": len(vocab),
+            "rows": int(len(rows)), "coverage": float(covered.mean()) if len(covered) else 0.0,
+            "chance_top1": 1.0 / len(vocab) if vocab else float("nan"), "metrics": metrics}
+
+
+def zeroshot_text(report: dict) -> str:
+    m = report["metrics"]
+    return (f"fuse zeroshot: {report['phrases']} vs {report['labels']} {report['label_texts']} on {report['manifest']}, "
+            f"split {report['split']} ({report['rows']} rows, {100 * report['coverage']:.0f}% with text)\n"
+            f"  {format_metrics(m) or ''}"
+            + (f"  (chance top-1 {100 * report['chance_top1']:.1f})" if "top1" in m else ""))

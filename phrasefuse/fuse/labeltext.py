@@ -1,0 +1,103 @@
+"""Label text: label names or descriptions, embedded once with a text encoder.
+
+Two uses:
+  alignment   (mlp `--align-descriptions W`) frozen description embeddings that the image
+              projection is pulled toward (InfoNCE);
+  label prior cos(text feature of an image, label text embedding) is a score per class that
+              needs no labelled image: `fuse zeroshot` evaluates it alone, `fuse train
+              --label-prior STORE` adds it, weighted (weight tuned on validation), to the
+              head's log-probabilities. The label texts must be embedded by the same encoder
+              as the store's vectors (checked on the encoder identity).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.errors import BadInput
+from phrasefuse.manifests import read_table
+from phrasefuse.manifests.tables import where
+from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
+
+PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+
+
+def read_descriptions(path: str | os.PathLike) -> dict[str, str]:
+    """A label-descriptions table (`label`, `description`) as {label: description}."""
+    table = read_table(path, what="label descriptions table")
+    for col in ("label", "description"):
+        if col not in table.column_names:
+            cols = ", ".join(c for c in table.column_names if not c.startswith("_"))
+            raise BadInput(f"{path}: no '{col}' column (columns: {cols}); a label-descriptions table has "
+                           f"'label' and 'description'")
+    labels = pc.utf8_trim_whitespace(pc.cast(table["label"], pa.string())).combine_chunks()
+    texts = pc.utf8_trim_whitespace(pc.cast(table["description"], pa.string())).combine_chunks()
+    for name, col in (("label", labels), ("description", texts)):
+        empty = pc.fill_null(pc.equal(pc.utf8_length(col), 0), True).to_numpy(zero_copy_only=False)
+        if empty.any():
+            raise BadInput(f"{where(table, int(np.argmax(empty)))}: column '{name}' is empty; fill it or drop the row")
+    values = labels.to_pylist()
+    seen: dict[str, int] = {}
+    for i, label in enumerate(values):
+        if label in seen:
+            raise BadInput(f"{where(table, i)}: label '{label}' is described twice (first at "
+                           f"{where(table, seen[label])}); keep one description per label")
+        seen[label] = i
+    return dict(zip(values, texts.to_pylist()))
+
+
+def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, source: str | None = None) -> list[str]:
+    """The text embedded for each label: its description, or its name without a table."""
+    if descriptions is None:
+        return [str(v) for v in vocab]
+    missing = [v for v in vocab if v not in descriptions]
+    if missing:
+        raise BadInput(f"{source}: no description for label '{missing[0]}' ({len(missing)} of {len(vocab)} labels "
+                       f"lack one); add a row (label, description) for each label")
+    return [descriptions[v] for v in vocab]
+
+
+def embed_texts(texts: Sequence[str], spec: str, expect: dict | None = None, what: str = "") -> tuple[np.ndarray, dict]:
+    """Unit vectors of `texts` with the encoder `spec`; refuses an encoder whose identity
+    differs from `expect` (the store the vectors will be compared with)."""
+    from phrasefuse.extract.encoders import load_text_encoder
+
+    encoder = load_text_encoder(spec, "auto")
+    if expect is not None and encoder_identity(encoder.identity) != encoder_identity(expect):
+        raise BadInput(f"{what}: its vectors come from {describe_encoder(expect)}, but '{spec}' loads "
+                       f"{describe_encoder(encoder.identity)}; label texts must be embedded by the same encoder")
+    return encoder.encode(list(texts)), encoder.identity
+
+
+def embed_for_store(texts: Sequence[str], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
+    """Embed label texts with the encoder that made `store` (from its meta.json)."""
+    encoder = store.meta["encoder"]
+    if store.meta.get("modality") == "image" and encoder.get("family") != "open_clip":
+        raise BadInput(f"{store.path}: holds image vectors of {describe_encoder(encoder)}, which has no text "
+                       f"tower; pass a text or phrases store")
+    spec = encoder.get("spec")
+    if not spec:
+        raise BadInput(f"{store.meta_path}: no encoder spec recorded; re-create the store with 'phrasefuse'")
+    return embed_texts(texts, spec, expect=encoder, what=str(store.path))
+
+
+def cosine_scores(text: np.ndarray, present: np.ndarray, label_emb: np.ndarray) -> np.ndarray:
+    """(n, C) cosine between each row's text vector and each label text; 0 for rows without text."""
+    scores = l2_normalize(text) @ l2_normalize(label_emb).T
+    scores[~present] = 0.0
+    return scores.astype(np.float32)
+
+
+def apply_prior(probs: np.ndarray, cos: np.ndarray, weight: float) -> np.ndarray:
+    """softmax(log p + weight * cos): the head's probabilities re-weighted by the label prior."""
+    if weight == 0:
+        return probs
+    logits = np.log(np.clip(probs, 1e-12, None)) + weight * cos
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
