@@ -118,7 +118,7 @@ LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column m
 @fuse_app.command("train")
 def fuse_train(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with id, labels and (optionally) split."),
-    feature: list[str] = typer.Option(..., "--feature", help=FEATURE_HELP),
+    feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
     head: HeadKind = typer.Option(..., "--head", help="mlp, lgbm or linear."),
     out: Path = typer.Option(..., "--out", help="Head folder (written whole; an existing head is replaced)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
@@ -131,7 +131,7 @@ def fuse_train(
     align_descriptions: float = typer.Option(0.0, "--align-descriptions", help="mlp: weight W of an InfoNCE loss pulling image projections to frozen label-description embeddings."),
     text_model: str = typer.Option(DEFAULT_TEXT_MODEL, "--text-model", help="Text encoder for --align-descriptions."),
     label_prior: Optional[str] = typer.Option(None, "--label-prior", help="Text/phrases store: add cos(its vector, label text) to the head's log-probabilities, weight tuned on val."),
-    tune_rows: int = typer.Option(10_000, "--tune-rows", help="linear/lgbm: training rows used to tune text trust (all rows train the final head)."),
+    tune_rows: Optional[int] = typer.Option(None, "--tune-rows", help="linear/lgbm: training rows used to tune text trust (default 10,000 / 5,000; all rows train the final head)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Train a head on --feature stores; report it beside the image-only head; save the better one."""
@@ -149,7 +149,7 @@ def fuse_eval(
     head: Path = typer.Argument(..., help="Head folder from 'fuse train'."),
     manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
-    feature: Optional[list[str]] = typer.Option(None, "--feature", help="NAME=PATH: read feature NAME from another store (same encoder)."),
+    feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="Label column (default: the head's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -163,9 +163,9 @@ def fuse_eval(
 @fuse_app.command("ablate")
 def fuse_ablate(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with labels and splits."),
-    feature: list[str] = typer.Option(..., "--feature", help=FEATURE_HELP),
+    feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
     head: HeadKind = typer.Option(..., "--head", help="mlp, lgbm or linear."),
-    shots: Optional[list[str]] = typer.Option(None, "--shots", help="K labelled examples per class (repeatable, or 1,5,10); default: all training data."),
+    shots: Optional[list[str]] = typer.Option(None, "--shots", metavar="K", help="K labelled examples per class (repeatable, or 1,5,10); default: all training data."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds (shots draws and head initialisations) to average over."),
     seed: int = typer.Option(0, "--seed", help="First seed."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
@@ -212,7 +212,7 @@ def predict(
     manifest: str = typer.Option(..., "--manifest", help="Manifest whose ids are in the head's feature stores."),
     out: Path = typer.Option(..., "--out", help="Predictions Parquet file (written whole)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels (with probabilities) per row."),
-    feature: Optional[list[str]] = typer.Option(None, "--feature", help="NAME=PATH: read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
+    feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Predict every row: top-k labels with probabilities, missing features, and the phrases behind them."""

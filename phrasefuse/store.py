@@ -18,11 +18,13 @@ use these two and never touch the files directly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,58 @@ def write_parquet_atomic(path: str | os.PathLike, table: pa.Table) -> None:
     # Embeddings barely compress; ids and keys do.
     compression = {name: ("none" if name == "emb" else "zstd") for name in table.column_names}
     write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression=compression))
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, fmt: str, what: str) -> Iterator[Path]:
+    """Build a folder output (index, head) whole or not at all.
+
+    Yields an empty hidden sibling folder to fill; write its meta.json last. On success the
+    folder is renamed to `out` (an earlier folder of the same format is replaced, and put back
+    if the rename fails); on any error the temporary folder is removed and `out` is untouched.
+    """
+    out = Path(out)
+    if out.exists() and not (is_folder_of(out, fmt) or (out.is_dir() and not any(out.iterdir()))):
+        raise BadInput(f"{out}: exists and is not a phrasefuse {what}; choose another --out (or remove it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{out.parent}: cannot create the folder ({e.strerror}); choose another --out") from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_folder_of(path: str | os.PathLike, fmt: str) -> bool:
+    """Whether `path` holds a meta.json of format `fmt`."""
+    try:
+        return json.loads((Path(path) / META).read_text(encoding="utf-8")).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder over `out`; the previous one is put back on failure."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)  # the rename itself is durable
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -14,11 +14,9 @@ notes under each table say which.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +27,7 @@ from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.fuse.heads import head_params
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
-from phrasefuse.fuse.train import TUNE_ROWS, Prepared, evaluate_probs, fit_and_choose, prepare
+from phrasefuse.fuse.train import Prepared, evaluate_probs, fit_and_choose, prepare
 from phrasefuse.store import write_atomic, write_json_atomic
 
 
@@ -68,7 +66,8 @@ class AblationReport:
 
 def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, *, shots: Sequence[int] = (),
            seeds: int = 3, seed: int = 0, label_col: str | None = None, multilabel: bool = False,
-           out: str | os.PathLike | None = None, tune_rows: int = TUNE_ROWS, params: dict | None = None) -> AblationReport:
+           out: str | os.PathLike | None = None, tune_rows: int | None = None,
+           params: dict | None = None) -> AblationReport:
     start = time.perf_counter()
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
@@ -80,7 +79,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     prep = prepare(manifest, feature_args, label_col, multilabel, need=("train", "test") if shots else
                    ("train", "val", "test"))
     task, y, rows = prep.task, prep.labels.y, prep.rows
-    hp = head_params(kind, params)
+    hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
     names = [f.name for f in prep.features]
     subsets = feature_subsets(prep.roles, names)
     test_labels = prep.labels.take(rows["test"])
@@ -93,7 +92,8 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
         for s in range(seed, seed + seeds):
             if k is None:
                 scheme = holdout(rows["train"], rows["val"])
-                tune = stratified_subsample(rows["train"], y, task.multilabel, tune_rows, s)
+                tune = stratified_subsample(rows["train"], y, task.multilabel,
+                                            int(hp.get("tune_rows") or len(rows["train"])), s)
                 tuning = holdout(tune, rows["val"]) if len(tune) < len(rows["train"]) else None
             else:
                 pool = sample_shots(rows["train"], y, task.multilabel, k, s)
@@ -109,7 +109,8 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
                 runs[label].append({"seed": s, "metrics": m, "choice": outcome.choice})
         tables.append(_table(regime, k, subsets, runs, prep, scheme_name, train_rows_used, seeds))
     data = {"manifest": str(manifest), "head": kind, "task": "multilabel" if task.multilabel else "multiclass",
-            "features": [{"name": n, "role": r, "path": str(f.path)} for n, r, f in zip(names, prep.roles, prep.features)],
+            "features": [{"name": n, "role": r, "path": str(f.path)}
+                         for n, r, f in zip(names, prep.roles, prep.features)],
             "seeds": list(range(seed, seed + seeds)), "test_rows": int(len(rows["test"])), "tables": tables,
             "seconds": round(time.perf_counter() - start, 1)}
     markdown = render_markdown(data)
@@ -158,13 +159,15 @@ def render_markdown(data: dict) -> str:
     out = [f"# Ablation: {data['head']} head on {data['manifest']}", ""]
     for table in data["tables"]:
         cols = table["columns"]
-        out += [f"## {table['regime']} ({table['seeds']} seed(s), mean ± std; test split, {data['test_rows']} rows)", "",
+        title = f"{table['regime']} ({table['seeds']} seed(s), mean ± std; test split, {data['test_rows']} rows)"
+        out += [f"## {title}", "",
                 "| features | " + " | ".join(names[c] for c in cols) + f" | Δ {names[cols[0]]} vs image only "
                 "| text kept |", "|---|" + "---|" * (len(cols) + 2)]
         for row in table["rows"]:
             cells = [f"{100 * row[c]['mean']:.1f} ± {100 * row[c]['std']:.1f}" for c in cols]
             gain = f"{100 * row['gain']['mean']:+.1f} ± {100 * row['gain']['std']:.1f}" if "gain" in row else ""
-            kept = f"{row['text_kept']}/{table['seeds']} seeds" if "text_kept" in row else ""
+            kept = ("untested" if table["shots"] == 1 else f"{row['text_kept']}/{table['seeds']} seeds") \
+                if "text_kept" in row else ""
             out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
         out += ["", table["note"], "",
                 "'text kept': seeds in which the fused head beat image-only on validation by more than one "

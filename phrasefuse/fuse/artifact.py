@@ -3,7 +3,8 @@
     HEAD/meta.json              format, kind, task, label vocabulary, features (store path, encoder
                                 identity, dim, role, trust), architecture and hyper-parameters, seed,
                                 decision rule (multi-label), label prior, metrics, what was saved and why
-    HEAD/weights.safetensors    block normalisation, discriminant projections (lgbm), torch weights, prior label embeddings
+    HEAD/weights.safetensors    block normalisation, discriminant projections (lgbm), torch weights,
+                                label embeddings of the label prior
     HEAD/lgbm.txt               LightGBM's own text model (multi-class), or lgbm-NNNNN.txt per label
 
 No pickle anywhere. The folder is built under a hidden sibling name and renamed into
@@ -16,7 +17,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,10 +25,11 @@ import numpy as np
 import pyarrow as pa
 
 from phrasefuse.errors import BadInput
-from phrasefuse.fuse.data import Blocks, Feature, image_feature, load_blocks, parse_feature_arg
+from phrasefuse.fuse.data import Blocks, Feature, load_blocks, parse_feature_arg
 from phrasefuse.fuse.heads import FittedHead, Task, restore
 from phrasefuse.fuse.labeltext import apply_prior, cosine_scores
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, library_versions
+from phrasefuse.store import (EmbeddingStore, atomic_folder, describe_encoder, encoder_identity, is_folder_of,
+                              library_versions, read_meta_json, write_atomic, write_json_atomic)
 
 FORMAT = "phrasefuse-head"
 FORMAT_VERSION = 1
@@ -49,38 +50,17 @@ def save_head(out: str | os.PathLike, meta: dict, tensors: dict[str, np.ndarray]
     """Write the head folder whole or not at all (an existing head at `out` is replaced)."""
     from safetensors.numpy import save_file
 
-    out = Path(out)
-    if out.exists() and not is_head(out) and (not out.is_dir() or any(out.iterdir())):
-        raise BadInput(f"{out}: exists and is not a phrasefuse head; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS))
+    with atomic_folder(out, FORMAT, "head") as tmp:
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        write_atomic(tmp / WEIGHTS, lambda path: save_file(arrays, path))
         for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            write_atomic(tmp / name, lambda path, text=text: Path(path).write_text(text, encoding="utf-8"))
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
                 "files": sorted([WEIGHTS, *files]), "versions": library_versions(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        (tmp / META).write_text(json.dumps(full, indent=2, default=_json_default) + "\n", encoding="utf-8")
-        for p in tmp.iterdir():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+        # last: a folder with meta.json is complete
+        write_json_atomic(tmp / META, json.loads(json.dumps(full, default=_json_default)))
+    return Path(out)
 
 
 def _json_default(obj):
@@ -97,13 +77,7 @@ def _json_default(obj):
 
 
 def is_head(path: str | os.PathLike) -> bool:
-    meta = Path(path) / META
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return is_folder_of(path, FORMAT)
 
 
 @dataclass
@@ -148,7 +122,8 @@ class Head:
                 path = Path(p)
         return checked_feature(prior["store"], path, self.path)
 
-    def inputs(self, ids: pa.Array, source: str, overrides: Sequence[str] | None = None) -> tuple[Blocks, np.ndarray | None]:
+    def inputs(self, ids: pa.Array, source: str,
+               overrides: Sequence[str] | None = None) -> tuple[Blocks, np.ndarray | None]:
         """(feature blocks, prior cosine scores or None) for `ids`."""
         blocks = load_blocks(self.features(overrides), ids, source)
         prior = self.prior_feature(overrides)
@@ -186,21 +161,8 @@ def checked_feature(record: dict, path: Path, head_path: Path) -> Feature:
 
 
 def read_head_meta(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise BadInput(f"{path}: not a phrasefuse head (no {META}); pass a folder written by 'phrasefuse fuse train'")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{meta_path}: unreadable ({e}); re-train the head") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BadInput(f"{path}: not a phrasefuse head (meta.json format != {FORMAT!r}); pass a folder written by "
-                       f"'phrasefuse fuse train'")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise BadInput(f"{meta_path}: head format {meta['format_version']} is newer than this phrasefuse reads; "
-                       f"upgrade phrasefuse")
-    return meta
+    return read_meta_json(path, fmt=FORMAT, version=FORMAT_VERSION, what="head", not_a="a phrasefuse head",
+                          missing="pass a folder written by 'phrasefuse fuse train'", unreadable="re-train the head")
 
 
 def load_head(path: str | os.PathLike) -> Head:
@@ -212,7 +174,8 @@ def load_head(path: str | os.PathLike) -> Head:
         tensors = load_file(str(path / WEIGHTS))
         files = {name: (path / name).read_text(encoding="utf-8") for name in meta["files"] if name != WEIGHTS}
     except (OSError, ValueError, KeyError) as e:
-        raise BadInput(f"{path}: head files unreadable ({type(e).__name__}: {str(e)[:160]}); re-train the head") from None
+        raise BadInput(f"{path}: head files unreadable ({type(e).__name__}: {str(e)[:160]}); "
+                       f"re-train the head") from None
     task = Task(list(meta["labels"]), meta["task"] == "multilabel")
     try:
         fitted = restore(meta["architecture"], task, tensors, files)

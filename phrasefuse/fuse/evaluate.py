@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.errors import BadInput
-from phrasefuse.fuse.artifact import Head, format_metrics, load_head
+from phrasefuse.fuse.artifact import format_metrics, load_head
 from phrasefuse.fuse.data import (SPLITS, Feature, build_vocab, encode_labels, is_multilabel, label_column,
                                   label_values, load_blocks, resolve_features, split_rows)
 from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_texts, read_descriptions
@@ -182,7 +181,8 @@ def zeroshot(manifest_path: str | os.PathLike, phrases: str | os.PathLike, label
 
 def zeroshot_text(report: dict) -> str:
     m = report["metrics"]
-    return (f"fuse zeroshot: {report['phrases']} vs {report['labels']} {report['label_texts']} on {report['manifest']}, "
+    return (f"fuse zeroshot: {report['phrases']} vs {report['labels']} {report['label_texts']} "
+            f"on {report['manifest']}, "
             f"split {report['split']} ({report['rows']} rows, {100 * report['coverage']:.0f}% with text)\n"
             f"  {format_metrics(m) or ''}"
             + (f"  (chance top-1 {100 * report['chance_top1']:.1f})" if "top1" in m else ""))

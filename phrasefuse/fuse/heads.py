@@ -5,17 +5,17 @@
   mlp     per block a linear projection ("tuning") layer, a learned scalar gate on each text
           block, modality dropout (a whole text block dropped, its missing indicator set, so
           the head learns to do without it), concatenation, a hidden layer plus a linear skip
-          path; input dropout regularises (on 400 rows per class a plain MLP on 1,280-dim
-          embeddings overfits to ~25 points below the linear probe); optional InfoNCE alignment
-          of the image projection to frozen label-description embeddings.
+          path; input dropout regularises (on bench/fuse.py's 400 rows per class, a plain MLP on
+          1,280-dim vectors ended ~25 points below the linear probe); optional InfoNCE
+          alignment of the image projection to frozen label-description embeddings.
   lgbm    LightGBM on each block projected on its most discriminant directions (see
           `discriminant_axes`); the trust scale of a text block is its `feature_contri`
           (split-gain multiplier); multi-class softmax, one-vs-rest boosters for multi-label.
 
 Torch heads train with AdamW on mini-batches and stop early on a validation set (or run a
 given number of steps, chosen by cross-validation, when there is none). Everything a head
-needs to predict (block normalisation, projections, weights) is in `state()`: safetensors tensors
-plus, for LightGBM, its own text model format. Nothing is pickled.
+needs to predict (block normalisation, projections, weights) is in `state()`: safetensors
+tensors plus, for LightGBM, its own text model format. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -34,18 +35,18 @@ from phrasefuse.fuse.metrics import example_scores
 DEFAULTS: dict[str, dict] = {
     # Step counts, not epochs: a 50-row few-shot set and a 50,000-row set need similar
     # numbers of optimiser steps; patience is ~100 steps but at least 3 epochs.
+    # tune_rows: training rows (stratified sample) on which text trust is tuned; the final
+    # head trains on all of them. LightGBM's 100-class rounds cost the most: fewer.
     "linear": {"lr": 1e-2, "weight_decay": 1e-4, "batch_size": None, "max_steps": 4000,
-               "patience_steps": 100, "default_steps": 300},
+               "patience_steps": 100, "default_steps": 300, "tune_rows": 10_000},
     "mlp": {"lr": 2e-3, "weight_decay": 0.05, "batch_size": None, "max_steps": 4000, "patience_steps": 100,
             "default_steps": 300, "proj_dim": 128, "hidden": 256, "dropout": 0.2, "input_dropout": 0.25,
             "modality_dropout": 0.25, "align_temperature": 0.07},
     "lgbm": {"components": 32, "learning_rate": 0.2, "num_leaves": 7, "max_rounds": 300,
              "early_stopping_rounds": 10, "default_rounds": 60, "lambda_l2": 1.0, "feature_fraction": 0.8,
-             "max_bin": 63, "min_data_in_leaf": 20},
+             "max_bin": 63, "min_data_in_leaf": 20, "tune_rows": 5_000},
 }
-
-
-DROPOUT_GROUP = 16
+DROPOUT_GROUP = 16  # rows sharing one dropout mask (see GroupDropout)
 
 
 def head_params(kind: str, overrides: dict | None = None) -> dict:
@@ -265,7 +266,9 @@ def fit(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: Sequence[st
     if kind == "lgbm":
         _lgbm_fit(head, blocks, y, seed, stop, steps)
     else:
-        _torch_fit(head, blocks, y, seed, stop, steps, align)
+        width = sum(head.widths)
+        with _threads(batch_size_for(len(blocks), params.get("batch_size")) * width):
+            _torch_fit(head, blocks, y, seed, stop, steps, align)
     return head
 
 
@@ -340,6 +343,23 @@ def _build_net(kind: str, widths: Sequence[int], roles: Sequence[str], n_out: in
     return MlpNet()
 
 
+SMALL_WORK = 1_000_000  # values per step (torch) or in the training matrix (lgbm)
+
+
+@contextmanager
+def _threads(work: int):
+    """One thread for small problems: below ~1M values per step, waking OpenMP threads costs
+    more than it saves (10x slower on a busy 2-core machine), all cores above."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if work < SMALL_WORK else before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _device():
     import torch
 
@@ -356,7 +376,6 @@ def _loss(logits, target, multilabel: bool):
 
 def _info_nce(image_proj, align_layer, targets, y, multilabel: bool, temperature: float):
     """Pull each image's projection toward its label's frozen description embedding."""
-    import torch
     import torch.nn.functional as F
 
     z = F.normalize(align_layer(image_proj), dim=1)
@@ -404,7 +423,8 @@ def _torch_fit(head: FittedHead, blocks: Blocks, y: np.ndarray, seed: int, stop,
     if stop is not None:
         max_steps = int(p["max_steps"])
         patience = max(3, math.ceil(p["patience_steps"] / (per_epoch * eval_every)))
-        x_stop = torch.from_numpy(head.transform.apply(stop[0], head.scales if head.kind == "linear" else None)).to(device)
+        x_stop = torch.from_numpy(head.transform.apply(stop[0], head.scales if head.kind == "linear" else None))
+        x_stop = x_stop.to(device)
         t_stop = _target(stop[1], head.task.multilabel).to(device)
     else:
         max_steps = int(steps or p["default_steps"])
@@ -485,7 +505,8 @@ def _lgbm_params(head: FittedHead, n_rows: int, seed: int, objective: str, contr
     params = {"objective": objective, "learning_rate": p["learning_rate"], "num_leaves": p["num_leaves"],
               "min_data_in_leaf": min_leaf, "min_sum_hessian_in_leaf": 1e-3, "lambda_l2": p["lambda_l2"],
               "feature_fraction": p["feature_fraction"], "max_bin": p["max_bin"], "feature_contri": contri,
-              "num_threads": os.cpu_count() or 1, "seed": seed, "deterministic": True, "verbose": -1}
+              "num_threads": 1 if n_rows * sum(head.widths) < SMALL_WORK else (os.cpu_count() or 1),
+              "seed": seed, "deterministic": True, "verbose": -1}
     if objective == "multiclass":
         params["num_class"] = head.task.num_classes
     return params
@@ -520,13 +541,15 @@ def _lgbm_fit(head: FittedHead, blocks: Blocks, y: np.ndarray, seed: int, stop, 
         if y[:, c].max() <= 0 or y[:, c].min() >= 1:  # nothing to separate: constant, no booster
             boosters.append(None)
             continue
-        b = _trimmed(train(y[:, c], "binary", stop[1][:, c] if stop is not None else None))
+        b = _trimmed(train(np.ascontiguousarray(y[:, c]), "binary",
+                           np.ascontiguousarray(stop[1][:, c]) if stop is not None else None))
         boosters.append(b)
         used.append(b.current_iteration())
     head.boosters = boosters
     head.steps = int(round(np.mean(used))) if used else 0
     head.params = {**p, "constant_labels": [c for c, b in enumerate(boosters) if b is None],
-                   "constant_values": [float(y[:, c].max()) if len(y) else 0.0 for c, b in enumerate(boosters) if b is None]}
+                   "constant_values": [float(y[:, c].max()) if len(y) else 0.0
+                                       for c, b in enumerate(boosters) if b is None]}
 
 
 def _trimmed(booster):

@@ -12,6 +12,7 @@ Two uses:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -62,12 +63,18 @@ def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, sourc
     return [descriptions[v] for v in vocab]
 
 
+@functools.lru_cache(maxsize=2)
+def _text_encoder(spec: str):
+    """Loaded once per process (a sentence-transformers model takes seconds to load)."""
+    from phrasefuse.extract.encoders import load_text_encoder
+
+    return load_text_encoder(spec, "auto")
+
+
 def embed_texts(texts: Sequence[str], spec: str, expect: dict | None = None, what: str = "") -> tuple[np.ndarray, dict]:
     """Unit vectors of `texts` with the encoder `spec`; refuses an encoder whose identity
     differs from `expect` (the store the vectors will be compared with)."""
-    from phrasefuse.extract.encoders import load_text_encoder
-
-    encoder = load_text_encoder(spec, "auto")
+    encoder = _text_encoder(spec)
     if expect is not None and encoder_identity(encoder.identity) != encoder_identity(expect):
         raise BadInput(f"{what}: its vectors come from {describe_encoder(expect)}, but '{spec}' loads "
                        f"{describe_encoder(encoder.identity)}; label texts must be embedded by the same encoder")

@@ -67,29 +67,30 @@ def decide(probs: np.ndarray, threshold: float | np.ndarray, max_labels: int | N
     return keep
 
 
-def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the precision-recall steps, tied scores as one threshold (as scikit-learn)."""
-    n_pos = positive.sum()
-    if n_pos == 0:
-        return float("nan")
+def _precision_recall_steps(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, precision) at each distinct score threshold, highest first; tied
+    scores count as one threshold (as scikit-learn)."""
     order = np.argsort(-scores, kind="stable")
     s, p = scores[order], positive[order].astype(np.float64)
     last_of_tie = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
     tps = np.cumsum(p)[last_of_tie]
-    precision = tps / (last_of_tie + 1)
-    recall = tps / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return tps, tps / (last_of_tie + 1)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the precision-recall steps."""
+    n_pos = positive.sum()
+    if n_pos == 0:
+        return float("nan")
+    tps, precision = _precision_recall_steps(scores, positive)
+    return float(np.sum(np.diff(np.r_[0.0, tps / n_pos]) * precision))
 
 
 def recall_at_precision(scores: np.ndarray, positive: np.ndarray, min_precision: float, total_positive: int) -> float:
     """Highest recall over thresholds whose precision is at least `min_precision` (0 when none)."""
     if total_positive == 0:
         return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    s, p = scores[order], positive[order].astype(np.float64)
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    tps = np.cumsum(p)[last_of_tie]
-    precision = tps / (last_of_tie + 1)
+    tps, precision = _precision_recall_steps(scores, positive)
     ok = precision >= min_precision - 1e-12
     return float(tps[ok].max() / total_positive) if ok.any() else 0.0
 

@@ -144,7 +144,8 @@ class Tuner:
             if self.kind == "lgbm":
                 steps = max(1, int(round(np.mean(trial.steps))))
             else:  # as many epochs as the folds needed, in steps of the whole pool's batches
-                epochs = [s / _steps_per_epoch(len(f), self.params) for s, (f, _) in zip(trial.steps, self.scheme.folds)]
+                epochs = [s / _steps_per_epoch(len(f), self.params)
+                          for s, (f, _) in zip(trial.steps, self.scheme.folds)]
                 steps = max(1, int(round(np.mean(epochs) * _steps_per_epoch(len(self.scheme.pool), self.params))))
         return self._fit(which, config, self.scheme.pool, None, stop_rows=None, steps=steps)
 
@@ -158,11 +159,6 @@ class Tuner:
 
 def _steps_per_epoch(n: int, params: dict) -> int:
     return math.ceil(n / batch_size_for(n, params.get("batch_size")))
-
-
-def simplicity(config: dict[int, float], roles: Sequence[str]) -> tuple:
-    text = [s for j, s in config.items() if roles[j] != "image"]
-    return (len(text), sum(text))
 
 
 def tune_trust(tuner: Tuner, base: dict[int, float], text_blocks: Sequence[int],

@@ -39,7 +39,6 @@ from phrasefuse.fuse.select import (DEFAULT_TEXT_SCALE, Scheme, Trial, Tuner, ch
 from phrasefuse.manifests import Manifest, read_manifest
 
 DEFAULT_THRESHOLD = 0.3  # the tagging study's global threshold
-TUNE_ROWS = 10_000
 
 
 # ---------------------------------------------------------------- data
@@ -97,7 +96,7 @@ class Outcome:
 
     saved: FittedHead
     saved_blocks: list[int]
-    choice: str  # "fused" | "image-only" | "single"
+    choice: str  # "fused" | "image-only" | "single" | "untested" (fused, nothing to score it on)
     reason: str
     fused: FittedHead | None = None
     fused_blocks: list[int] = field(default_factory=list)
@@ -125,7 +124,7 @@ def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: 
     if not scheme.folds:  # nothing can be scored: default trust, nothing to choose
         fused_cfg = {img: 1.0, **{t: (1.0 if kind == "mlp" else DEFAULT_TEXT_SCALE) for t in texts}}
         fused, image_only = full.final(fused_cfg), full.final(base)
-        return Outcome(fused, sorted(fused_cfg), "fused", f"{scheme.describe()}: the fused head is kept untested",
+        return Outcome(fused, sorted(fused_cfg), "untested", f"{scheme.describe()}: the fused head is kept untested",
                        fused, sorted(fused_cfg), image_only, [img], scheme=scheme.describe())
     if kind == "mlp":  # trust is learned (gates, modality dropout)
         fused_cfg = {img: 1.0, **{t: 1.0 for t in texts}}
@@ -151,7 +150,7 @@ def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: 
     else:
         choice, saved, which = "image-only", image_only, [img]
         reason = (f"fused is not clearly better than image-only on validation ({100 * gain:+.1f} pt, standard "
-                  f"error {100 * se:.1f} pt): image-only saved")
+                  f"error {100 * se:.1f} pt)")
     return Outcome(saved, which, choice, reason, fused, sorted(fused_cfg), image_only, [img], validation, tuning,
                    scheme.describe())
 
@@ -219,7 +218,8 @@ class TrainReport:
     def text(self) -> str:
         rows = " / ".join(f"{n} {k}" for k, n in self.rows.items())
         feats = ", ".join(f"{f['name']} ({f['role']}, {100 * f['coverage']:.0f}% present)" for f in self.features)
-        lines = [f"fuse train: {self.kind} head, {self.task}, {self.labels} labels, rows {rows}", f"  features: {feats}"]
+        lines = [f"fuse train: {self.kind} head, {self.task}, {self.labels} labels, rows {rows}",
+                 f"  features: {feats}"]
         for split in ("val", "test"):
             for name, m in (self.metrics.get(split) or {}).items():
                 if m:
@@ -236,7 +236,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
                threshold: float = DEFAULT_THRESHOLD, per_label_thresholds: bool = False,
                max_labels: int | None = None, label_descriptions: str | None = None,
                align_descriptions: float = 0.0, text_model: str = DEFAULT_TEXT_MODEL,
-               label_prior: str | None = None, tune_rows: int = TUNE_ROWS,
+               label_prior: str | None = None, tune_rows: int | None = None,
                params: dict | None = None) -> TrainReport:
     start = time.perf_counter()
     _check_options(kind, threshold, max_labels, align_descriptions, tune_rows)
@@ -253,9 +253,10 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
         align_meta = {"weight": float(align_descriptions), "texts": "descriptions" if descriptions else "label names",
                       "descriptions": str(label_descriptions) if label_descriptions else None,
                       "text_encoder": identity}
-    hp = head_params(kind, params)
+    hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
     train_rows = rows["train"]
-    tune = stratified_subsample(train_rows, labels.y, task.multilabel, tune_rows, seed)
+    tune = stratified_subsample(train_rows, labels.y, task.multilabel, int(hp.get("tune_rows") or len(train_rows)),
+                                seed)
     outcome = fit_and_choose(kind, prep.blocks, labels.y, task, prep.roles, hp, seed, holdout(train_rows, rows["val"]),
                              holdout(tune, rows["val"]) if len(tune) < len(train_rows) else None, align)
 
@@ -334,7 +335,8 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
                        outcome.saved)
 
 
-def _check_options(kind: str, threshold: float, max_labels: int | None, align: float, tune_rows: int) -> None:
+def _check_options(kind: str, threshold: float, max_labels: int | None, align: float,
+                   tune_rows: int | None) -> None:
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
     if not 0 < threshold < 1:
@@ -344,6 +346,6 @@ def _check_options(kind: str, threshold: float, max_labels: int | None, align: f
     if align < 0:
         raise BadInput(f"--align-descriptions {align}: must be 0 or more")
     if align > 0 and kind != "mlp":
-        raise BadInput(f"--align-descriptions: aligns the mlp head's image projection; use --head mlp")
-    if tune_rows < 10:
+        raise BadInput("--align-descriptions: aligns the mlp head's image projection; use --head mlp")
+    if tune_rows is not None and tune_rows < 10:
         raise BadInput(f"--tune-rows {tune_rows}: must be at least 10")

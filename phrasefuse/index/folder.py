@@ -11,9 +11,7 @@ index is there whole or not at all (a rebuild replaces the old one the same way)
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import describe_encoder, encoder_identity, read_meta_json, write_atomic, write_json_atomic, write_parquet_atomic
+from phrasefuse.store import (atomic_folder, describe_encoder, encoder_identity, is_folder_of, read_meta_json,
+                              write_atomic, write_json_atomic, write_parquet_atomic)
 
 FORMAT = "phrasefuse-index"
 FORMAT_VERSION = 1
@@ -33,10 +32,7 @@ SOURCES = ("image", "text")
 
 
 def is_index(path: str | os.PathLike) -> bool:
-    try:
-        return json.loads((Path(path) / META).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return is_folder_of(path, FORMAT)
 
 
 def phrases_table(phrases: pa.Array, images: np.ndarray, source: np.ndarray) -> pa.Table:
@@ -48,47 +44,12 @@ def write_index_folder(out: str | os.PathLike, index, phrases: pa.Table, meta: d
     """Write the three files under a temporary sibling folder, then rename it to `out`."""
     import faiss
 
-    out = Path(out)
-    if out.exists() and not (is_index(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise BadInput(f"{out}: exists and is not a phrasefuse index; choose another --out (or remove it)")
     if index.ntotal != phrases.num_rows:
         raise RuntimeError(f"index has {index.ntotal} rows, phrases table {phrases.num_rows}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"{out.parent}: cannot create the folder ({e.strerror}); choose another --out") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, FORMAT, "index") as tmp:
         write_atomic(tmp / FAISS_FILE, lambda path: faiss.write_index(index, path))
         write_parquet_atomic(tmp / PHRASES, phrases)
         write_json_atomic(tmp / META, meta)  # last: a folder with meta.json is complete
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)  # put the previous index back
-        raise
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class PhraseIndex:

@@ -9,6 +9,7 @@ every class right.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Synthetic:
 
 def generated_encoder(name: str, dim: int) -> dict:
     return {"spec": f"generated:{name}", "family": "generated", "name": name,
-            "weights_sha256": f"{abs(hash(name)) % 10**12:012d}" + "0" * 52, "dim": dim}
+            "weights_sha256": hashlib.sha256(name.encode()).hexdigest(), "dim": dim}
 
 
 def write_store(path: Path, modality: str, ids, emb: np.ndarray, encoder: dict, extra: dict | None = None) -> Path:

@@ -64,7 +64,8 @@ def test_multilabel_micro_by_hand():
     capped = multilabel_metrics(probs, y, VOCAB, 0.3, 1, unknown)
     # at most one label: r1 a (tp), r2 c (tp), r3 b (tp) -> tp 3, fp 0, fn 3 (a2, c3, unknown)
     assert (capped["micro_precision"], capped["micro_recall"]) == (pytest.approx(1.0), pytest.approx(0.5))
-    # AP per label: a: scores .9(+) .4(+) .1(-) -> 1.0; b: .6(-) .35(+) .1(-) -> 1/2; c: .8(+) .2(-) .05(+) -> (1 + 2/3)/2
+    # AP per label: a: scores .9(+) .4(+) .1(-) -> 1.0; b: .6(-) .35(+) .1(-) -> 1/2;
+    # c: .8(+) .2(-) .05(+) -> (1 + 2/3) / 2
     assert m["per_label_ap"] == {"a": pytest.approx(1.0), "b": pytest.approx(0.5), "c": pytest.approx(5 / 6)}
     assert m["mAP"] == pytest.approx((1 + 0.5 + 5 / 6) / 3)
 
