@@ -113,7 +113,7 @@ def _twin(label: str) -> str:
     return labels[i + 1] if i % 2 == 0 else labels[i - 1]
 
 
-def draw_object(label: str, rng: np.random.Generator, size: int = 160, cue_prob: float = 0.6) -> Image.Image:
+def draw_object(label: str, rng: np.random.Generator, size: int = 160, cue_prob: float = 0.5) -> Image.Image:
     """One photo-like drawing of `label`: clutter, jittered colour/position/scale, a cue that may be absent."""
     shape, colour, cue, _, _ = DEMO_CLASSES[label]
     bg = rng.integers(60, 200, size=3)
@@ -164,12 +164,24 @@ def draw_object(label: str, rng: np.random.Generator, size: int = 160, cue_prob:
     return image.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, fillcolor=tuple(int(c) for c in bg))
 
 
+def _demo_split(n: int, rng: np.random.Generator) -> list[str]:
+    """DEMO_SPLIT within each class (row i has class i mod the number of classes)."""
+    names = list(DEMO_SPLIT)
+    bounds = np.cumsum([DEMO_SPLIT[k] for k in names])
+    fraction = np.empty(n)
+    n_classes = len(DEMO_CLASSES)
+    for c in range(n_classes):
+        rows = np.arange(c, n, n_classes)
+        fraction[rows] = (rng.permutation(len(rows)) + 0.5) / len(rows)
+    return [names[j] for j in np.searchsorted(bounds, fraction).clip(0, len(names) - 1)]
+
+
 def _metadata(label: str, i: int, rng: np.random.Generator) -> tuple[str | None, str | None, list[str]]:
     """Web-like title, description and tags: often missing, sometimes wrong."""
-    named = label if rng.random() < 0.8 else _twin(label)  # a fifth of the named ones name the twin
+    named = label if rng.random() < 0.9 else _twin(label)  # a tenth of the named ones name the twin
     r = rng.random()
-    title = None if r < 0.45 else (rng.choice(TITLE_TEMPLATES).format(x=named) if r < 0.8
-                                   else rng.choice(NOISE_TITLES).format(i=i))
+    title = None if r < 0.4 else (rng.choice(TITLE_TEMPLATES).format(x=named) if r < 0.85
+                                  else rng.choice(NOISE_TITLES).format(i=i))
     description = None
     if rng.random() < 0.4:
         description = DEMO_CLASSES[named][4].split(" is ")[1].rstrip(".") if rng.random() < 0.7 else "picture from my phone"
@@ -178,9 +190,13 @@ def _metadata(label: str, i: int, rng: np.random.Generator) -> tuple[str | None,
     return title, description, tags
 
 
-def generate_demo(folder: str | os.PathLike, n: int = 600, n_query: int = 800, seed: int = 0) -> dict[str, Path]:
-    """The demo's data: labelled images with noisy metadata, a query corpus with its pairs
-    table, and label descriptions. Returns the paths of the tables it wrote."""
+DEMO_SPLIT = {"train": 0.45, "val": 0.15, "test": 0.40}  # a large test split: the demo's gains are a few points
+
+
+def generate_demo(folder: str | os.PathLike, n: int = 1000, n_query: int = 800, seed: int = 0) -> dict[str, Path]:
+    """The demo's data: labelled images with noisy metadata and a train/val/test split, a
+    query corpus with its pairs table, and label descriptions. Returns the paths of the
+    tables it wrote."""
     folder = Path(folder)
     labels = list(DEMO_CLASSES)
     rng = np.random.default_rng(seed)
@@ -212,7 +228,10 @@ def generate_demo(folder: str | os.PathLike, n: int = 600, n_query: int = 800, s
                     pairs["query"].append(p)
                     pairs["image_id"].append(ident)
                     pairs["weight"].append(float(rng.integers(1, 20)))  # click counts
-        table = pa.table({**rows, **meta}) if prefix == "img" else pa.table({"id": rows["id"], "image": rows["image"]})
+        if prefix == "img":
+            table = pa.table({**rows, **meta, "split": _demo_split(count, rng)})
+        else:
+            table = pa.table({"id": rows["id"], "image": rows["image"]})
         out[name] = folder / f"{name}.parquet"
         pq.write_table(table, out[name])
         if prefix == "q":

@@ -55,6 +55,21 @@ def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[st
     return out
 
 
+def named_subsets(rows: Sequence[Sequence[str]], names: Sequence[str], roles: Sequence[str]
+                  ) -> list[tuple[str, list[int]]]:
+    """Rows chosen by the caller (each a list of feature names) as (row label, block indices)."""
+    out = []
+    for row in rows:
+        unknown = [n for n in row if n not in names]
+        if unknown or not row:
+            raise BadInput(f"ablation row {list(row)}: names no feature ({', '.join(unknown) or 'empty'}); "
+                           f"features: {', '.join(names)}")
+        which = sorted(names.index(n) for n in row)
+        image_only = len(which) == 1 and roles[which[0]] == "image"
+        out.append((" + ".join(names[j] for j in which) + (" (image only)" if image_only else ""), which))
+    return out
+
+
 @dataclass
 class AblationReport:
     data: dict
@@ -67,7 +82,11 @@ class AblationReport:
 def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, *, shots: Sequence[int] = (),
            seeds: int = 3, seed: int = 0, label_col: str | None = None, multilabel: bool = False,
            out: str | os.PathLike | None = None, tune_rows: int | None = None,
-           params: dict | None = None) -> AblationReport:
+           params: dict | None = None, rows: Sequence[Sequence[str]] | None = None,
+           shot_rows: Sequence[Sequence[str]] | None = None, full: bool | None = None) -> AblationReport:
+    """The ablation table. `rows` (lists of feature names) replaces the default feature
+    subsets of the full-data table, `shot_rows` those of the K-shot tables (default: `rows`).
+    `full`: also the full-data table when `shots` are given (default: only without shots)."""
     start = time.perf_counter()
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
@@ -76,27 +95,30 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     for k in shots:
         if k < 1:
             raise BadInput(f"--shots {k}: must be at least 1 (zero-shot is 'phrasefuse fuse zeroshot')")
-    prep = prepare(manifest, feature_args, label_col, multilabel, need=("train", "test") if shots else
-                   ("train", "val", "test"))
-    task, y, rows = prep.task, prep.labels.y, prep.rows
+    full = not shots if full is None else (full or not shots)
+    prep = prepare(manifest, feature_args, label_col, multilabel,
+                   need=("train", "val", "test") if full else ("train", "test"))
+    task, y, split_rows = prep.task, prep.labels.y, prep.rows
     hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
     names = [f.name for f in prep.features]
-    subsets = feature_subsets(prep.roles, names)
-    test_labels = prep.labels.take(rows["test"])
-    regimes = [(f"{k}-shot", int(k)) for k in shots] or [("full", None)]
+    default_subsets = named_subsets(rows, names, prep.roles) if rows else feature_subsets(prep.roles, names)
+    shot_subsets = named_subsets(shot_rows, names, prep.roles) if shot_rows else default_subsets
+    test_labels = prep.labels.take(split_rows["test"])
+    regimes = [("full", None)] * full + [(f"{k}-shot", int(k)) for k in shots]
     tables = []
     for regime, k in regimes:
+        subsets = default_subsets if k is None else shot_subsets
         runs: dict[str, list[dict]] = {label: [] for label, _ in subsets}
         scheme_name = ""
         train_rows_used = []
         for s in range(seed, seed + seeds):
             if k is None:
-                scheme = holdout(rows["train"], rows["val"])
-                tune = stratified_subsample(rows["train"], y, task.multilabel,
-                                            int(hp.get("tune_rows") or len(rows["train"])), s)
-                tuning = holdout(tune, rows["val"]) if len(tune) < len(rows["train"]) else None
+                scheme = holdout(split_rows["train"], split_rows["val"])
+                tune = stratified_subsample(split_rows["train"], y, task.multilabel,
+                                            int(hp.get("tune_rows") or len(split_rows["train"])), s)
+                tuning = holdout(tune, split_rows["val"]) if len(tune) < len(split_rows["train"]) else None
             else:
-                pool = sample_shots(rows["train"], y, task.multilabel, k, s)
+                pool = sample_shots(split_rows["train"], y, task.multilabel, k, s)
                 scheme, tuning = cross_validation(pool, y, task.multilabel, k, s), None
             scheme_name = scheme.describe()
             train_rows_used.append(len(scheme.pool))
@@ -104,14 +126,14 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
                 outcome = fit_and_choose(kind, prep.blocks.select(which), y, task, [prep.roles[j] for j in which],
                                          hp, s, scheme, tuning)
                 kept = [which[j] for j in outcome.saved_blocks]
-                probs = outcome.saved.predict(prep.blocks.take(rows["test"]).select(kept))
+                probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
                 m = summary(evaluate_probs(probs, test_labels))
                 runs[label].append({"seed": s, "metrics": m, "choice": outcome.choice})
         tables.append(_table(regime, k, subsets, runs, prep, scheme_name, train_rows_used, seeds))
     data = {"manifest": str(manifest), "head": kind, "task": "multilabel" if task.multilabel else "multiclass",
             "features": [{"name": n, "role": r, "path": str(f.path)}
                          for n, r, f in zip(names, prep.roles, prep.features)],
-            "seeds": list(range(seed, seed + seeds)), "test_rows": int(len(rows["test"])), "tables": tables,
+            "seeds": list(range(seed, seed + seeds)), "test_rows": int(len(split_rows["test"])), "tables": tables,
             "seconds": round(time.perf_counter() - start, 1)}
     markdown = render_markdown(data)
     if out is not None:

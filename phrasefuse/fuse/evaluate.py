@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -136,6 +137,10 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
     for f in phrase_features:
         name = "phrases" if len(phrase_features) == 1 else f"phrases_{f.name}"
         columns[name] = phrases_for(f, ids)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--out {out}: cannot create its folder ({e.strerror}); choose another --out") from None
     write_parquet_atomic(out, pa.table(columns))
     return PredictSummary(str(out), n, time.perf_counter() - start)
 

@@ -1,0 +1,280 @@
+"""The run config (TOML): read, checked whole before any work, paths resolved.
+
+Every key is declared here once, with its type and default, so an unknown key, a wrong
+type or a missing required value is refused before any stage runs, naming the key and
+what is expected. Paths in the file are relative to the file's own folder. Nothing of
+the file is evaluated: TOML is data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phrasefuse.errors import BadInput
+from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from phrasefuse.fuse import HEAD_KINDS
+from phrasefuse.index import DEFAULT_PHRASES_K
+
+IMAGE = "image"  # the feature name of the labelled images' store
+PHRASES = "phrases"  # the feature name of the generated phrases' store
+
+
+@dataclass
+class Data:
+    manifest: Path
+    label_col: str | None = None
+    multilabel: bool = False
+    text_columns: list[str] = field(default_factory=list)
+    label_descriptions: Path | None = None
+
+
+@dataclass
+class Encoders:
+    image: str = DEFAULT_IMAGE_MODEL
+    text: str = DEFAULT_TEXT_MODEL
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+
+
+@dataclass
+class Phrases:
+    pairs: Path
+    images: Path | None = None  # manifest of the query corpus' images (default: the labelled manifest)
+    k: int = DEFAULT_PHRASES_K
+    min_images: int = 1
+    kind: str = "auto"
+    weights: bool = True
+
+
+@dataclass
+class Head:
+    name: str
+    kind: str
+    features: list[str]
+    seed: int = 0
+    label_prior: str | None = None
+    align_descriptions: float = 0.0
+
+
+@dataclass
+class Ablation:
+    head: str = "linear"
+    seeds: int = 3
+    shots: list[int] = field(default_factory=list)
+    rows: list[list[str]] | None = None
+    shot_rows: list[list[str]] | None = None
+
+
+@dataclass
+class Report:
+    gallery: int = 24
+
+
+@dataclass
+class Config:
+    path: Path
+    work: Path
+    data: Data
+    encoders: Encoders
+    phrases: Phrases | None
+    heads: list[Head]
+    ablation: Ablation | None
+    report: Report
+
+    def feature_names(self) -> list[str]:
+        """Every feature the config makes: image, each text column, phrases."""
+        return [IMAGE, *self.data.text_columns] + ([PHRASES] if self.phrases else [])
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such config file; pass the path of a TOML file (see manifests/example.toml)") \
+            from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: unreadable ({e}); pass a UTF-8 TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{path}: not valid TOML ({e}); fix the file (see manifests/example.toml)") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict, path: Path) -> Config:
+    c = _Checker(path)
+    base = path.resolve().parent
+    c.known(raw, "", {"work", "data", "encoders", "phrases", "heads", "ablation", "report"})
+    work = base / c.get(raw, "work", str, "work")
+
+    data_raw = c.table(raw, "data", required=True)
+    c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions"})
+    text_columns = c.get(data_raw, "text_columns", list, [], item=str, where="data")
+    data = Data(manifest=base / c.get(data_raw, "manifest", str, where="data"),
+                label_col=c.get(data_raw, "label_col", str, None, where="data"),
+                multilabel=c.get(data_raw, "multilabel", bool, False, where="data"),
+                text_columns=text_columns,
+                label_descriptions=_path(base, c.get(data_raw, "label_descriptions", str, None, where="data")))
+    for name in text_columns:
+        if name in (IMAGE, PHRASES) or not name.replace("_", "").replace("-", "").isalnum():
+            c.fail("data.text_columns", f"{name!r} cannot name a feature; use a column name of letters, digits, "
+                                        f"_ or - other than '{IMAGE}' and '{PHRASES}'")
+    if len(set(text_columns)) != len(text_columns):
+        c.fail("data.text_columns", "lists a column twice; list each once")
+
+    enc_raw = c.table(raw, "encoders")
+    c.known(enc_raw, "encoders", {"image", "text", "device", "batch_size", "workers"})
+    encoders = Encoders(image=c.get(enc_raw, "image", str, DEFAULT_IMAGE_MODEL, where="encoders"),
+                        text=c.get(enc_raw, "text", str, DEFAULT_TEXT_MODEL, where="encoders"),
+                        device=c.choice(enc_raw, "device", ("auto", "cpu", "cuda"), "auto", where="encoders"),
+                        batch_size=c.positive(enc_raw, "batch_size", 64, where="encoders"),
+                        workers=c.get(enc_raw, "workers", int, None, where="encoders"))
+
+    phrases = None
+    if "phrases" in raw:
+        ph_raw = c.table(raw, "phrases")
+        c.known(ph_raw, "phrases", {"pairs", "images", "k", "min_images", "kind", "weights"})
+        phrases = Phrases(pairs=base / c.get(ph_raw, "pairs", str, where="phrases"),
+                          images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
+                          k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
+                          min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
+                          kind=c.choice(ph_raw, "kind", ("auto", "flat", "hnsw", "ivf-sq8", "ivf-flat", "ivf-pq"),
+                                        "auto", where="phrases"),
+                          weights=c.get(ph_raw, "weights", bool, True, where="phrases"))
+
+    features = [IMAGE, *text_columns] + ([PHRASES] if phrases else [])
+    heads = []
+    heads_raw = raw.get("heads", [])
+    if not isinstance(heads_raw, list) or not all(isinstance(h, dict) for h in heads_raw):
+        c.fail("heads", "expected an array of tables ([[heads]] sections)")
+    for i, h in enumerate(heads_raw):
+        where = f"heads[{i}]"
+        c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions"})
+        head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
+                    features=c.get(h, "features", list, [IMAGE, *text_columns] + ([PHRASES] if phrases else []),
+                                   item=str, where=where),
+                    seed=c.get(h, "seed", int, 0, where=where),
+                    label_prior=c.get(h, "label_prior", str, None, where=where),
+                    align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)))
+        c.features(head.features, features, f"{where}.features")
+        if head.label_prior is not None:
+            c.features([head.label_prior], [n for n in features if n != IMAGE], f"{where}.label_prior")
+        if not head.name.replace("_", "").replace("-", "").isalnum():
+            c.fail(f"{where}.name", f"{head.name!r}: use letters, digits, _ or - (it names a folder)")
+        heads.append(head)
+    if len({h.name for h in heads}) != len(heads):
+        c.fail("heads", "two heads have the same name; give each its own name")
+
+    ablation = None
+    if "ablation" in raw:
+        ab_raw = c.table(raw, "ablation")
+        c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows"})
+        ablation = Ablation(head=c.choice(ab_raw, "head", HEAD_KINDS, "linear", where="ablation"),
+                            seeds=c.positive(ab_raw, "seeds", 3, where="ablation"),
+                            shots=c.get(ab_raw, "shots", list, [], item=int, where="ablation"),
+                            rows=_rows(c, ab_raw, "rows", features),
+                            shot_rows=_rows(c, ab_raw, "shot_rows", features))
+        if any(k < 1 for k in ablation.shots):
+            c.fail("ablation.shots", "expected whole numbers of at least 1 (labelled examples per class)")
+
+    rep_raw = c.table(raw, "report")
+    c.known(rep_raw, "report", {"gallery"})
+    report = Report(gallery=c.get(rep_raw, "gallery", int, 24, where="report"))
+    if report.gallery < 0:
+        c.fail("report.gallery", "expected 0 or more (test images shown)")
+    return Config(path, work, data, encoders, phrases, heads, ablation, report)
+
+
+def _path(base: Path, value: str | None) -> Path | None:
+    return None if value is None else base / value
+
+
+def _rows(c: "_Checker", raw: dict, key: str, features: list[str]) -> list[list[str]] | None:
+    rows = c.get(raw, key, list, None, where="ablation")
+    if rows is None:
+        return None
+    if not rows or not all(isinstance(r, list) and r and all(isinstance(n, str) for n in r) for r in rows):
+        c.fail(f"ablation.{key}", 'expected a list of lists of feature names, e.g. [["image"], ["image", "phrases"]]')
+    for r in rows:
+        c.features(r, features, f"ablation.{key}")
+    return rows
+
+
+class _Checker:
+    """Type checks that name the key (`data.manifest`) and the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, expected: str):
+        raise BadInput(f"{self.path}: key '{key}': {expected}")
+
+    def known(self, raw: dict, where: str, keys: set[str]) -> None:
+        for key in raw:
+            if key not in keys:
+                self.fail(f"{where}.{key}" if where else key,
+                          f"unknown key; expected one of {', '.join(sorted(keys))}")
+
+    def table(self, raw: dict, key: str, required: bool = False) -> dict:
+        if key not in raw:
+            if required:
+                self.fail(key, f"missing; add a [{key}] section")
+            return {}
+        if not isinstance(raw[key], dict):
+            self.fail(key, f"expected a table ([{key}] section)")
+        return raw[key]
+
+    def get(self, raw: dict, key: str, kind, default: Any = ..., *, item=None, where: str = "") -> Any:
+        name = f"{where}.{key}" if where else key
+        if key not in raw:
+            if default is ...:
+                self.fail(name, "missing; it is required")
+            return default
+        value = raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:  # TOML true is not a number here
+            self.fail(name, f"expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kinds):
+            self.fail(name, f"expected {_kind_name(kind)}, got {value!r}")
+        if item is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            self.fail(name, f"expected a list of {_kind_name(item)}, got {value!r}")
+        if isinstance(value, str) and kind is str and not value.strip():
+            self.fail(name, "is empty")
+        return value
+
+    def positive(self, raw: dict, key: str, default: int, *, where: str) -> int:
+        value = self.get(raw, key, int, default, where=where)
+        if value < 1:
+            self.fail(f"{where}.{key}", f"expected a whole number of at least 1, got {value}")
+        return value
+
+    def choice(self, raw: dict, key: str, choices, default: Any = ..., *, where: str) -> str:
+        value = self.get(raw, key, str, default, where=where)
+        if value not in choices:
+            self.fail(f"{where}.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def features(self, names: list[str], known: list[str], key: str) -> None:
+        for name in names:
+            if name not in known:
+                self.fail(key, f"feature {name!r} is not made by this config; features: {', '.join(known)}")
+        if not names:
+            self.fail(key, "is empty; name at least one feature")
+
+
+def _kind_name(kind) -> str:
+    names = {str: "a string", int: "a whole number", bool: "true or false", list: "a list", float: "a number",
+             dict: "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

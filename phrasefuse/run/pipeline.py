@@ -1,0 +1,349 @@
+"""`phrasefuse run CONFIG.toml`: every stage of a config, in order, into one work folder.
+
+    WORK/stores/image, WORK/stores/<text column>, WORK/stores/phrases   embedding stores
+    WORK/stores/query-image                                            the query corpus' images
+    WORK/index                                                         the prototype index
+    WORK/heads/<name>, WORK/predictions/<name>.parquet                 heads and their predictions
+    WORK/ablation/ablation.{md,json}, WORK/zeroshot.json               tables
+    WORK/report.html, WORK/plots/*.png                                 the report
+    WORK/run-state.json                                                what each stage last did
+
+A stage is skipped when its inputs (files, the stores it reads, its settings) have the
+same fingerprint as when it last completed and its output is still as it left it. Extract
+stages that do run embed only ids their store lacks (the embed-once promise), so a changed
+head re-trains only that head, and a manifest with new rows embeds only those rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phrasefuse.errors import BadInput
+from phrasefuse.run.config import IMAGE, PHRASES, Config, Head, load_config
+from phrasefuse.store import EmbeddingStore, read_meta_json, write_json_atomic
+
+STATE = "run-state.json"
+BASELINE = "image-only"  # the head the report compares every fused head with
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # "ran" | "skipped"
+    line: str
+    summary: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        return f"[{self.status}] {self.stage}: {self.line}" if self.status == "skipped" else self.line
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "status": self.status, "summary": self.summary}
+
+
+@dataclass
+class Layout:
+    """Where each output of a run lives."""
+
+    work: Path
+
+    def store(self, feature: str) -> Path:
+        return self.work / "stores" / feature
+
+    @property
+    def query_store(self) -> Path:
+        return self.work / "stores" / "query-image"
+
+    @property
+    def index(self) -> Path:
+        return self.work / "index"
+
+    def head(self, name: str) -> Path:
+        return self.work / "heads" / name
+
+    def predictions(self, name: str) -> Path:
+        return self.work / "predictions" / f"{name}.parquet"
+
+    @property
+    def ablation(self) -> Path:
+        return self.work / "ablation"
+
+    @property
+    def zeroshot(self) -> Path:
+        return self.work / "zeroshot.json"
+
+    @property
+    def report(self) -> Path:
+        return self.work / "report.html"
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def files_fingerprint(pattern: str | os.PathLike) -> str:
+    """sha256 over the bytes of every file a path or glob names (manifests, pairs tables)."""
+    paths = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [str(pattern)]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode())
+        try:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            h.update(b"<missing>")
+    return h.hexdigest()
+
+
+def folder_fingerprint(path: Path) -> str | None:
+    """Names, sizes and modification times of a folder's files (a store, an index, a head);
+    None when it has no meta.json (not there, or incomplete)."""
+    if not (path / "meta.json").is_file():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def file_fingerprint(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunState:
+    """WORK/run-state.json: per stage, the fingerprint of its inputs and of its output when
+    it last completed, and its summary. Written after every stage (atomically)."""
+
+    def __init__(self, work: Path):
+        self.path = work / STATE
+        self.stages: dict[str, dict] = {}
+        if self.path.is_file():
+            try:
+                self.stages = json.loads(self.path.read_text(encoding="utf-8")).get("stages", {})
+            except (OSError, ValueError, AttributeError):
+                self.stages = {}  # unreadable: every stage checks its output again
+
+    def run(self, stage: str, inputs: dict, output: Callable[[], str | None],
+            job: Callable[[], tuple[str, dict]]) -> StageResult:
+        digest = _digest(inputs)
+        last = self.stages.get(stage)
+        current = output()
+        if last and last.get("inputs") == digest and current is not None and last.get("output") == current:
+            return StageResult(stage, "skipped", "up to date (same inputs and settings)", last.get("summary", {}))
+        line, summary = job()
+        self.stages[stage] = {"inputs": digest, "output": output(), "summary": summary,
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
+        return StageResult(stage, "ran", line, summary)
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> Iterator[StageResult]:
+    """Run every stage of the config; yields each stage's result as it completes."""
+    config = load_config(config_path)
+    check_inputs(config)
+    layout = Layout(config.work)
+    config.work.mkdir(parents=True, exist_ok=True)
+    state = RunState(config.work)
+    manifest_fp = files_fingerprint(config.data.manifest)
+
+    yield from extract_stages(config, layout, state, manifest_fp, progress)
+    if config.phrases:
+        yield from phrase_stages(config, layout, state, progress)
+
+    def features_of(names: list[str]) -> list[str]:
+        return [f"{n}={layout.store(n)}" for n in names]
+
+    def stores_fp(names: list[str]) -> dict:
+        return {n: folder_fingerprint(layout.store(n)) for n in names}
+
+    labels = {"manifest": manifest_fp, "label_col": config.data.label_col, "multilabel": config.data.multilabel}
+    for head in heads_with_baseline(config):
+        yield head_stage(config, layout, state, head, labels, features_of, stores_fp)
+
+    if config.phrases:
+        descriptions = config.data.label_descriptions
+        inputs = {**labels, "phrases": stores_fp([PHRASES]),
+                  "descriptions": files_fingerprint(descriptions) if descriptions else None}
+
+        def zeroshot_job() -> tuple[str, dict]:
+            from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
+
+            report = zeroshot(config.data.manifest, layout.store(PHRASES),
+                              str(descriptions) if descriptions else None, label_col=config.data.label_col,
+                              multilabel=config.data.multilabel)
+            write_json_atomic(layout.zeroshot, report)
+            return zeroshot_text(report), {"metrics": _headline(report["metrics"]), "coverage": report["coverage"]}
+
+        yield state.run("zeroshot", inputs, lambda: file_fingerprint(layout.zeroshot), zeroshot_job)
+
+    if config.ablation:
+        ab = config.ablation
+        names = config.feature_names()
+
+        def ablation_job() -> tuple[str, dict]:
+            from phrasefuse.fuse.ablate import ablate
+
+            report = ablate(config.data.manifest, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
+                            label_col=config.data.label_col, multilabel=config.data.multilabel,
+                            out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True)
+            return (f"ablation: {ab.head} head, {len(report.data['tables'])} table(s), {ab.seeds} seed(s); "
+                    f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
+                {"seconds": report.data["seconds"]}
+
+        inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names)}
+        yield state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
+
+    def report_job() -> tuple[str, dict]:
+        from phrasefuse.report import write_report
+
+        written = write_report(config, layout)
+        return f"report: {layout.report} ({len(written) - 1} plots)", {"files": [str(p) for p in written]}
+
+    inputs = {"stages": {k: v.get("output") for k, v in state.stages.items() if k != "report"},
+              "report": vars(config.report),
+              "config": files_fingerprint(config.path)}
+    yield state.run("report", inputs, lambda: file_fingerprint(layout.report), report_job)
+
+
+def check_inputs(config: Config) -> None:
+    """The files a config names exist (before any work)."""
+    named = [("data.manifest", config.data.manifest), ("data.label_descriptions", config.data.label_descriptions)]
+    if config.phrases:
+        named += [("phrases.pairs", config.phrases.pairs), ("phrases.images", config.phrases.images)]
+    for key, path in named:
+        if path is not None and not (glob.glob(str(path)) if glob.has_magic(str(path)) else path.exists()):
+            raise BadInput(f"{config.path}: key '{key}': {path} does not exist; fix the path (relative to the "
+                           f"config file's folder)")
+
+
+def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp: str,
+                   progress: bool | None) -> Iterator[StageResult]:
+    from phrasefuse.extract.jobs import extract_images, extract_texts
+
+    enc = config.encoders
+    image_job = lambda manifest, out: _summary(extract_images(  # noqa: E731
+        manifest, out, model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
+        progress=progress))
+    out = layout.store(IMAGE)
+    yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image},
+                    lambda: folder_fingerprint(out), lambda: image_job(config.data.manifest, out))
+    for col in config.data.text_columns:
+        out_t = layout.store(col)
+        yield state.run(f"extract {col}", {"manifest": manifest_fp, "column": col, "model": enc.text},
+                        lambda out_t=out_t: folder_fingerprint(out_t),
+                        lambda col=col, out_t=out_t: _summary(extract_texts(
+                            config.data.manifest, col, out_t, model=enc.text, device=enc.device, progress=progress)))
+    if config.phrases and config.phrases.images is not None:
+        q = config.phrases.images
+        yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image},
+                        lambda: folder_fingerprint(layout.query_store), lambda: image_job(q, layout.query_store))
+
+
+def phrase_stages(config: Config, layout: Layout, state: RunState, progress: bool | None) -> Iterator[StageResult]:
+    from phrasefuse.index.build import build_index
+    from phrasefuse.index.phrases import generate_phrases
+
+    ph, enc = config.phrases, config.encoders
+    query = layout.query_store if ph.images is not None else layout.store(IMAGE)
+    inputs = {"pairs": files_fingerprint(ph.pairs), "images": folder_fingerprint(query),
+              "min_images": ph.min_images, "kind": ph.kind, "weights": ph.weights}
+
+    def index_job() -> tuple[str, dict]:
+        s = build_index(ph.pairs, query, layout.index, min_images=ph.min_images, kind=ph.kind,
+                        use_weights=ph.weights, device=enc.device)
+        return s.line(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
+
+    yield state.run("index", inputs, lambda: _build_id(layout.index), index_job)
+
+    out = layout.store(PHRASES)
+    inputs = {"index": _build_id(layout.index), "images": folder_fingerprint(layout.store(IMAGE)), "k": ph.k,
+              "text_model": enc.text}
+
+    def phrases_job() -> tuple[str, dict]:
+        store = EmbeddingStore(out)
+        if store.exists() and (store.meta.get("phrases") or {}).get("build_id") != inputs["index"]:
+            shutil.rmtree(out)  # phrases of an older index: derived data, regenerated whole
+        s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device)
+        return s.line(), s.as_dict()
+
+    yield state.run("phrases", inputs, lambda: folder_fingerprint(out), phrases_job)
+
+
+def heads_with_baseline(config: Config) -> list[Head]:
+    """The config's heads, plus an image-only head of the first head's kind for the report to
+    compare with (unless the config has one)."""
+    heads = list(config.heads)
+    if heads and not any(h.features == [IMAGE] and not h.label_prior for h in heads) \
+            and all(h.name != BASELINE for h in heads):
+        heads.append(Head(name=BASELINE, kind=heads[0].kind, features=[IMAGE], seed=heads[0].seed))
+    return heads
+
+
+def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labels: dict,
+               features_of: Callable, stores_fp: Callable) -> StageResult:
+    out, predictions = layout.head(head.name), layout.predictions(head.name)
+    descriptions = config.data.label_descriptions
+    reads = head.features + ([head.label_prior] if head.label_prior else [])
+    inputs = {**labels, "head": vars(head), "stores": stores_fp(reads), "text_model": config.encoders.text,
+              "descriptions": files_fingerprint(descriptions) if descriptions and head.align_descriptions else None}
+
+    def job() -> tuple[str, dict]:
+        from phrasefuse.fuse.evaluate import predict
+        from phrasefuse.fuse.train import train_head
+
+        report = train_head(config.data.manifest, features_of(head.features), out, kind=head.kind, seed=head.seed,
+                            label_col=config.data.label_col, multilabel=config.data.multilabel,
+                            label_descriptions=str(descriptions) if descriptions else None,
+                            align_descriptions=head.align_descriptions, text_model=config.encoders.text,
+                            label_prior=str(layout.store(head.label_prior)) if head.label_prior else None)
+        p = predict(out, config.data.manifest, predictions)
+        d = report.as_dict()
+        test = (d["metrics"].get("test") or {}).get("saved") or {}
+        return (report.text().replace("fuse train:", f"head {head.name}:", 1) + "\n  " + p.line()), \
+            {"saved": d["saved"], "reason": d["reason"], "test": _headline(test)}
+
+    return state.run(f"head {head.name}", inputs,
+                     lambda: _joined(folder_fingerprint(out), file_fingerprint(predictions)), job)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _summary(s) -> tuple[str, dict]:
+    return s.line(), s.as_dict()
+
+
+def _build_id(index: Path) -> str | None:
+    try:
+        return read_meta_json(index, fmt="phrasefuse-index", version=1 << 30, what="index", not_a="an index",
+                              missing="", unreadable="").get("build_id")
+    except BadInput:
+        return None
+
+
+def _joined(*parts: str | None) -> str | None:
+    return None if any(p is None for p in parts) else "|".join(parts)
+
+
+def _headline(metrics: dict) -> dict:
+    keys = ("top1", "top5", "macro_f1", "mAP", "micro_f1")
+    return {k: metrics[k] for k in keys if k in metrics}

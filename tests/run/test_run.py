@@ -1,0 +1,154 @@
+"""`phrasefuse run CONFIG.toml`: config validation, a tiny pipeline end to end, stages skipped
+on a second run, embed-once across runs, and a head change re-running only that head."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = """
+work = "work"
+
+[data]
+manifest = "data/manifest.parquet"
+text_columns = ["title", "tags"]
+label_descriptions = "data/label_descriptions.parquet"
+
+[encoders]
+image = "{spec}"
+text = "{spec}"
+batch_size = 32
+workers = 0
+
+[phrases]
+pairs = "data/pairs.parquet"
+images = "data/query_manifest.parquet"
+k = 2
+
+[[heads]]
+name = "fused"
+kind = "{kind}"
+features = ["image", "title", "phrases"]
+
+[ablation]
+head = "linear"
+seeds = 1
+shots = [1, 2]
+rows = [["image"], ["image", "title"], ["image", "phrases"]]
+shot_rows = [["image"], ["image", "phrases"]]
+
+[report]
+gallery = 6
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    """A few dozen demo images (10 look-alike classes), query corpus, pairs, label descriptions."""
+    from phrasefuse.synthetic import generate_demo
+
+    folder = tmp_path_factory.mktemp("run")
+    generate_demo(folder / "data", n=60, n_query=40)
+    return folder
+
+
+def write_config(folder: Path, spec: str, kind: str = "linear", name: str = "run.toml") -> Path:
+    path = folder / name
+    path.write_text(TINY.format(spec=spec, kind=kind))
+    return path
+
+
+def stages(proc) -> dict[str, dict]:
+    assert proc.returncode == 0, proc.stderr
+    return {s["stage"]: s for s in json.loads(proc.stdout)["stages"]}
+
+
+def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data, tiny_clip_spec):
+    config = write_config(demo_data, tiny_clip_spec)
+    first = stages(run_cli("run", config, "--json"))
+    assert set(first) == {"extract image", "extract title", "extract tags", "extract query images", "index",
+                          "phrases", "head fused", "head image-only", "zeroshot", "ablation", "report"}
+    assert all(s["status"] == "ran" for s in first.values())
+    assert first["extract image"]["summary"]["embedded"] == 60
+    assert first["extract query images"]["summary"]["embedded"] == 40
+
+    work = demo_data / "work"
+    page = (work / "report.html").read_text(encoding="utf-8")
+    for section in ("Ablation", "Few-shot", "Heads", "Confusion matrix", "Gallery", "generated phrases"):
+        assert section in page
+    assert page.count("data:image/png;base64,") == 3 and "data:image/jpeg;base64," in page
+    for png in ("ablation.png", "few_shot.png", "confusion.png"):
+        assert (work / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ablation = json.loads((work / "ablation" / "ablation.json").read_text())
+    assert [t["regime"] for t in ablation["tables"]] == ["full", "1-shot", "2-shot"]
+
+    # Same config again: every stage is skipped.
+    second = stages(run_cli("run", config, "--json"))
+    assert all(s["status"] == "skipped" for s in second.values()), second
+
+    # Only the head's kind changes: that head, the image-only baseline of the same kind and the
+    # report re-run; nothing is re-embedded, the index and the ablation stay.
+    write_config(demo_data, tiny_clip_spec, kind="mlp")
+    third = stages(run_cli("run", config, "--json"))
+    ran = {name for name, s in third.items() if s["status"] == "ran"}
+    assert ran == {"head fused", "head image-only", "report"}
+    assert json.loads((work / "heads" / "fused" / "meta.json").read_text())["kind"] == "mlp"
+
+
+def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
+    """Without run-state.json every stage runs again, and the stores say nothing was re-embedded."""
+    config = write_config(demo_data, tiny_clip_spec, name="again.toml")
+    run_cli("run", config, "--json", check=True)
+    (demo_data / "work" / "run-state.json").unlink()
+    again = stages(run_cli("run", config, "--json"))
+    for name in ("extract image", "extract title", "extract query images"):
+        summary = again[name]["summary"]
+        assert summary["embedded"] == 0 and summary["reused"] == 0  # texts missing from the manifest: "failed"
+        assert summary["present"] > 0 and summary["present"] + summary["failed"] == summary["rows"]
+    # The index is rebuilt (its inputs can no longer be vouched for) and the phrases, derived from
+    # it, are regenerated whole: a phrases store never mixes rows of two indexes.
+    assert again["index"]["status"] == "ran" and again["phrases"]["summary"]["written"] == 60
+
+
+@pytest.mark.parametrize("edit, key", [
+    (("[report]", "[report]\ncolour = 3"), "report.colour"),
+    (('k = 2', 'k = "two"'), "phrases.k"),
+    (('features = ["image", "title", "phrases"]', 'features = ["image", "caption"]'), "heads[0].features"),
+    (('kind = "linear"\nfeatures', 'kind = "svm"\nfeatures'), "heads[0].kind"),
+    (('shots = [1, 2]', 'shots = [0]'), "ablation.shots"),
+    (('manifest = "data/manifest.parquet"', 'manifest = "data/nowhere.parquet"'), "data.manifest"),
+    (('[data]\nmanifest = "data/manifest.parquet"', '[data]'), "data.manifest"),
+    (('seeds = 1', 'seeds = true'), "ablation.seeds"),
+])
+def test_invalid_config_is_refused_before_any_work(tmp_path, demo_data, edit, key):
+    text = TINY.format(spec="builtin:efficientnet-lite0", kind="linear").replace("work = \"work\"",
+                                                                                  f"work = \"{tmp_path / 'w'}\"")
+    assert edit[0] in text
+    config = demo_data / f"bad-{key.replace('[', '').replace(']', '')}.toml"
+    config.write_text(text.replace(edit[0], edit[1]))
+    proc = run_cli("run", config)
+    assert proc.returncode == 2, proc.stderr
+    assert f"'{key}'" in proc.stderr and str(config) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_config_that_is_not_toml(tmp_path):
+    config = tmp_path / "broken.toml"
+    config.write_text("[data\nmanifest = ")
+    proc = run_cli("run", config)
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_example_config_is_valid():
+    """manifests/example.toml and the demo's config parse (their paths need data, not checked here)."""
+    from phrasefuse.run.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("example.toml", "demo.toml"):
+        config = load_config(root / "manifests" / name)
+        assert config.heads and config.ablation
