@@ -46,6 +46,24 @@ class Dtype(str, Enum):
 SHARD_SIZE_HELP = "Rows per shard; a killed job loses at most the shard it was filling."
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+ENGINE_HELP = "local: this machine; ray: model actors on a Ray cluster (pip install 'phrasefuse[ray]'), same store."
+RAY_ADDRESS_HELP = "--engine ray: cluster address (default: $RAY_ADDRESS, else a Ray started on this machine)."
+RAY_ACTORS_HELP = "--engine ray: model actors (default: one per GPU, else one per CPU but one)."
+
+
+def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):
+    from phrasefuse.extract.jobs import RayOptions
+
+    if engine is not Engine.ray and (address is not None or actors is not None):
+        raise BadInput("--ray-address and --ray-actors apply to --engine ray; add --engine ray or drop them")
+    return RayOptions(address=address, actors=actors)
+
+
 @extract_app.command("images")
 def extract_images(
     manifest: str = typer.Argument(..., help="Dataset manifest (Parquet, CSV, JSON Lines, or a quoted glob) with 'id' and 'image'."),
@@ -57,6 +75,10 @@ def extract_images(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows of the manifest."),
     shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Stored float type."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Read images outside the manifest's folder (../, absolute paths, symlinks out); refused by default."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Embed the images of MANIFEST into the store --out.
@@ -68,7 +90,8 @@ def extract_images(
     from phrasefuse.extract.jobs import extract_images as run
 
     summary = run(manifest, out, model=model, batch_size=batch_size, workers=workers, device=device.value,
-                  limit=limit, shard_size=shard_size, dtype=dtype.value)
+                  limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
+                  engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 
 
@@ -83,6 +106,9 @@ def extract_texts(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows of the manifest."),
     shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Stored float type."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Embed the text column --col of MANIFEST into the store --out.
@@ -93,7 +119,8 @@ def extract_texts(
     from phrasefuse.extract.jobs import extract_texts as run
 
     summary = run(manifest, col, out, model=model, batch_size=batch_size, device=device.value, limit=limit,
-                  shard_size=shard_size, dtype=dtype.value)
+                  shard_size=shard_size, dtype=dtype.value, engine=engine.value,
+                  ray=_ray_options(engine, ray_address, ray_actors))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 
 
@@ -170,6 +197,8 @@ def fuse_ablate(
     seed: int = typer.Option(0, "--seed", help="First seed."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
     multilabel: bool = typer.Option(False, "--multilabel", help="Multi-label heads."),
+    row: Optional[list[str]] = typer.Option(None, "--row", metavar="A+B", help="A table row: feature names joined by + (repeatable); default: image, each text, all text, image + each text, all."),
+    with_full: bool = typer.Option(False, "--with-full", help="With --shots, also the full-data table."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for ablation.md and ablation.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -183,8 +212,9 @@ def fuse_ablate(
                 ks.append(int(part))
             except ValueError:
                 raise BadInput(f"--shots {value}: expected whole numbers (e.g. --shots 1 --shots 5, or 1,5)") from None
+    rows = [r.split("+") for r in row] if row else None
     report = ablate(manifest, feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
-                    multilabel=multilabel, out=out)
+                    multilabel=multilabel, out=out, rows=rows, full=with_full or None)
     _print(report.as_dict() if as_json else ablation_text(report), as_json)
 
 
@@ -294,6 +324,9 @@ def phrases(
     device: Device = typer.Option(Device.auto, "--device"),
     shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Stored float type."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """For every image of --images: its top-k phrases and scores, and the mean of their text
@@ -303,7 +336,62 @@ def phrases(
     from phrasefuse.index.phrases import generate_phrases
 
     summary = generate_phrases(index, images, out, k=k, text_model=text_model, score_weighted=score_weighted,
-                               batch_size=batch_size, device=device.value, shard_size=shard_size, dtype=dtype.value)
+                               batch_size=batch_size, device=device.value, shard_size=shard_size, dtype=dtype.value,
+                               engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
+    _print(summary.as_dict() if as_json else summary.line(), as_json)
+
+
+# ---------------------------------------------------------------- interop (phrasefuse/interop.py)
+
+
+class ExportFormat(str, Enum):
+    npy = "npy"
+
+
+class Modality(str, Enum):
+    image = "image"
+    text = "text"
+
+
+@app.command("export")
+def export_store(
+    store: Path = typer.Argument(..., help="Embedding store folder."),
+    fmt: ExportFormat = typer.Option(ExportFormat.npy, "--format", help="npy: {img,text}_emb/*.npy (float16) + metadata/*.parquet."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (whole or not at all; an earlier export there is replaced)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Write STORE in the layout embedding readers and index builders read: one float16
+    img_emb_N.npy (text_emb_N.npy for text stores) and one metadata_N.parquet (id, key, ...,
+    same row order) per shard."""
+    from phrasefuse.interop import export_npy
+
+    summary = export_npy(store, out)
+    _print(summary.as_dict() if as_json else summary.line(), as_json)
+
+
+@app.command("import")
+def import_store(
+    folder: Path = typer.Argument(..., help="Folder with img_emb/ (or text_emb/) *_N.npy and metadata/metadata_N.parquet."),
+    out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed: ids already there are skipped)."),
+    like: Optional[Path] = typer.Option(None, "--like", help="Encoder identity: the same as this existing store's."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder identity: this phrasefuse spec (loaded once to checksum its weights)."),
+    encoder_name: Optional[str] = typer.Option(None, "--encoder-name", help="Encoder identity by hand: model name (with --weights-sha256)."),
+    encoder_family: Optional[str] = typer.Option(None, "--encoder-family", help="With --encoder-name: family (default 'external')."),
+    weights_sha256: Optional[str] = typer.Option(None, "--weights-sha256", help="With --encoder-name: the weights' checksum (or a tag that tells them apart)."),
+    modality: Optional[Modality] = typer.Option(None, "--modality", help="image or text (default: from img_emb/ or text_emb/)."),
+    id_col: str = typer.Option("id", "--id-col", help="Metadata column holding the row ids."),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="Stored float type (default: float16 for float16 arrays, else float32)."),
+    shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Turn embeddings computed elsewhere (.npy + metadata Parquet) into a store that 'index build'
+    and 'fuse' use without re-embedding. Without --like/--encoder/--encoder-name the identity is
+    read from FOLDER/meta.json (a 'phrasefuse export'). Vectors are L2-normalised on the way in."""
+    from phrasefuse.interop import import_npy
+
+    summary = import_npy(folder, out, modality=modality.value if modality else None, like=like, encoder=encoder,
+                         encoder_family=encoder_family, encoder_name=encoder_name, weights_sha256=weights_sha256,
+                         id_col=id_col, dtype=dtype.value if dtype else None, shard_size=shard_size)
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 
 
@@ -311,27 +399,67 @@ def phrases(
 def inspect(
     path: Path = typer.Argument(..., help="An embedding store (or, later, an index or a head)."),
     verify: bool = typer.Option(False, "--verify", help="Read every shard and check schema, NaN/zero vectors and duplicate ids."),
+    quarantine: bool = typer.Option(False, "--quarantine", help="With --verify (implied): move bad shards to STORE/quarantine/ so that re-running the job re-embeds their rows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Show what PATH holds: its meta, row count and error count."""
     from phrasefuse.inspect import describe
 
-    report = describe(path, verify=verify)
+    report = describe(path, verify=verify, quarantine=quarantine)
     _print(report.as_dict() if as_json else report.text(), as_json)
     if report.problems:
         raise BadInput(f"{path}: {len(report.problems)} problem(s) found, first: {report.problems[0]}")
 
 
+@app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="TOML file describing the pipeline (see manifests/example.toml)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (the stages) instead of text."),
+) -> None:
+    """Run every stage a config describes, into its work folder; stages already done for the same
+    inputs and settings are skipped. Writes WORK/report.html."""
+    from phrasefuse.run.pipeline import run_config
+
+    _print_stages(run_config(config, progress=False if as_json else None), as_json)
+
+
 @app.command("demo")
 def demo(
-    work: Path = typer.Option(Path("work/demo"), "--work", help="Folder for the generated dataset and the stores."),
-    n: int = typer.Option(200, "--n", help="Images to generate."),
+    work: Path = typer.Option(Path("work/demo"), "--work", help="Folder for the generated dataset, stores, heads and report."),
+    n: int = typer.Option(1000, "--n", help="Labelled images to generate (at least 500)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (the stages) instead of text."),
 ) -> None:
-    """Generate a small labelled dataset and run the pipeline on it with the built-in offline encoders."""
+    """Generate a labelled dataset with look-alike classes, noisy metadata and a query corpus; run the
+    pipeline on it with the built-in offline encoders; print the ablation table; write the report."""
     from phrasefuse.demo import run_demo
 
-    for line in run_demo(work, n=n):
-        typer.echo(line)
+    _print_stages(run_demo(work, n=n, progress=False if as_json else None), as_json)
+
+
+def _print_stages(results, as_json: bool) -> None:
+    """Each stage's line as it completes, then the ablation table and the report's path."""
+    from phrasefuse.run.pipeline import StageResult
+
+    stages, work = [], None
+    for result in results:
+        if not isinstance(result, StageResult):  # a line about the data (demo)
+            if not as_json:
+                typer.echo(result)
+            continue
+        stages.append(result.as_dict())
+        if not as_json:
+            typer.echo(result.text())
+        if result.stage == "report" and result.summary.get("files"):
+            work = Path(result.summary["files"][0]).parent
+    table = work / "ablation" / "ablation.md" if work else None
+    if as_json:
+        _print({"stages": stages, "work": str(work) if work else None,
+                "report": str(work / "report.html") if work else None}, True)
+        return
+    if table is not None and table.is_file():
+        typer.echo("\n" + table.read_text(encoding="utf-8"))
+    if work is not None:
+        typer.echo(f"report: {work / 'report.html'}")
 
 
 def _print(obj, as_json: bool) -> None:
@@ -356,20 +484,32 @@ def _usage_line(e: Exception) -> str:
     return f"phrasefuse: error: {e.format_message().rstrip('.')}{where}"
 
 
-def _terminate(signum, frame):  # SIGTERM stops like Ctrl-C: finished shards are kept
-    raise KeyboardInterrupt
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Raised instead of KeyboardInterrupt, which Typer turns into a bare return
+    value (losing what the job kept); a BaseException, so no `except Exception` swallows it."""
+
+
+def _interrupt(signum, frame):  # SIGTERM stops like Ctrl-C: finished shards are kept
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 done, 2 bad usage or input (one line on stderr), 1 anything else."""
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT stays ignored
+        signal.signal(signal.SIGINT, _interrupt)
     try:
-        app(args=argv, prog_name="phrasefuse", standalone_mode=False)
+        status = app(args=argv, prog_name="phrasefuse", standalone_mode=False)
+        if isinstance(status, int) and status == 130:  # a KeyboardInterrupt Typer caught itself
+            raise Interrupted("SIGINT")
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except BadInput as e:
         print(f"phrasefuse: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, *ABORTS):
-        print(INTERRUPTED, file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt, *ABORTS) as e:
+        kept = [n for x in (e, e.__cause__, e.__context__) if x is not None for n in getattr(x, "__notes__", [])]
+        print(INTERRUPTED + (f" ({'; '.join(dict.fromkeys(kept))})" if kept else ""), file=sys.stderr)
         sys.exit(130)
     except USAGE_ERRORS as e:
         print(_usage_line(e), file=sys.stderr)

@@ -1,4 +1,8 @@
-"""`phrasefuse inspect PATH`: what a store (or, later, an index or a head) holds."""
+"""`phrasefuse inspect PATH`: what a store (or, later, an index or a head) holds.
+
+`--verify` reads every shard; `--quarantine` also moves the bad ones aside (store.py,
+`quarantine_bad_files`) so that re-running the job re-embeds just their rows.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import EmbeddingStore, describe_encoder, verify_store
+from phrasefuse.store import EmbeddingStore, describe_encoder, quarantine_bad_files, verify_store
 
 
 @dataclass
@@ -17,10 +21,12 @@ class Report:
     fields: dict
     problems: list[str] = field(default_factory=list)
     verified: bool = False
+    quarantined: list[dict] = field(default_factory=list)  # files moved to STORE/quarantine/ now
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path, **self.fields,
-                **({"verified": True, "problems": self.problems} if self.verified else {})}
+                **({"verified": True, "problems": self.problems} if self.verified else {}),
+                **({"quarantined": self.quarantined} if self.quarantined else {})}
 
     def text(self) -> str:
         width = max(len(k) for k in self.fields)
@@ -28,11 +34,24 @@ class Report:
         if self.verified:
             lines.append(f"  {'verify'.ljust(width)}  " + ("ok" if not self.problems else f"{len(self.problems)} problem(s)"))
             lines += [f"    - {p}" for p in self.problems]
+        for q in self.quarantined:
+            rows = f"{q['rows']} rows" if q["rows"] is not None else "rows unknown"
+            lines.append(f"  quarantined {q['file']} ({rows}) -> {q['moved_to']}: {'; '.join(q['problems'])}")
+        if self.quarantined:
+            lines.append("  re-run the command that wrote this store to redo the quarantined rows")
         return "\n".join(lines)
 
 
-def describe(path: str | os.PathLike, verify: bool = False) -> Report:
+def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = False) -> Report:
     path = Path(path)
+    if quarantine:
+        store = EmbeddingStore(path)
+        if not store.exists():
+            raise BadInput(f"{path}: --quarantine applies to embedding stores (no store meta.json here)")
+        moved = quarantine_bad_files(store)
+        report = describe(path, verify=True)  # what is left after the move: should verify clean
+        report.quarantined = moved
+        return report
     from phrasefuse.fuse.artifact import describe_head, is_head  # a head folder (fuse train)
 
     if is_head(path):
@@ -57,7 +76,7 @@ def describe(path: str | os.PathLike, verify: bool = False) -> Report:
         "dtype": meta["dtype"],
         "normalized": meta.get("normalized"),
         "source": ", ".join(f"{k}={v}" for k, v in meta.get("source", {}).items()),
-        "rows": store.num_rows(),
+        "rows": _rows(store),
         "shards": len(store.shard_paths()),
         "errors": errors.num_rows if not reasons else f"{errors.num_rows} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})",
         "created": meta.get("created"),
@@ -67,3 +86,14 @@ def describe(path: str | os.PathLike, verify: bool = False) -> Report:
         report.verified = True
         report.problems = verify_store(store)
     return report
+
+
+def _rows(store: EmbeddingStore) -> int | str:
+    """Rows from the shard footers; unreadable shards are counted apart (--verify names them)."""
+    rows, unreadable = 0, 0
+    for shard in store.shard_paths():
+        try:
+            rows += store.shard_rows(shard)
+        except BadInput:
+            unreadable += 1
+    return rows if not unreadable else f"{rows} (+ {unreadable} unreadable shard(s))"

@@ -7,6 +7,8 @@ A store is a folder per feature (DESIGN.md, Data model)::
     STORE/part-00001.parquet     ... plus any extra columns a stage adds (e.g. phrases, scores)
     STORE/errors.parquet         id, reason: rows that could not be embedded (retried on the next run)
     STORE/.lock                  flock'ed by the one job writing the store
+    STORE/quarantine/            shards `inspect --verify --quarantine` moved aside (quarantine.json says why);
+                                 readers never look there, so a re-run of the job re-embeds their rows
 
 Every file appears whole or not at all: it is written to a hidden temporary name,
 fsync'ed, then renamed (`write_atomic`). Each id is in at most one shard.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
@@ -42,11 +45,16 @@ FORMAT_VERSION = 1
 META = "meta.json"
 ERRORS = "errors.parquet"
 LOCK = ".lock"
+QUARANTINE = "quarantine"
+QUARANTINE_LOG = "quarantine.json"
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # Fields of meta["encoder"] that say which model made the vectors; "spec" is how the
 # user named it and may differ (another path to the same checkpoint).
 IDENTITY_FIELDS = ("family", "name", "weights_sha256", "dim")
+# Write failures that are the user's environment, not a bug: full disk, quota, file-size
+# limit, read-only or forbidden folder (BadInput, exit 2).
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 # ---------------------------------------------------------------- atomic files
@@ -65,8 +73,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            fix = ("free space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make the folder writable")
+            raise BadInput(f"{path}: cannot write ({os.strerror(e.errno)}); {fix} or choose another output folder, "
+                           f"then re-run (files already written are kept)") from None
         raise
     _fsync_dir(path.parent)
 
@@ -289,7 +302,14 @@ class EmbeddingStore:
 
     def num_rows(self) -> int:
         """Row count from the Parquet footers, without reading data."""
-        return sum(pq.read_metadata(p).num_rows for p in self.shard_paths())
+        return sum(self.shard_rows(p) for p in self.shard_paths())
+
+    def shard_rows(self, shard: Path) -> int:
+        try:
+            return pq.read_metadata(shard).num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(f"{shard}: unreadable shard ({str(e).splitlines()[0][:200]}); run 'phrasefuse inspect "
+                           f"--verify {self.path} --quarantine', then re-run the job") from None
 
     # -- reading
     def _check_schema(self, shard: Path, schema: pa.Schema) -> None:
@@ -314,12 +334,24 @@ class EmbeddingStore:
         self.meta  # fail early on a folder that is not a store
         columns = list(columns) if columns is not None else None
         for shard in self.shard_paths():
-            try:
-                self._check_schema(shard, pq.read_schema(shard))
-                table = pq.read_table(shard, columns=columns)
-            except (OSError, pa.ArrowException) as e:
-                raise BadInput(f"{shard}: unreadable shard ({e}); run 'phrasefuse inspect --verify {self.path}'") from None
-            yield table
+            yield self.read_shard(shard, columns)
+
+    def read_shard(self, shard: Path, columns: list[str] | None = None) -> pa.Table:
+        """One shard, checked: a truncated file, another schema, NaN/inf or zero embeddings are a
+        BadInput naming the shard (never silently wrong vectors)."""
+        fix = f"run 'phrasefuse inspect --verify {self.path} --quarantine', then re-run the job"
+        try:
+            self._check_schema(shard, pq.read_schema(shard))
+            table = pq.read_table(shard, columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(f"{shard}: unreadable shard ({str(e).splitlines()[0][:200]}); {fix}") from None
+        if "emb" in table.column_names:
+            emb = embeddings_to_numpy(table["emb"])
+            bad = ~np.isfinite(emb).all(axis=1) | ~emb.any(axis=1)
+            if bad.any():
+                first = f" (first id {table['id'][int(np.argmax(bad))]})" if "id" in table.column_names else ""
+                raise BadInput(f"{shard}: {int(bad.sum())} embeddings are NaN/inf or zero{first}; {fix}")
+        return table
 
     def empty_table(self, columns: Iterable[str] | None = None) -> pa.Table:
         schema = pa.schema([("id", pa.string()), ("key", pa.string()),
@@ -360,7 +392,7 @@ class EmbeddingStore:
         for shard in self.shard_paths():
             if len(remaining) == 0:
                 break
-            t = pq.read_table(shard, columns=["key", "emb"])
+            t = self.read_shard(shard, ["key", "emb"])
             t = t.filter(pc.is_in(t["key"], value_set=remaining))
             if t.num_rows:
                 # One row per key (the same content may be stored under several ids).
@@ -446,6 +478,10 @@ class StoreWriter:
                     self.flush()
                 except Exception:  # noqa: BLE001 - the original exception is the one to report
                     pass
+                if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: the CLI prints the note (what is kept)
+                    with contextlib.suppress(Exception):
+                        exc.add_note(f"{self.store.path}: {self.rows_written} rows written by this run, "
+                                     f"{self.store.num_rows()} rows in {len(self.store.shard_paths())} shards kept")
         finally:
             os.close(self._lock_fd)
 
@@ -508,7 +544,13 @@ class StoreWriter:
 
 
 def _acquire_lock(path: Path) -> int:
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise BadInput(f"{path}: cannot write to this store ({e.strerror}); make it writable or choose "
+                       f"another --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -516,8 +558,9 @@ def _acquire_lock(path: Path) -> int:
         os.close(fd)
         raise BadInput(f"{path}: another job (pid {holder}) is writing this store; wait for it to finish "
                        f"or write to another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with contextlib.suppress(OSError):  # the pid only names the holder in messages; a full disk may refuse it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
 
 
@@ -546,34 +589,104 @@ def verify_store(store: EmbeddingStore) -> list[str]:
     """Read every shard; return one line per problem (empty: the store is sound).
 
     Checks: readable Parquet, schema against meta.json, no NaN/inf, no zero
-    vectors, unit norms when the store says normalised, each id once.
+    vectors, unit norms when the store says normalised, each id once, a readable errors.parquet.
     """
-    problems: list[str] = []
-    seen: list[pa.Array] = []
+    return [f"{name}: {problem}" for name, problems in bad_files(store).items() for problem in problems]
+
+
+def bad_files(store: EmbeddingStore) -> dict[str, list[str]]:
+    """{file name: its problems} for the shards (and errors.parquet) that fail a check.
+
+    An id stored twice is a problem of the later shard; each shard is read once, one at a time.
+    """
+    problems: dict[str, list[str]] = {}
+    seen: list[pa.Array] = []  # ids of the earlier sound shards
     for shard in store.shard_paths():
         try:
             store._check_schema(shard, pq.read_schema(shard))
             table = pq.read_table(shard, columns=["id", "emb"])
         except (BadInput, OSError, pa.ArrowException) as e:
-            problems.append(f"{shard.name}: {str(e).splitlines()[0][:200]}")
+            problems[shard.name] = [str(e).splitlines()[0][:200]]
             continue
-        emb = embeddings_to_numpy(table["emb"]).astype(np.float32)
-        bad = ~np.isfinite(emb).all(axis=1)
-        norms = np.linalg.norm(np.nan_to_num(emb), axis=1)
-        if bad.any():
-            problems.append(f"{shard.name}: {int(bad.sum())} rows with NaN/inf (first id {table['id'][int(np.argmax(bad))]})")
-        zero = norms < 1e-6
-        if zero.any():
-            problems.append(f"{shard.name}: {int(zero.sum())} zero vectors (first id {table['id'][int(np.argmax(zero))]})")
-        tol = 1e-2 if store.dtype == "float16" else 1e-3
-        off = ~bad & ~zero & (np.abs(norms - 1) > tol)
-        if store.meta.get("normalized") and off.any():
-            problems.append(f"{shard.name}: {int(off.sum())} vectors not unit-norm although meta says normalized")
-        seen.append(table["id"].combine_chunks())
-    if seen:
-        ids = pa.concat_arrays(seen)
-        if len(pc.unique(ids)) != len(ids):
+        found = _vector_problems(store, table)
+        ids = table["id"].combine_chunks()
+        earlier = pa.concat_arrays(seen) if seen else pa.array([], pa.string())
+        repeated = pc.is_in(ids, value_set=earlier)
+        if len(pc.unique(ids)) != len(ids) or pc.any(repeated).as_py():
             counts = pc.value_counts(ids)
-            dup = counts.filter(pc.greater(counts.field("counts"), 1))
-            problems.append(f"{len(dup)} ids stored more than once (first: {dup[0]['values']})")
+            first = (ids.filter(repeated)[0] if pc.any(repeated).as_py()
+                     else counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"])
+            found.append(f"ids stored more than once (first: {first})")
+        if found:
+            problems[shard.name] = found
+        else:
+            seen.append(ids)
+    if store.errors_path.exists():
+        try:
+            errors = pq.read_table(store.errors_path)
+            if not {"id", "reason"} <= set(errors.column_names):
+                raise ValueError("no 'id' and 'reason' columns")
+        except (OSError, ValueError, pa.ArrowException) as e:
+            problems[store.errors_path.name] = [f"unreadable ({str(e).splitlines()[0][:200]})"]
     return problems
+
+
+def _vector_problems(store: EmbeddingStore, table: pa.Table) -> list[str]:
+    emb = embeddings_to_numpy(table["emb"]).astype(np.float32)
+    bad = ~np.isfinite(emb).all(axis=1)
+    norms = np.linalg.norm(np.nan_to_num(emb), axis=1)
+    found = []
+    if bad.any():
+        found.append(f"{int(bad.sum())} rows with NaN/inf (first id {table['id'][int(np.argmax(bad))]})")
+    zero = norms < 1e-6
+    if zero.any():
+        found.append(f"{int(zero.sum())} zero vectors (first id {table['id'][int(np.argmax(zero))]})")
+    tol = 1e-2 if store.dtype == "float16" else 1e-3
+    off = ~bad & ~zero & (np.abs(norms - 1) > tol)
+    if store.meta.get("normalized") and off.any():
+        found.append(f"{int(off.sum())} vectors not unit-norm although meta says normalized")
+    return found
+
+
+def quarantine_bad_files(store: EmbeddingStore) -> list[dict]:
+    """Move every shard (and errors.parquet) that fails `bad_files` into STORE/quarantine/.
+
+    Holds the store lock, so no job writes meanwhile. Each move is one rename (atomic); each
+    is recorded in STORE/quarantine.json. The moved shards' ids are then absent from the
+    store, so the next run of the job that made it embeds exactly those rows again (and
+    failed rows are retried anyway when errors.parquet is moved). Returns the new records.
+    """
+    store.meta  # refuse a folder that is not a store
+    lock_fd = _acquire_lock(store.path)
+    try:
+        bad = bad_files(store)
+        if not bad:
+            return []
+        folder = store.path / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        log_path = store.path / QUARANTINE_LOG
+        try:
+            log = json.loads(log_path.read_text(encoding="utf-8")).get("quarantined", [])
+        except (OSError, ValueError, AttributeError):
+            log = []
+        moved = []
+        for name, problems in bad.items():
+            source = store.path / name
+            dest = folder / name
+            n = 1
+            while dest.exists():  # the same shard number may go bad twice
+                dest, n = folder / f"{source.stem}.{n}{source.suffix}", n + 1
+            try:
+                rows = pq.read_metadata(source).num_rows
+            except (OSError, pa.ArrowException):
+                rows = None  # unreadable footer
+            os.rename(source, dest)
+            moved.append({"file": name, "moved_to": str(dest.relative_to(store.path)), "rows": rows,
+                          "problems": problems,
+                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        _fsync_dir(folder)
+        _fsync_dir(store.path)
+        write_json_atomic(log_path, {"quarantined": log + moved})
+        return moved
+    finally:
+        os.close(lock_fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,36 @@ def parse_spec(spec: str) -> Spec:
         name, _, weights = rest.partition("@")  # model names never hold "@"; checkpoint paths might
         weights = weights or None
     return Spec(family, name, weights, spec)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> None:
+    """Keep CPU inference's large activation buffers in the heap instead of fresh mmap'ed pages.
+
+    glibc serves allocations above its mmap threshold (at most 32 MB) with mmap and unmaps them
+    on free, so every batch page-faults (and the kernel zeroes) hundreds of MB again: measured
+    here, EfficientNet-Lite0 at batch 64 spent as much time in the kernel as in user space and
+    ran 2.3x slower (34 vs 81 images/s; peak RSS 1.7 -> 2.4 GB). Linux/glibc only; once per
+    process; an explicit MALLOC_MMAP_THRESHOLD_ in the environment wins.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _ALLOCATOR_TUNED = True
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, (1 << 31) - 1)  # (an int) freed heap above 2 GB still goes back to the system
+    mallopt(m_top_pad, 256 << 20)  # grow the heap in steps a batch's activations fit in
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -199,6 +230,8 @@ class TextEncoder:
 def load_image_encoder(spec: str = DEFAULT_IMAGE_MODEL, device: str = "auto") -> ImageEncoder:
     s = parse_spec(spec)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
     if s.family == "open_clip":
         model, arch, transform = _open_clip(s)
         size = _open_clip_image_size(model)
@@ -223,6 +256,8 @@ def load_image_encoder(spec: str = DEFAULT_IMAGE_MODEL, device: str = "auto") ->
 def load_text_encoder(spec: str = DEFAULT_TEXT_MODEL, device: str = "auto") -> TextEncoder:
     s = parse_spec(spec)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
     if s.family == "open_clip":
         import open_clip
 

@@ -3,8 +3,11 @@
 Each job is reader -> mapper -> writer:
   reader  the manifest rows not yet in the store (`pending_rows`), and, per row,
           its content key (sha256 of the image bytes / of the text);
-  mapper  the encoder, on batches (images decoded in DataLoader workers);
-  writer  `StoreWriter`: whole shards, errors.parquet, the store lock.
+  mapper  the encoder, on batches: with engine "local", images decoded in DataLoader
+          workers and the model in this process; with engine "ray", the same per-row work
+          and model in Ray actors (`phrasefuse.extract.ray_engine`), one per device;
+  writer  `StoreWriter`, in this process whatever the engine: whole shards, errors.parquet,
+          the store lock; so resume and embed-once behave the same on both engines.
 
 Embed once: an id already in the store is skipped; an item whose content key is
 already embedded (another id, an earlier manifest) is copied, not re-embedded.
@@ -16,8 +19,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +34,16 @@ from phrasefuse.manifests.tables import sql
 from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
 
 DEFAULT_SHARD_SIZE = 10_000
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide `--engine ray` runs: `address` None means $RAY_ADDRESS, else a new
+    local Ray; `actors` None means one model actor per GPU, else one per spare CPU."""
+
+    address: str | None = None
+    actors: int | None = None
 
 
 @dataclass
@@ -109,19 +123,35 @@ def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
 # ---------------------------------------------------------------- images
 
 
+@dataclass
+class ImageBatch:
+    """What a mapper (either engine) hands the writer for one batch of manifest rows."""
+
+    ids: list[str]  # rows run through the model...
+    keys: list[str]
+    emb: np.ndarray  # ...and their vectors (len(ids), dim)
+    known: list[tuple[str, str]] = field(default_factory=list)  # (id, key) whose key is embedded: copied later
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) + len(self.known) + len(self.errors)
+
+
 def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model: str = DEFAULT_IMAGE_MODEL,
                    batch_size: int = 64, workers: int | None = None, device: str = "auto",
                    limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
-                   progress: bool | None = None) -> ExtractSummary:
-    """Embed the `image` column of a manifest into the store `out`."""
-    import torch
-
+                   progress: bool | None = None, allow_outside_paths: bool = False, engine: str = "local",
+                   ray: RayOptions | None = None) -> ExtractSummary:
+    """Embed the `image` column of a manifest into the store `out`. Image paths that resolve
+    outside the manifest's folder are refused unless `allow_outside_paths`."""
     from phrasefuse.extract.encoders import load_image_encoder
-    from phrasefuse.extract.images import ImageRows, collate, worker_init
 
     _check_sizes(batch_size, shard_size, limit)
-    rows = read_manifest(manifest, require_image=True).head(limit)
-    encoder = load_image_encoder(model, device)
+    check_engine(engine, ray)
+    rows = read_manifest(manifest, require_image=True, allow_outside_paths=allow_outside_paths).head(limit)
+    # With Ray the model runs in the actors; this copy only names the encoder (its weights checksum).
+    encoder = load_image_encoder(model, "cpu" if engine == "ray" else device)
     meta = new_meta(modality="image", encoder=encoder.identity, dtype=dtype, preprocess=encoder.preprocess,
                     source={"manifest": str(manifest), "column": "image"})
     summary = ExtractSummary("images", str(out), rows=len(rows))
@@ -129,36 +159,58 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     with StoreWriter.open(out, meta, shard_size) as writer:
         todo, existing = pending_rows(rows, writer.store)
         summary.present = len(rows) - todo.num_rows
-        dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.transform,
-                            encoder.resize_shorter, frozenset(existing["key"].to_pylist()))
-        workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-            worker_init_fn=worker_init if workers else None, pin_memory=encoder.device.type == "cuda",
-            prefetch_factor=4 if workers else None, persistent_workers=False)
-        embedded_keys: set[str] = set()
+        if engine == "ray":
+            from phrasefuse.extract.ray_engine import embed_images
+
+            batches = embed_images(todo, existing["key"], model, encoder.identity, batch_size=batch_size,
+                                   device=device, options=ray or RayOptions())
+        else:
+            batches = _embed_images_local(todo, existing["key"], encoder, batch_size, workers)
         known: list[tuple[str, str]] = []
         with _progress(todo.num_rows, "images", progress) as advance:
-            for batch in loader:
-                known.extend(batch["known"])
-                if batch["errors"]:
-                    writer.add_errors(*zip(*batch["errors"]))
-                    summary.failed += len(batch["errors"])
-                if batch["pixels"] is not None:
-                    fresh = _first_of_each_key(batch["keys"], embedded_keys)
-                    known.extend((batch["ids"][i], batch["keys"][i]) for i in np.flatnonzero(~fresh))
-                    if fresh.any():
-                        pixels = batch["pixels"] if fresh.all() else batch["pixels"][torch.from_numpy(fresh)]
-                        ids = [i for i, f in zip(batch["ids"], fresh) if f]
-                        keys = [k for k, f in zip(batch["keys"], fresh) if f]
-                        writer.add(ids, keys, encoder.encode(pixels))
-                        embedded_keys.update(keys)
-                        summary.embedded += len(ids)
-                advance(len(batch["ids"]) + len(batch["known"]) + len(batch["errors"]))
+            for batch in batches:
+                known.extend(batch.known)
+                if batch.errors:
+                    writer.add_errors(*zip(*batch.errors))
+                    summary.failed += len(batch.errors)
+                if batch.ids:
+                    writer.add(batch.ids, batch.keys, batch.emb)
+                    summary.embedded += len(batch.ids)
+                advance(batch.rows)
         summary.reused = _copy_known(writer, known)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
+                        workers: int | None) -> Iterator[ImageBatch]:
+    """The local mapper: DataLoader workers read, hash and decode; the model runs here. An item
+    whose key was embedded earlier in this run (same bytes, another id) is not run again."""
+    import torch
+
+    from phrasefuse.extract.images import ImageRows, collate, worker_init
+
+    dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.transform,
+                        encoder.resize_shorter, frozenset(known_keys.to_pylist()))
+    workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+        worker_init_fn=worker_init if workers else None, pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False)
+    embedded_keys: set[str] = set()
+    for batch in loader:
+        out = ImageBatch([], [], np.zeros((0, encoder.dim), np.float32), batch["known"], batch["errors"])
+        if batch["pixels"] is not None:
+            fresh = _first_of_each_key(batch["keys"], embedded_keys)
+            out.known.extend((batch["ids"][i], batch["keys"][i]) for i in np.flatnonzero(~fresh))
+            if fresh.any():
+                pixels = batch["pixels"] if fresh.all() else batch["pixels"][torch.from_numpy(fresh)]
+                out.ids = [i for i, f in zip(batch["ids"], fresh) if f]
+                out.keys = [k for k, f in zip(batch["keys"], fresh) if f]
+                out.emb = encoder.encode(pixels)
+                embedded_keys.update(out.keys)
+        yield out
 
 
 def _first_of_each_key(keys: list[str], seen: set[str]) -> np.ndarray:
@@ -191,15 +243,16 @@ def text_column(manifest: Manifest, col: str) -> pa.Array:
 def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike, *,
                   model: str = DEFAULT_TEXT_MODEL, batch_size: int = 256, device: str = "auto",
                   limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
-                  progress: bool | None = None) -> ExtractSummary:
+                  progress: bool | None = None, engine: str = "local", ray: RayOptions | None = None) -> ExtractSummary:
     """Embed the text column `col` of a manifest into the store `out`. Each distinct
     text is embedded once; missing and empty texts go to errors.parquet."""
     from phrasefuse.extract.encoders import load_text_encoder
 
     _check_sizes(batch_size, shard_size, limit)
+    check_engine(engine, ray)
     rows = read_manifest(manifest).head(limit)
     texts = text_column(rows, col)  # refuses a missing column before loading a model
-    encoder = load_text_encoder(model, device)
+    encoder = load_text_encoder(model, "cpu" if engine == "ray" else device)
     meta = new_meta(modality="text", encoder=encoder.identity, dtype=dtype,
                     source={"manifest": str(manifest), "column": col})
     summary = ExtractSummary(f"texts ({col})", str(out), rows=len(rows))
@@ -224,20 +277,42 @@ def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike,
         reuse, todo = table.filter(known), table.filter(pc.invert(known))
         # One model call per distinct text; every row with that text gets its vector.
         unique = sql("SELECT key, any_value(text) AS text FROM t GROUP BY key", t=todo)
+        if engine == "ray":
+            from phrasefuse.extract.ray_engine import embed_texts
+
+            chunks = embed_texts(unique, model, encoder.identity, batch_size=batch_size, device=device,
+                                 options=ray or RayOptions())
+        else:
+            chunks = _embed_texts_local(unique, encoder, batch_size, shard_size)
         with _progress(unique.num_rows, f"texts ({col})", progress) as advance:
-            for start_row in range(0, unique.num_rows, shard_size):
-                chunk = unique.slice(start_row, shard_size)
-                emb = encoder.encode(chunk["text"].to_pylist(), batch_size=batch_size)
-                rows_of_chunk = todo.filter(pc.is_in(todo["key"], value_set=chunk["key"]))
-                where = pc.index_in(rows_of_chunk["key"], value_set=chunk["key"]).to_numpy()
+            for chunk_keys, emb in chunks:
+                rows_of_chunk = todo.filter(pc.is_in(todo["key"], value_set=chunk_keys))
+                where = pc.index_in(rows_of_chunk["key"], value_set=chunk_keys).to_numpy()
                 writer.add(rows_of_chunk["id"], rows_of_chunk["key"], emb[where])
-                summary.embedded += chunk.num_rows
-                summary.reused += rows_of_chunk.num_rows - chunk.num_rows
-                advance(chunk.num_rows)
+                summary.embedded += len(chunk_keys)
+                summary.reused += rows_of_chunk.num_rows - len(chunk_keys)
+                advance(len(chunk_keys))
         summary.reused += _copy_known(writer, list(zip(reuse["id"].to_pylist(), reuse["key"].to_pylist())))
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _embed_texts_local(unique: pa.Table, encoder, batch_size: int,
+                       chunk_rows: int) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """The local mapper: (keys, vectors) of the distinct texts, `chunk_rows` at a time."""
+    for start_row in range(0, unique.num_rows, chunk_rows):
+        chunk = unique.slice(start_row, chunk_rows)
+        yield chunk["key"].combine_chunks(), encoder.encode(chunk["text"].to_pylist(), batch_size=batch_size)
+
+
+def check_engine(engine: str, ray: RayOptions | None = None) -> None:
+    if engine not in ENGINES:
+        raise BadInput(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if engine == "ray":  # before the store is opened: Ray installed, the cluster reachable
+        from phrasefuse.extract.ray_engine import preflight
+
+        preflight(ray or RayOptions())
 
 
 def _check_sizes(batch_size: int, shard_size: int, limit: int | None) -> None:

@@ -8,6 +8,10 @@ Cleaning never crashes on bad rows; it counts them (`PairCounts`):
   - an image_id that is not in the image store is dropped, as is a pair of weight 0.
 What is wrong with the table itself (missing columns, a weight that is not a number >= 0)
 is a BadInput naming the file and row.
+
+The table is streamed in batches (manifests.tables.iter_batches) and only the distinct
+pairs are kept, so millions of duplicate rows, or a table larger than memory, cost memory
+in proportion to the distinct pairs, not to the rows.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests import read_table
-from phrasefuse.manifests.tables import where
+from phrasefuse.manifests.tables import BATCH_ROWS, iter_batches, table_columns, where
 
 REQUIRED = ("query", "image_id")
 WEIGHT = "weight"
@@ -70,51 +73,90 @@ def normalize_phrases(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: bool = True) -> Pairs:
     """Read the pairs table(s) `pattern` and keep the pairs whose image is in the store."""
-    table = read_table(pattern, what="pairs table")
-    columns = [c for c in table.column_names if not c.startswith("_")]
+    columns = [c for c in table_columns(pattern, what="pairs table") if not c.startswith("_")]
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise BadInput(f"{pattern}: pairs table has no column {', '.join(repr(c) for c in missing)} "
                        f"(columns: {', '.join(columns) or 'none'}); it needs 'query' and 'image_id' (optional 'weight')")
-    phrase = normalize_phrases(_as_text(table, "query", pattern))
-    image_id = pc.utf8_trim_whitespace(_as_text(table, "image_id", pattern).fill_null(""))
     weighted = use_weights and WEIGHT in columns
-    weight = _weights(table, pattern) if weighted else np.ones(table.num_rows)
+    counts = PairCounts()
+    named = 0  # rows with a phrase and an image_id
+    first = _FirstOfEachPair()
+    for batch in iter_batches(pattern, what="pairs table"):
+        n = batch.num_rows
+        phrase = normalize_phrases(_as_text(batch, "query", pattern))
+        image_id = pc.utf8_trim_whitespace(_as_text(batch, "image_id", pattern).fill_null(""))
+        weight = _weights(batch, pattern) if weighted else np.ones(n)
+        empty = pc.equal(phrase, "").to_numpy(zero_copy_only=False)
+        no_id = ~empty & pc.equal(image_id, "").to_numpy(zero_copy_only=False)
+        counts.empty_phrase += int(empty.sum())
+        counts.no_image_id += int(no_id.sum())
+        named += int((~empty & ~no_id).sum())
+        # Rows without an image_id stay (as image_id "") so that their phrase is known.
+        keep = pa.array(~empty)
+        first.add(pa.table({"phrase": phrase.filter(keep), "image_id": image_id.filter(keep),
+                            "weight": pa.array(weight[~empty], pa.float64())}))
+        counts.pairs_read += n
+    distinct = first.result()
 
-    counts = PairCounts(pairs_read=table.num_rows)
-    empty = pc.equal(phrase, "").to_numpy(zero_copy_only=False)
-    no_id = ~empty & pc.equal(image_id, "").to_numpy(zero_copy_only=False)
-    counts.empty_phrase, counts.no_image_id = int(empty.sum()), int(no_id.sum())
-
-    # First occurrence of each (phrase, image_id) among the rows that name one.
-    candidates = np.flatnonzero(~empty & ~no_id)
-    keyed = pa.table({"phrase": phrase.take(candidates), "image_id": image_id.take(candidates),
-                      "pos": pa.array(candidates, pa.int64())})
-    first = keyed.group_by(["phrase", "image_id"], use_threads=False).aggregate([("pos", "min")])
-    kept = np.sort(first["pos_min"].to_numpy())
-    counts.duplicate = len(candidates) - len(kept)
-
-    found = pc.index_in(image_id.take(kept), value_set=store_ids)
+    phrases = pc.unique(distinct["phrase"])
+    phrases = phrases.take(pc.sort_indices(phrases))
+    pairs = distinct.filter(pc.not_equal(distinct["image_id"], ""))  # in order of first occurrence
+    counts.duplicate = named - pairs.num_rows
+    found = pc.index_in(pairs["image_id"], value_set=store_ids)
     present = found.is_valid().to_numpy(zero_copy_only=False)
     counts.missing_id = int((~present).sum())
-    missing_example = image_id[int(kept[np.argmax(~present)])].as_py() if counts.missing_id else None
-    positive = weight[kept] > 0
+    missing_example = pairs["image_id"][int(np.argmax(~present))].as_py() if counts.missing_id else None
+    weight = pairs["weight"].to_numpy()
+    positive = weight > 0
     counts.zero_weight = int((present & ~positive).sum())
     usable = present & positive
     counts.pairs_used = int(usable.sum())
-
-    phrases = pc.unique(phrase.filter(pa.array(~empty)))
-    phrases = phrases.take(pc.sort_indices(phrases))
-    rows = kept[usable]
+    used = pairs.filter(pa.array(usable))
     return Pairs(
         phrases=phrases,
-        phrase=pc.index_in(phrase.take(rows), value_set=phrases).to_numpy().astype(np.int64),
+        phrase=pc.index_in(used["phrase"], value_set=phrases).to_numpy().astype(np.int64),
         image_row=found.filter(pa.array(usable)).to_numpy().astype(np.int64),
-        weight=weight[rows].astype(np.float32),
+        weight=weight[usable].astype(np.float32),
         counts=counts,
         weighted=weighted,
         missing_example=missing_example,
     )
+
+
+class _FirstOfEachPair:
+    """The first row of each distinct (phrase, image_id), over batches added in row order.
+
+    Batches are collapsed when what is held outgrows twice the distinct pairs found so far,
+    so memory follows the distinct pairs (not the rows) and the cost stays linear.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[pa.Table] = []
+        self._held = 0
+        self._distinct = 0
+
+    def add(self, rows: pa.Table) -> None:
+        self._parts.append(rows)
+        self._held += rows.num_rows
+        if self._held > max(2 * self._distinct, BATCH_ROWS):
+            self._collapse()
+
+    def _collapse(self) -> None:
+        if not self._parts:
+            return
+        rows = pa.concat_tables(self._parts)
+        # use_threads=False keeps row order, so "first" is the earliest row (its weight wins).
+        first = rows.group_by(["phrase", "image_id"], use_threads=False).aggregate([("weight", "first")])
+        first = pa.table({"phrase": first["phrase"], "image_id": first["image_id"], "weight": first["weight_first"]})
+        self._parts, self._held, self._distinct = [first], first.num_rows, first.num_rows
+
+    def result(self) -> pa.Table:
+        self._collapse()
+        if not self._parts:
+            return pa.table({"phrase": pa.array([], pa.string()), "image_id": pa.array([], pa.string()),
+                             "weight": pa.array([], pa.float64())})
+        return self._parts[0]
 
 
 def _as_text(table: pa.Table, name: str, pattern) -> pa.Array:

@@ -6,6 +6,10 @@ mapper  batched FAISS search -> top-k phrases and cosine scores; each distinct p
         feature is the re-normalised mean of the k phrase embeddings (optionally score-weighted);
 writer  `StoreWriter`: an embedding store (modality text, column "phrases") whose shards also
         carry `phrases` (list<string>) and `scores` (list<float32>), so fuse reads it like any feature.
+
+With engine "ray" the mapper runs in Ray actors (`phrasefuse.extract.ray_engine.phrase_batches`:
+each loads the index and the text model, and embeds each phrase once per actor); the reader's
+filter and the writer stay the same.
 """
 
 from __future__ import annotations
@@ -73,8 +77,10 @@ def list_column(values: pa.Array, found: np.ndarray) -> pa.ListArray:
 def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
                      k: int = DEFAULT_PHRASES_K, text_model: str = DEFAULT_TEXT_MODEL, score_weighted: bool = False,
                      batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256, device: str = "auto",
-                     shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32") -> PhrasesSummary:
-    """Write the phrases store `out` for the images of store `images`, looked up in `index`."""
+                     shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32", engine: str = "local",
+                     ray=None) -> PhrasesSummary:
+    """Write the phrases store `out` for the images of store `images`, looked up in `index`.
+    `engine` "ray" runs the mapper on Ray (`ray`: a `phrasefuse.extract.jobs.RayOptions`)."""
     from phrasefuse.extract.encoders import load_text_encoder
 
     for flag, value in (("-k", k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
@@ -89,46 +95,73 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                 "index_encoder": encoder_identity(phrase_index.encoder), "k": k,
                 "weighting": "score" if score_weighted else "mean", "text_model": text_model}
     _check_resumable(EmbeddingStore(out), settings)
-    text_encoder = load_text_encoder(text_model, device)
+    from phrasefuse.extract.jobs import check_engine
+
+    check_engine(engine, ray)
+    # With Ray the text model runs in the actors; this copy only names the encoder.
+    text_encoder = load_text_encoder(text_model, "cpu" if engine == "ray" else device)
     meta = new_meta(modality="text", encoder=text_encoder.identity, dtype=dtype,
                     source={"manifest": store.meta.get("source", {}).get("manifest"), "images": str(images),
                             "column": "phrases"},
                     extra={"phrases": settings})
 
     phrases = phrase_index.phrases
-    # Filled lazily, each phrase once; np.zeros only touches the pages of phrases actually used.
-    phrase_emb = np.zeros((len(phrases), text_encoder.dim), np.float32)
-    embedded = np.zeros(len(phrases), bool)
     summary = PhrasesSummary(str(out), images=store.num_rows())
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
         done = writer.store.ids_and_keys()["id"]
-        for shard in store.iter_tables(["id", "key", "emb"]):
-            todo = shard.filter(pc.invert(pc.is_in(shard["id"], value_set=done)))
-            summary.present += shard.num_rows - todo.num_rows
-            for offset in range(0, todo.num_rows, batch_size):
-                batch = todo.slice(offset, batch_size)
-                scores, rows = phrase_index.search(embeddings_to_numpy(batch["emb"]).astype(np.float32), k)
-                needed = np.unique(rows[rows >= 0])
-                new = needed[~embedded[needed]]
-                if len(new):
-                    phrase_emb[new] = text_encoder.encode(phrases.take(pa.array(new)).to_pylist(), text_batch_size)
-                    embedded[new] = True
-                    summary.phrases_embedded += len(new)
-                features, found = phrase_features(rows, scores, phrase_emb, score_weighted)
-                ok = found.any(axis=1)
-                good = batch.filter(pa.array(ok))
-                writer.add(good["id"], good["key"], features[ok], extra={
-                    "phrases": list_column(phrases.take(pa.array(rows[ok][found[ok]])), found[ok]),
-                    "scores": list_column(pa.array(scores[ok][found[ok]], pa.float32()), found[ok]),
-                })
-                failed = batch.filter(pa.array(~ok))["id"].to_pylist()
-                writer.add_errors(failed, ["no phrase found: the index returned no neighbour"] * len(failed))
-                summary.written += int(ok.sum())
-                summary.failed += len(failed)
+        summary.present = int(pc.sum(pc.is_in(store.read_table(["id"])["id"], value_set=done)).as_py() or 0)
+        if engine == "ray":
+            from phrasefuse.extract.jobs import RayOptions
+            from phrasefuse.extract.ray_engine import phrase_batches
+
+            batches = phrase_batches(store, done, index, text_model, text_encoder.identity, k=k,
+                                     score_weighted=score_weighted, batch_size=batch_size,
+                                     text_batch_size=text_batch_size, device=device, options=ray or RayOptions())
+        else:
+            batches = _phrase_batches_local(store, done, phrase_index, text_encoder, k=k,
+                                            score_weighted=score_weighted, batch_size=batch_size,
+                                            text_batch_size=text_batch_size)
+        used = np.zeros(len(phrases), bool)  # phrases already counted (embedded once each)
+        for batch, features, rows, scores in batches:
+            found = rows >= 0
+            new = np.unique(rows[found])
+            summary.phrases_embedded += int((~used[new]).sum())
+            used[new] = True
+            ok = found.any(axis=1)
+            good = batch.filter(pa.array(ok))
+            writer.add(good["id"], good["key"], features[ok], extra={
+                "phrases": list_column(phrases.take(pa.array(rows[ok][found[ok]])), found[ok]),
+                "scores": list_column(pa.array(scores[ok][found[ok]], pa.float32()), found[ok]),
+            })
+            failed = batch.filter(pa.array(~ok))["id"].to_pylist()
+            writer.add_errors(failed, ["no phrase found: the index returned no neighbour"] * len(failed))
+            summary.written += int(ok.sum())
+            summary.failed += len(failed)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _phrase_batches_local(store: EmbeddingStore, done: pa.ChunkedArray, phrase_index: PhraseIndex, text_encoder, *,
+                          k: int, score_weighted: bool, batch_size: int, text_batch_size: int):
+    """The local mapper: per batch of pending images, (id/key table, features, phrase rows, scores)."""
+    phrases = phrase_index.phrases
+    # Filled lazily, each phrase once; np.zeros only touches the pages of phrases actually used.
+    phrase_emb = np.zeros((len(phrases), text_encoder.dim), np.float32)
+    embedded = np.zeros(len(phrases), bool)
+    for shard in store.iter_tables(["id", "key", "emb"]):
+        todo = shard.filter(pc.invert(pc.is_in(shard["id"], value_set=done)))
+        for offset in range(0, todo.num_rows, batch_size):
+            batch = todo.slice(offset, batch_size)
+            scores, rows = phrase_index.search(embeddings_to_numpy(batch["emb"]).astype(np.float32), k)
+            needed = np.unique(rows[rows >= 0])
+            new = needed[~embedded[needed]]
+            if len(new):
+                phrase_emb[new] = text_encoder.encode(phrases.take(pa.array(new)).to_pylist(), text_batch_size)
+                embedded[new] = True
+            features, _ = phrase_features(rows, scores, phrase_emb, score_weighted)
+            yield batch.select(["id", "key"]), features, rows, scores
 
 
 def _check_resumable(out: EmbeddingStore, settings: dict) -> None:

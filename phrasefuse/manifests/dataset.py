@@ -6,7 +6,12 @@ relative to the manifest file's folder unless absolute), text columns, `label`
 `split` (train/val/test; missing or null: assigned by a hash of `id`).
 
 Validation refuses the whole manifest before any work, naming file, row and
-column. Per-row problems that only show when the row is used (a missing image
+column. A manifest whose images will be opened (`require_image`) must keep them
+inside its own folder: a path that resolves elsewhere (`../`, an absolute path
+elsewhere, a symlink pointing out) is refused unless `allow_outside_paths` (the
+CLI's `--allow-outside-paths`), so a manifest from elsewhere cannot make a job read
+arbitrary files. Absolute paths are judged like relative ones: fine when they
+resolve inside the manifest's folder. Per-row problems that only show when the row is used (a missing image
 file, an empty text) are not manifest errors: the jobs record them in the
 store's errors.parquet and go on.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -56,15 +62,19 @@ class Manifest:
         return self if limit is None else Manifest(self.source, self.table.slice(0, max(0, limit)))
 
 
-def read_manifest(pattern: str | os.PathLike, *, require_image: bool = False) -> Manifest:
-    """Read and validate a dataset manifest; raises BadInput naming file, row and column."""
+def read_manifest(pattern: str | os.PathLike, *, require_image: bool = False,
+                  allow_outside_paths: bool = False) -> Manifest:
+    """Read and validate a dataset manifest; raises BadInput naming file, row and column.
+
+    With `require_image` (the images will be read), image paths must resolve inside the folder
+    of their manifest file unless `allow_outside_paths`."""
     table = read_table(pattern, what="manifest")
     source = str(pattern)
     if table.num_rows == 0:
         raise BadInput(f"{source}: the manifest has no rows; add rows with at least an 'id' column")
     table = _validate_ids(source, table)
     if "image" in table.column_names:
-        table = _resolve_images(source, table)
+        table = _resolve_images(source, table, confine=require_image and not allow_outside_paths)
     elif require_image:
         raise BadInput(f"{source}: no 'image' column (columns: {_user_columns(table)}); add a column of image paths")
     for name in ("label", "labels"):
@@ -117,7 +127,7 @@ def _validate_ids(source: str, table: pa.Table) -> pa.Table:
     return table
 
 
-def _resolve_images(source: str, table: pa.Table) -> pa.Table:
+def _resolve_images(source: str, table: pa.Table, confine: bool = False) -> pa.Table:
     image = table["image"]
     if pa.types.is_null(image.type):
         image = pc.cast(image, pa.string())
@@ -129,7 +139,39 @@ def _resolve_images(source: str, table: pa.Table) -> pa.Table:
     folders = pa.array([os.path.join(os.path.abspath(os.path.dirname(f)), "") for f in files.to_pylist()])
     folder = pc.take(folders, pc.index_in(table[FILE_COL], value_set=files))
     resolved = pc.if_else(pc.starts_with(image, "/"), image, pc.binary_join_element_wise(folder, image, ""))
+    if confine:
+        _refuse_outside_paths(table, image.combine_chunks(), resolved.combine_chunks())
     return table.set_column(table.column_names.index("image"), "image", resolved)
+
+
+def _refuse_outside_paths(table: pa.Table, image: pa.Array, resolved: pa.Array) -> None:
+    """BadInput naming the first row whose image resolves (.., symlinks) outside its manifest's folder."""
+    # Folders are few: resolve each distinct (manifest file, image folder) once, then map back.
+    folder = pc.replace_substring_regex(resolved, pattern=r"/[^/]*$", replacement="/").fill_null("/")
+    key = pc.binary_join_element_wise(table[FILE_COL].combine_chunks(), folder, "\0")
+    distinct = pc.unique(key)
+    roots = {}
+    inside = []
+    for k in distinct.to_pylist():
+        file, image_folder = k.split("\0", 1)
+        root = roots.setdefault(file, os.path.realpath(os.path.dirname(os.path.abspath(file))))
+        inside.append(_inside(os.path.realpath(image_folder), root))
+    ok = np.asarray(inside, dtype=bool)[pc.index_in(key, value_set=distinct).to_numpy()]
+    # A file that is itself a symlink may point anywhere: one lstat per row (the job opens it anyway).
+    present = pc.is_valid(resolved).to_numpy(zero_copy_only=False)
+    paths, files = resolved.to_pylist(), table[FILE_COL].to_pylist()
+    for i in np.flatnonzero(ok & present):
+        if os.path.islink(paths[i]):
+            ok[i] = _inside(os.path.realpath(paths[i]), roots[files[i]])
+    bad = ~ok & present  # rows without a path are row errors when the image is read
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise BadInput(f"{where(table, i)}: image '{image[i].as_py()}' resolves outside the manifest's folder "
+                       f"{roots[files[i]]}; move it inside, or pass --allow-outside-paths if you trust this manifest")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _validate_labels(source: str, table: pa.Table, name: str) -> pa.Table:

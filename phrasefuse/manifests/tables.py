@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from phrasefuse.errors import BadInput
@@ -26,6 +28,7 @@ READERS = {
     ".json": "read_json($path, format='auto')",
 }
 FILE_COL, ROW_COL = "_file", "_row"
+BATCH_ROWS = 250_000  # rows per batch when a table is streamed (iter_batches)
 
 
 def expand(pattern: str | os.PathLike) -> list[Path]:
@@ -50,15 +53,12 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
     """
     tables = []
     for path in expand(pattern):
-        reader = READERS.get(path.suffix.lower())
-        if reader is None:
-            raise BadInput(f"{path}: unknown {what} format '{path.suffix}'; use .parquet, .csv, .tsv, .jsonl or .json")
+        reader = _reader(path, what)
         con = duckdb.connect()
         try:
             table = con.sql(f"SELECT * FROM {reader}", params={"path": str(path)}).to_arrow_table()
         except duckdb.Error as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInput(f"{path}: cannot read as {what} ({first}); fix the file or its extension") from None
+            raise _cannot_read(path, what, e) from None
         finally:
             con.close()
         n = table.num_rows
@@ -70,6 +70,59 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
     except pa.ArrowException as e:
         names = ", ".join(str(t[FILE_COL][0]) for t in tables if t.num_rows)
         raise BadInput(f"{pattern}: files disagree on column types ({e}); files: {names}") from None
+
+
+def _reader(path: Path, what: str) -> str:
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise BadInput(f"{path}: unknown {what} format '{path.suffix}'; use .parquet, .csv, .tsv, .jsonl or .json")
+    return reader
+
+
+def _cannot_read(path: Path, what: str, e: Exception) -> BadInput:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BadInput(f"{path}: cannot read as {what} ({first}); fix the file or its extension")
+
+
+def table_columns(pattern: str | os.PathLike, what: str = "table") -> list[str]:
+    """The union of the column names of the files of `pattern` (no data read)."""
+    names: dict[str, None] = {}
+    for path in expand(pattern):
+        con = duckdb.connect()
+        try:
+            names.update(dict.fromkeys(con.sql(f"SELECT * FROM {_reader(path, what)}",
+                                               params={"path": str(path)}).columns))
+        except duckdb.Error as e:
+            raise _cannot_read(path, what, e) from None
+        finally:
+            con.close()
+    return list(names)
+
+
+def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """The rows of `pattern` as Arrow tables of at most `batch_rows` rows, with `_file` and `_row`,
+    streamed from DuckDB: a table larger than memory is never loaded whole. A batch holds only the
+    columns its file has (files may differ)."""
+    for path in expand(pattern):
+        con = duckdb.connect()
+        try:
+            stream = con.sql(f"SELECT * FROM {_reader(path, what)}", params={"path": str(path)}).to_arrow_reader(batch_rows)
+            row = 0
+            while True:
+                try:
+                    batch = stream.read_next_batch()
+                except StopIteration:
+                    break
+                n = batch.num_rows
+                table = pa.Table.from_batches([batch])
+                table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(path)))
+                table = table.append_column(ROW_COL, pa.array(np.arange(row + 1, row + n + 1), pa.int64()))
+                row += n
+                yield table
+        except (duckdb.Error, pa.ArrowException) as e:
+            raise _cannot_read(path, what, e) from None
+        finally:
+            con.close()
 
 
 def sql(query: str, **tables: pa.Table | pa.Array) -> pa.Table:

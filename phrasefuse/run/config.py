@@ -29,6 +29,7 @@ class Data:
     multilabel: bool = False
     text_columns: list[str] = field(default_factory=list)
     label_descriptions: Path | None = None
+    allow_outside_paths: bool = False
 
 
 @dataclass
@@ -119,13 +120,15 @@ def parse_config(raw: dict, path: Path) -> Config:
     work = base / c.get(raw, "work", str, "work")
 
     data_raw = c.table(raw, "data", required=True)
-    c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions"})
+    c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions",
+                               "allow_outside_paths"})
     text_columns = c.get(data_raw, "text_columns", list, [], item=str, where="data")
     data = Data(manifest=base / c.get(data_raw, "manifest", str, where="data"),
                 label_col=c.get(data_raw, "label_col", str, None, where="data"),
                 multilabel=c.get(data_raw, "multilabel", bool, False, where="data"),
                 text_columns=text_columns,
-                label_descriptions=_path(base, c.get(data_raw, "label_descriptions", str, None, where="data")))
+                label_descriptions=_path(base, c.get(data_raw, "label_descriptions", str, None, where="data")),
+                allow_outside_paths=c.get(data_raw, "allow_outside_paths", bool, False, where="data"))
     for name in text_columns:
         if name in (IMAGE, PHRASES) or not name.replace("_", "").replace("-", "").isalnum():
             c.fail("data.text_columns", f"{name!r} cannot name a feature; use a column name of letters, digits, "

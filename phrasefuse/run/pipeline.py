@@ -145,12 +145,26 @@ class RunState:
         last = self.stages.get(stage)
         current = output()
         if last and last.get("inputs") == digest and current is not None and last.get("output") == current:
-            return StageResult(stage, "skipped", "up to date (same inputs and settings)", last.get("summary", {}))
+            return StageResult(stage, "skipped", "up to date (same inputs and settings)",
+                               as_skipped(last.get("summary", {})))
         line, summary = job()
         self.stages[stage] = {"inputs": digest, "output": output(), "summary": summary,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
         return StageResult(stage, "ran", line, summary)
+
+
+def as_skipped(summary: dict) -> dict:
+    """What a skipped stage did this time: nothing embedded or written; the rows its last run
+    embedded or wrote are now rows already present."""
+    out = {**summary, "skipped": True}
+    for done, present in (("embedded", "present"), ("reused", "present"), ("written", "present"),
+                          ("phrases_embedded", None)):
+        if done in out:
+            if present:
+                out[present] = out.get(present, 0) + out[done]
+            out[done] = 0
+    return out
 
 
 # ---------------------------------------------------------------- the stages
@@ -242,9 +256,10 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
     enc = config.encoders
     image_job = lambda manifest, out: _summary(extract_images(  # noqa: E731
         manifest, out, model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
-        progress=progress))
+        progress=progress, allow_outside_paths=config.data.allow_outside_paths))
     out = layout.store(IMAGE)
-    yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image},
+    yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
+                                         "allow_outside_paths": config.data.allow_outside_paths},
                     lambda: folder_fingerprint(out), lambda: image_job(config.data.manifest, out))
     for col in config.data.text_columns:
         out_t = layout.store(col)

@@ -86,9 +86,12 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     ablation = json.loads((work / "ablation" / "ablation.json").read_text())
     assert [t["regime"] for t in ablation["tables"]] == ["full", "1-shot", "2-shot"]
 
-    # Same config again: every stage is skipped.
+    # Same config again: every stage is skipped, and the summaries say nothing was embedded.
     second = stages(run_cli("run", config, "--json"))
     assert all(s["status"] == "skipped" for s in second.values()), second
+    assert second["extract image"]["summary"]["embedded"] == 0
+    assert second["extract image"]["summary"]["present"] == 60
+    assert second["phrases"]["summary"]["written"] == 0
 
     # Only the head's kind changes: that head, the image-only baseline of the same kind and the
     # report re-run; nothing is re-embedded, the index and the ablation stay.
