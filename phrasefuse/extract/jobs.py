@@ -55,6 +55,7 @@ class ExtractSummary:
     reused: int = 0  # content already embedded under another id: copied
     present: int = 0  # id already in the store: skipped
     failed: int = 0  # in errors.parquet
+    no_text: int = 0  # of the failed: a missing or empty text (extract texts)
     seconds: float = 0.0
 
     @property
@@ -63,7 +64,10 @@ class ExtractSummary:
         return done / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        failed = f"{self.failed} failed" + (f" (see {self.store}/errors.parquet)" if self.failed else "")
+        broken = self.failed - self.no_text
+        failed = f"{broken} failed" + (f" (see {self.store}/errors.parquet)" if broken else "")
+        if self.no_text:
+            failed += f", {self.no_text} without text"
         return (f"extract {self.what}: {self.embedded} embedded, {self.reused} reused, {self.present} already in store, "
                 f"{failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
 
@@ -268,7 +272,7 @@ def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike,
         bad = table.filter(missing)
         writer.add_errors(bad["id"].to_pylist(),
                           ["missing text" if t is None else "empty text" for t in bad["text"].to_pylist()])
-        summary.failed = bad.num_rows
+        summary.failed = summary.no_text = bad.num_rows
         table = table.filter(pc.invert(missing))
         keys = sql("SELECT sha256(text) AS key FROM t", t=table)["key"]
         table = table.append_column("key", keys)
