@@ -199,6 +199,8 @@ def fuse_ablate(
     multilabel: bool = typer.Option(False, "--multilabel", help="Multi-label heads."),
     row: Optional[list[str]] = typer.Option(None, "--row", metavar="A+B", help="A table row: feature names joined by + (repeatable); default: image, each text, all text, image + each text, all."),
     with_full: bool = typer.Option(False, "--with-full", help="With --shots, also the full-data table."),
+    label_prior: Optional[str] = typer.Option(None, "--label-prior", metavar="NAME", help="A text feature (e.g. phrases) whose cosine to the label texts rows with 'label-prior' add (--row image+phrases+label-prior)."),
+    label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table with label, description: the label texts of --label-prior (default: the label names)."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for ablation.md and ablation.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -214,7 +216,8 @@ def fuse_ablate(
                 raise BadInput(f"--shots {value}: expected whole numbers (e.g. --shots 1 --shots 5, or 1,5)") from None
     rows = [r.split("+") for r in row] if row else None
     report = ablate(manifest, feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
-                    multilabel=multilabel, out=out, rows=rows, full=with_full or None)
+                    multilabel=multilabel, out=out, rows=rows, full=with_full or None, label_prior=label_prior,
+                    label_descriptions=label_descriptions)
     _print(report.as_dict() if as_json else ablation_text(report), as_json)
 
 

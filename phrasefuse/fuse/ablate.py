@@ -25,10 +25,14 @@ import numpy as np
 from phrasefuse.errors import BadInput
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.fuse.heads import head_params
+from phrasefuse.fuse.labeltext import apply_prior
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
 from phrasefuse.fuse.train import Prepared, evaluate_probs, fit_and_choose, prepare
 from phrasefuse.store import write_atomic, write_json_atomic
+
+LABEL_PRIOR = "label-prior"  # in a row: add the label prior of the --label-prior feature
+DEFAULT_PRIOR_WEIGHT = 10.0  # when nothing can be tuned (1 shot per class); fixed a priori, mid-grid
 
 
 def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -55,19 +59,57 @@ def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[st
     return out
 
 
-def named_subsets(rows: Sequence[Sequence[str]], names: Sequence[str], roles: Sequence[str]
-                  ) -> list[tuple[str, list[int]]]:
-    """Rows chosen by the caller (each a list of feature names) as (row label, block indices)."""
+def named_subsets(rows: Sequence[Sequence[str]], names: Sequence[str], roles: Sequence[str],
+                  prior: str | None = None) -> list[tuple[str, list[int]]]:
+    """Rows chosen by the caller (each a list of feature names, and LABEL_PRIOR for the label
+    prior of feature `prior`) as (row label, block indices)."""
     out = []
     for row in rows:
+        with_prior = LABEL_PRIOR in row
+        if with_prior and prior is None:
+            raise BadInput(f"ablation row {list(row)}: '{LABEL_PRIOR}' needs the label prior's feature "
+                           f"(--label-prior NAME, or label_prior in the config's [ablation])")
+        row = [n for n in row if n != LABEL_PRIOR]
         unknown = [n for n in row if n not in names]
         if unknown or not row:
             raise BadInput(f"ablation row {list(row)}: names no feature ({', '.join(unknown) or 'empty'}); "
                            f"features: {', '.join(names)}")
         which = sorted(names.index(n) for n in row)
         image_only = len(which) == 1 and roles[which[0]] == "image"
-        out.append((" + ".join(names[j] for j in which) + (" (image only)" if image_only else ""), which))
+        label = " + ".join(names[j] for j in which)
+        if with_prior:
+            out.append((f"{label} + label prior ({prior})", which))
+        else:
+            out.append((label + (" (image only)" if image_only else ""), which))
     return out
+
+
+def prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> np.ndarray:
+    """(n, C) cosine of feature `prior` to each label's embedded name or description."""
+    from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_texts, read_descriptions
+
+    names = [f.name for f in prep.features]
+    if prior not in names:
+        raise BadInput(f"--label-prior {prior}: not one of the features ({', '.join(names)})")
+    if prep.task.multilabel:
+        raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
+    j = names.index(prior)
+    descriptions = read_descriptions(label_descriptions) if label_descriptions else None
+    label_emb, _ = embed_for_store(label_texts(prep.task.vocab, descriptions, label_descriptions),
+                                   prep.features[j].store)
+    return cosine_scores(prep.blocks.arrays[j], prep.blocks.present[:, j], label_emb)
+
+
+def prior_weight(outcome, cos: np.ndarray, y: np.ndarray) -> float | None:
+    """The label prior's weight, chosen on the saved head's out-of-fold (or validation)
+    probabilities; None when nothing can be scored (1 shot): DEFAULT_PRIOR_WEIGHT is used."""
+    from phrasefuse.fuse.train import tune_prior_weight
+
+    trial = outcome.tuner.trial(outcome.saved_config) if outcome.tuner is not None else None
+    if trial is None or trial.probs is None:
+        return None
+    weight, _ = tune_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
+    return weight
 
 
 @dataclass
@@ -83,10 +125,14 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
            seeds: int = 3, seed: int = 0, label_col: str | None = None, multilabel: bool = False,
            out: str | os.PathLike | None = None, tune_rows: int | None = None,
            params: dict | None = None, rows: Sequence[Sequence[str]] | None = None,
-           shot_rows: Sequence[Sequence[str]] | None = None, full: bool | None = None) -> AblationReport:
+           shot_rows: Sequence[Sequence[str]] | None = None, full: bool | None = None,
+           label_prior: str | None = None, label_descriptions: str | None = None) -> AblationReport:
     """The ablation table. `rows` (lists of feature names) replaces the default feature
     subsets of the full-data table, `shot_rows` those of the K-shot tables (default: `rows`).
-    `full`: also the full-data table when `shots` are given (default: only without shots)."""
+    `full`: also the full-data table when `shots` are given (default: only without shots).
+    `label_prior`: a text feature whose cosine to the label names (or `label_descriptions`) is
+    added to the head's log-probabilities in rows that list LABEL_PRIOR, with its weight chosen
+    like the text trust (validation, or cross-validation within the shots)."""
     start = time.perf_counter()
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
@@ -101,8 +147,10 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     task, y, split_rows = prep.task, prep.labels.y, prep.rows
     hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
     names = [f.name for f in prep.features]
-    default_subsets = named_subsets(rows, names, prep.roles) if rows else feature_subsets(prep.roles, names)
-    shot_subsets = named_subsets(shot_rows, names, prep.roles) if shot_rows else default_subsets
+    default_subsets = named_subsets(rows, names, prep.roles, label_prior) if rows else \
+        feature_subsets(prep.roles, names)
+    shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior) if shot_rows else default_subsets
+    cos = prior_scores(prep, label_prior, label_descriptions) if label_prior else None
     test_labels = prep.labels.take(split_rows["test"])
     regimes = [("full", None)] * full + [(f"{k}-shot", int(k)) for k in shots]
     tables = []
@@ -127,8 +175,14 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
                                          hp, s, scheme, tuning)
                 kept = [which[j] for j in outcome.saved_blocks]
                 probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
-                m = summary(evaluate_probs(probs, test_labels))
-                runs[label].append({"seed": s, "metrics": m, "choice": outcome.choice})
+                run = {"seed": s, "choice": outcome.choice}
+                if label.endswith(f"label prior ({label_prior})"):
+                    weight = prior_weight(outcome, cos, y)
+                    run["prior_weight"] = DEFAULT_PRIOR_WEIGHT if weight is None else weight
+                    run["prior_tuned"] = weight is not None
+                    probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
+                run["metrics"] = summary(evaluate_probs(probs, test_labels))
+                runs[label].append(run)
         tables.append(_table(regime, k, subsets, runs, prep, scheme_name, train_rows_used, seeds))
     data = {"manifest": str(manifest), "head": kind, "task": "multilabel" if task.multilabel else "multiclass",
             "features": [{"name": n, "role": r, "path": str(f.path)}
@@ -160,7 +214,11 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
             base = np.array([r["metrics"][columns[0]] for r in runs[base_label]], float)
             gain = values[columns[0]] - base
             row["gain"] = {"mean": float(gain.mean()), "std": float(gain.std())}
-            row["text_kept"] = int(sum(r["choice"] == "fused" for r in runs[label]))
+            if any(prep.roles[j] != "image" for j in which):
+                row["text_kept"] = int(sum(r["choice"] == "fused" for r in runs[label]))
+        if runs[label] and "prior_weight" in runs[label][0]:
+            row["prior_weights"] = [r["prior_weight"] for r in runs[label]]
+            row["prior_tuned"] = all(r["prior_tuned"] for r in runs[label])
         row["runs"] = runs[label]
         rows.append(row)
     if k is None:
@@ -190,6 +248,10 @@ def render_markdown(data: dict) -> str:
             gain = f"{100 * row['gain']['mean']:+.1f} ± {100 * row['gain']['std']:.1f}" if "gain" in row else ""
             kept = ("untested" if table["shots"] == 1 else f"{row['text_kept']}/{table['seeds']} seeds") \
                 if "text_kept" in row else ""
+            if "prior_weights" in row:
+                weights = ", ".join(f"{w:g}" for w in row["prior_weights"])
+                kept += ("; " if kept else "") + f"prior weight {weights}" + \
+                    ("" if row["prior_tuned"] else " (default, untested)")
             out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
         out += ["", table["note"], "",
                 "'text kept': seeds in which the fused head beat image-only on validation by more than one "

@@ -82,6 +82,8 @@ class Trial:
     scores: np.ndarray  # per scored example (concatenated folds)
     steps: list[int]
     heads: list[FittedHead] = field(default_factory=list)
+    probs: np.ndarray | None = None  # out-of-fold probabilities of the scored rows (concatenated folds)
+    rows: np.ndarray | None = None  # which rows those are
 
     @property
     def mean(self) -> float:
@@ -122,15 +124,19 @@ class Tuner:
         key = tuple(sorted(config.items()))
         if key not in self._trials:
             which = sorted(config)
-            scores, steps, heads = [], [], []
+            scores, steps, heads, all_probs = [], [], [], []
             for (fit_rows, score_rows), transform in zip(self.scheme.folds, self.transforms):
                 head = self._fit(which, config, fit_rows, transform.select(which), stop_rows=score_rows)
                 probs = head.predict(self.blocks.take(score_rows).select(which))
                 scores.append(example_scores(probs, self.y[score_rows], self.task.multilabel))
                 steps.append(head.steps)
                 heads.append(head)
+                all_probs.append(probs)
+            scored = [rows for _, rows in self.scheme.folds]
             self._trials[key] = Trial(dict(config), np.concatenate(scores) if scores else np.zeros(0), steps,
-                                      heads if self.scheme.holdout else [])
+                                      heads if self.scheme.holdout else [],
+                                      np.concatenate(all_probs) if all_probs else None,
+                                      np.concatenate(scored) if scored else None)
         return self._trials[key]
 
     def final(self, config: dict[int, float]) -> FittedHead:

@@ -105,6 +105,8 @@ class Outcome:
     validation: dict[str, float] = field(default_factory=dict)  # mean selection score per candidate
     tuning: list[dict] = field(default_factory=list)
     scheme: str = ""
+    tuner: Tuner | None = None  # scores the saved configuration again (out-of-fold probabilities)
+    saved_config: dict[int, float] = field(default_factory=dict)  # block -> trust of the saved head
 
 
 def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: Sequence[str], params: dict,
@@ -118,14 +120,16 @@ def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: 
         config = {j: 1.0 for j in range(len(roles))}
         head = full.final(config)
         what = "image feature only" if img is not None else "no image feature: text features at full trust"
-        return Outcome(head, sorted(config), "single", what, scheme=scheme.describe())
+        return Outcome(head, sorted(config), "single", what, scheme=scheme.describe(), tuner=full,
+                       saved_config=config)
     base = {img: 1.0}
     tuning: list[dict] = []
     if not scheme.folds:  # nothing can be scored: default trust, nothing to choose
         fused_cfg = {img: 1.0, **{t: (1.0 if kind == "mlp" else DEFAULT_TEXT_SCALE) for t in texts}}
         fused, image_only = full.final(fused_cfg), full.final(base)
         return Outcome(fused, sorted(fused_cfg), "untested", f"{scheme.describe()}: the fused head is kept untested",
-                       fused, sorted(fused_cfg), image_only, [img], scheme=scheme.describe())
+                       fused, sorted(fused_cfg), image_only, [img], scheme=scheme.describe(), tuner=full,
+                       saved_config=fused_cfg)
     if kind == "mlp":  # trust is learned (gates, modality dropout)
         fused_cfg = {img: 1.0, **{t: 1.0 for t in texts}}
     else:
@@ -137,22 +141,22 @@ def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: 
     if fused_cfg == base:
         return Outcome(image_only, [img], "image-only",
                        "every text feature's trust was tuned to 0 on validation", None, [], image_only, [img],
-                       validation, tuning, scheme.describe())
+                       validation, tuning, scheme.describe(), full, base)
     fused_trial = full.trial(fused_cfg)
     fused = full.final(fused_cfg)
     validation["fused"] = fused_trial.mean
     pick = choose([base_trial, fused_trial])
     gain, se = _paired_gain(fused_trial, base_trial)
     if pick == 1:
-        choice, saved, which = "fused", fused, sorted(fused_cfg)
+        choice, saved, which, saved_cfg = "fused", fused, sorted(fused_cfg), fused_cfg
         reason = (f"fused beats image-only on validation by {100 * gain:+.1f} pt, more than one standard "
                   f"error ({100 * se:.1f} pt)")
     else:
-        choice, saved, which = "image-only", image_only, [img]
+        choice, saved, which, saved_cfg = "image-only", image_only, [img], base
         reason = (f"fused is not clearly better than image-only on validation ({100 * gain:+.1f} pt, standard "
                   f"error {100 * se:.1f} pt)")
     return Outcome(saved, which, choice, reason, fused, sorted(fused_cfg), image_only, [img], validation, tuning,
-                   scheme.describe())
+                   scheme.describe(), full, saved_cfg)
 
 
 def _paired_gain(a: Trial, b: Trial) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from phrasefuse.index import DEFAULT_PHRASES_K
 
 IMAGE = "image"  # the feature name of the labelled images' store
 PHRASES = "phrases"  # the feature name of the generated phrases' store
+LABEL_PRIOR = "label-prior"  # in an ablation row: the label prior of [ablation] label_prior (fuse/ablate.py)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Ablation:
     shots: list[int] = field(default_factory=list)
     rows: list[list[str]] | None = None
     shot_rows: list[list[str]] | None = None
+    label_prior: str | None = None  # a text feature; rows may then list "label-prior"
 
 
 @dataclass
@@ -182,12 +184,17 @@ def parse_config(raw: dict, path: Path) -> Config:
     ablation = None
     if "ablation" in raw:
         ab_raw = c.table(raw, "ablation")
-        c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows"})
+        c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows", "label_prior"})
+        label_prior = c.get(ab_raw, "label_prior", str, None, where="ablation")
+        if label_prior is not None:
+            c.features([label_prior], [n for n in features if n != IMAGE], "ablation.label_prior")
+        row_names = features + ([LABEL_PRIOR] if label_prior else [])
         ablation = Ablation(head=c.choice(ab_raw, "head", HEAD_KINDS, "linear", where="ablation"),
                             seeds=c.positive(ab_raw, "seeds", 3, where="ablation"),
                             shots=c.get(ab_raw, "shots", list, [], item=int, where="ablation"),
-                            rows=_rows(c, ab_raw, "rows", features),
-                            shot_rows=_rows(c, ab_raw, "shot_rows", features))
+                            rows=_rows(c, ab_raw, "rows", row_names),
+                            shot_rows=_rows(c, ab_raw, "shot_rows", row_names),
+                            label_prior=label_prior)
         if any(k < 1 for k in ablation.shots):
             c.fail("ablation.shots", "expected whole numbers of at least 1 (labelled examples per class)")
 

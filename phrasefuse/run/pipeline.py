@@ -212,18 +212,22 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     if config.ablation:
         ab = config.ablation
         names = config.feature_names()
+        descriptions = config.data.label_descriptions
 
         def ablation_job() -> tuple[str, dict]:
             from phrasefuse.fuse.ablate import ablate
 
             report = ablate(config.data.manifest, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
                             label_col=config.data.label_col, multilabel=config.data.multilabel,
-                            out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True)
+                            out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True,
+                            label_prior=ab.label_prior,
+                            label_descriptions=str(descriptions) if descriptions and ab.label_prior else None)
             return (f"ablation: {ab.head} head, {len(report.data['tables'])} table(s), {ab.seeds} seed(s); "
                     f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
                 {"seconds": report.data["seconds"]}
 
-        inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names)}
+        inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names),
+                  "descriptions": files_fingerprint(descriptions) if descriptions and ab.label_prior else None}
         yield state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
 
     def report_job() -> tuple[str, dict]:
@@ -318,8 +322,9 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
     out, predictions = layout.head(head.name), layout.predictions(head.name)
     descriptions = config.data.label_descriptions
     reads = head.features + ([head.label_prior] if head.label_prior else [])
+    uses_descriptions = descriptions is not None and (head.align_descriptions > 0 or head.label_prior is not None)
     inputs = {**labels, "head": vars(head), "stores": stores_fp(reads), "text_model": config.encoders.text,
-              "descriptions": files_fingerprint(descriptions) if descriptions and head.align_descriptions else None}
+              "descriptions": files_fingerprint(descriptions) if uses_descriptions else None}
 
     def job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import predict

@@ -39,7 +39,8 @@ head = "linear"
 seeds = 1
 shots = [1, 2]
 rows = [["image"], ["image", "title"], ["image", "phrases"]]
-shot_rows = [["image"], ["image", "phrases"]]
+shot_rows = [["image"], ["image", "phrases"], ["image", "phrases", "label-prior"]]
+label_prior = "phrases"
 
 [report]
 gallery = 6
@@ -85,6 +86,9 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
         assert (work / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ablation = json.loads((work / "ablation" / "ablation.json").read_text())
     assert [t["regime"] for t in ablation["tables"]] == ["full", "1-shot", "2-shot"]
+    one_shot = {r["features"]: r for r in ablation["tables"][1]["rows"]}
+    prior_row = one_shot["image + phrases + label prior (phrases)"]
+    assert prior_row["prior_weights"] == [10.0] and not prior_row["prior_tuned"]  # 1 shot: the default, untested
 
     # Same config again: every stage is skipped, and the summaries say nothing was embedded.
     second = stages(run_cli("run", config, "--json"))
