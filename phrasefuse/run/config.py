@@ -119,13 +119,13 @@ def parse_config(raw: dict, path: Path) -> Config:
     c = _Checker(path)
     base = path.resolve().parent
     c.known(raw, "", {"work", "data", "encoders", "phrases", "heads", "ablation", "report"})
-    work = base / c.get(raw, "work", str, "work")
+    work = _path(base, c.get(raw, "work", str, "work"))
 
     data_raw = c.table(raw, "data", required=True)
     c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions",
                                "allow_outside_paths"})
     text_columns = c.get(data_raw, "text_columns", list, [], item=str, where="data")
-    data = Data(manifest=base / c.get(data_raw, "manifest", str, where="data"),
+    data = Data(manifest=_path(base, c.get(data_raw, "manifest", str, where="data")),
                 label_col=c.get(data_raw, "label_col", str, None, where="data"),
                 multilabel=c.get(data_raw, "multilabel", bool, False, where="data"),
                 text_columns=text_columns,
@@ -150,7 +150,7 @@ def parse_config(raw: dict, path: Path) -> Config:
     if "phrases" in raw:
         ph_raw = c.table(raw, "phrases")
         c.known(ph_raw, "phrases", {"pairs", "images", "k", "min_images", "kind", "weights"})
-        phrases = Phrases(pairs=base / c.get(ph_raw, "pairs", str, where="phrases"),
+        phrases = Phrases(pairs=_path(base, c.get(ph_raw, "pairs", str, where="phrases")),
                           images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
                           k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
                           min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
@@ -207,7 +207,8 @@ def parse_config(raw: dict, path: Path) -> Config:
 
 
 def _path(base: Path, value: str | None) -> Path | None:
-    return None if value is None else base / value
+    # normpath, not resolve: "../data" reads as a path, and symlinked folders stay as named
+    return None if value is None else Path(os.path.normpath(base / value))
 
 
 def _rows(c: "_Checker", raw: dict, key: str, features: list[str]) -> list[list[str]] | None:
