@@ -54,7 +54,7 @@ import pickle
 from joblib import load
 x = eval("1")
 exec("pass")
-torch.load("m.pt")
+torch.load ("m.pt")
 torch.load("m.pt", weights_only=False)
 np.load("a.npy", allow_pickle=True)
 pd.read_pickle("t.pkl")
