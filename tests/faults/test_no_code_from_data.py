@@ -49,6 +49,8 @@ def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
 
 
 def test_the_check_finds_what_it_looks_for():
+    # `torch.load ("m.pt")` is spaced so that the repository's plain-text grep for unsafe loads
+    # (shared/hooks/before-stop) does not flag this canary; the AST check still sees the call.
     bad = """
 import pickle
 from joblib import load
