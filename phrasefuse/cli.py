@@ -23,6 +23,7 @@ import typer
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL
 
 app = typer.Typer(help=__doc__.split("\n\nThis module")[0], no_args_is_help=True, add_completion=False,
@@ -131,10 +132,7 @@ fuse_app = typer.Typer(help="Train, evaluate and ablate heads on cached embeddin
 app.add_typer(fuse_app, name="fuse")
 
 
-class HeadKind(str, Enum):
-    mlp = "mlp"
-    lgbm = "lgbm"
-    linear = "linear"
+HeadKind = Enum("HeadKind", {kind: kind for kind in HEAD_KINDS}, type=str)  # one list: phrasefuse.fuse
 
 
 FEATURE_HELP = ("Embedding store (repeatable): image, metadata text, phrases. NAME=PATH names the feature "
@@ -146,7 +144,7 @@ LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column m
 def fuse_train(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with id, labels and (optionally) split."),
     feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
-    head: HeadKind = typer.Option(..., "--head", help="mlp, lgbm or linear."),
+    head: HeadKind = typer.Option(..., "--head", help="Which head (linear: logistic regression; mlp: torch; lgbm: LightGBM)."),
     out: Path = typer.Option(..., "--out", help="Head folder (written whole; an existing head is replaced)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help=LABEL_COL_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling and subsampling."),
@@ -191,7 +189,7 @@ def fuse_eval(
 def fuse_ablate(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with labels and splits."),
     feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
-    head: HeadKind = typer.Option(..., "--head", help="mlp, lgbm or linear."),
+    head: HeadKind = typer.Option(..., "--head", help="Which head (linear: logistic regression; mlp: torch; lgbm: LightGBM)."),
     shots: Optional[list[str]] = typer.Option(None, "--shots", metavar="K", help="K labelled examples per class (repeatable, or 1,5,10); default: all training data."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds (shots draws and head initialisations) to average over."),
     seed: int = typer.Option(0, "--seed", help="First seed."),

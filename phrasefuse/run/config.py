@@ -167,8 +167,7 @@ def parse_config(raw: dict, path: Path) -> Config:
         where = f"heads[{i}]"
         c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions"})
         head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
-                    features=c.get(h, "features", list, [IMAGE, *text_columns] + ([PHRASES] if phrases else []),
-                                   item=str, where=where),
+                    features=c.get(h, "features", list, list(features), item=str, where=where),
                     seed=c.get(h, "seed", int, 0, where=where),
                     label_prior=c.get(h, "label_prior", str, None, where=where),
                     align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)))

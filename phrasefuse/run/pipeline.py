@@ -28,7 +28,7 @@ from pathlib import Path
 
 from phrasefuse.errors import BadInput
 from phrasefuse.run.config import IMAGE, PHRASES, Config, Head, load_config
-from phrasefuse.store import EmbeddingStore, read_meta_json, write_json_atomic
+from phrasefuse.store import EmbeddingStore, write_json_atomic
 
 STATE = "run-state.json"
 BASELINE = "image-only"  # the head the report compares every fused head with
@@ -353,9 +353,11 @@ def _summary(s) -> tuple[str, dict]:
 
 
 def _build_id(index: Path) -> str | None:
+    """The index's build id (changes with every rebuild); None when there is no index."""
+    from phrasefuse.index.folder import PhraseIndex  # reads meta.json only
+
     try:
-        return read_meta_json(index, fmt="phrasefuse-index", version=1 << 30, what="index", not_a="an index",
-                              missing="", unreadable="").get("build_id")
+        return PhraseIndex(index).meta.get("build_id")
     except BadInput:
         return None
 
