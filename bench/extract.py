@@ -1,16 +1,19 @@
 """Benchmark `extract images` against a plain PyTorch loop over the same images and model.
 
-    .venv/bin/python bench/extract.py [--n 512] [--size 640x480] [--model builtin:efficientnet-lite0]
-                                      [--no-plain] [--workers N]
+    .venv/bin/python bench/extract.py [--n 2048] [--size 640x480] [--model builtin:efficientnet-lite0]
+                                      [--repeat 3] [--no-plain] [--workers N]
 
-Prints, in one run, images/s of:
-  plain loop   PIL open + the encoder's transform + model, one process, batch 64, torch.no_grad
-  model only   the same model on pre-decoded tensors (the ceiling for this model on this machine),
-               measured right before and right after the extract, so that a load change on a
-               shared machine shows as a spread instead of skewing the ratio
-  extract      `phrasefuse extract images` (the job function, model already loaded)
-and the ratios extract / plain loop and extract / model only (efficiency, against the mean of
-the two model-only measurements).
+Prints images/s of:
+  plain loop    PIL open + the encoder's transform + model, one process, batch 64, torch.no_grad
+  model only    the same model on pre-decoded, normalised tensors (the ceiling for this model on this
+                machine), measured before the first and after every extract, so that a load change on
+                a shared machine shows as a spread instead of skewing the ratio
+  prepare only  read, hash, decode, resize and crop in the job's DataLoader workers, no model
+  extract       `phrasefuse extract images` (the job function, model already loaded, fresh store)
+and the efficiency: extract / model only (each extract against the mean of the model-only
+measurements either side of it; the median over the repeats). On a CPU the model already uses
+every core, so preparing images cannot overlap it: the bound is then
+1 / (1/model + 1/prepare), printed as "serial bound".
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--size", default="640x480", help="generated JPEG size WxH")
     parser.add_argument("--model", default="builtin:efficientnet-lite0")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--work", default=None, help="folder for the generated images (kept between runs)")
+    parser.add_argument("--repeat", type=int, default=3, help="extract runs (each into a fresh store)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop (the slowest line)")
     args = parser.parse_args()
 
@@ -79,22 +84,47 @@ def main() -> None:
             encoder.encode(pixels)
         return reps * args.batch_size / (time.perf_counter() - start)
 
-    before = model_only()
-    print(f"model only   {before:8.1f} images/s (pre-decoded tensors, channels-last, inference_mode; before extract)")
+    speeds = [model_only()]
+    print(f"model only   {speeds[0]:8.1f} images/s (pre-decoded tensors, channels-last, inference_mode)")
+    prepare = prepare_only(manifest, encoder, args.batch_size, args.workers)
+    print(f"prepare only {prepare:8.1f} images/s (read, hash, decode, resize, crop in the job's workers; no model)")
 
     out = work / "store"
-    shutil.rmtree(out, ignore_errors=True)
-    summary = extract_images(manifest, out, model=args.model, batch_size=args.batch_size, workers=args.workers,
-                             device="cpu", progress=False)
-    assert summary.embedded == args.n, summary.line()
-    extract = args.n / summary.seconds
-    print(f"extract      {extract:8.1f} images/s ({summary.line()})")
-    after = model_only()
-    print(f"model only   {after:8.1f} images/s (after extract)")
+    ratios = []
+    for _ in range(args.repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        summary = extract_images(manifest, out, model=args.model, batch_size=args.batch_size,
+                                 workers=args.workers, device="cpu", progress=False)
+        assert summary.embedded == args.n, summary.line()
+        extract = args.n / summary.seconds
+        speeds.append(model_only())
+        ratios.append(extract / ((speeds[-2] + speeds[-1]) / 2))
+        print(f"extract      {extract:8.1f} images/s ({summary.seconds:.1f} s; efficiency {ratios[-1]:.2f})")
+        print(f"model only   {speeds[-1]:8.1f} images/s")
+    model_speed = statistics.mean(speeds)
+    bound = 1 / (1 / model_speed + 1 / prepare)
     if plain:
-        print(f"extract / plain loop  {extract / plain:.2f}x")
-    print(f"extract / model only  {extract / ((before + after) / 2):.2f} (efficiency; against "
-          f"{extract / before:.2f} before and {extract / after:.2f} after)")
+        print(f"extract / plain loop  {extract / plain:.2f}x (last run)")
+    print(f"serial bound {bound:8.1f} images/s = {bound / model_speed:.2f} of model only (mean {model_speed:.1f})")
+    print(f"efficiency   {statistics.median(ratios):.2f} (median of {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def prepare_only(manifest: Path, encoder, batch_size: int, workers: int | None) -> float:
+    """Images/s of the job's DataLoader alone: what the workers deliver when nothing else runs."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from phrasefuse.extract.images import ImageRows, collate, worker_init
+
+    table = pq.read_table(manifest)
+    paths = [str(manifest.parent / p) for p in table["image"].to_pylist()]
+    rows = ImageRows(table["id"].to_pylist(), paths, encoder.to_pixels, encoder.resize_shorter)
+    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                                         worker_init_fn=worker_init if workers else None)
+    start = time.perf_counter()
+    n = sum(len(batch["ids"]) for batch in loader)
+    return n / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def library_versions() -> dict[str, str]:
 
     versions = {"phrasefuse": __version__}
     for dist in ("torch", "torchvision", "open_clip_torch", "timm", "sentence-transformers",
-                 "transformers", "pillow", "pyarrow", "numpy"):
+                 "transformers", "pillow", "simplejpeg", "pyarrow", "numpy"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

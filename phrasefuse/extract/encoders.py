@@ -28,6 +28,7 @@ import torch
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from phrasefuse.extract.images import PixelPlan
 
 FAMILIES = ("open_clip", "sentence-transformers", "timm", "builtin")
 
@@ -140,15 +141,17 @@ class ImageEncoder:
     family: str
     name: str
     module: torch.nn.Module  # pixels -> features
-    transform: Callable  # PIL RGB image -> (3, H, W) float tensor
+    transform: Callable  # PIL RGB image -> (3, H, W) float tensor: the model's own eval transform
     resize_shorter: int  # the transform first resizes the shorter side to this (JPEG draft target)
     preprocess: dict
     device: torch.device
     dim: int = 0
     weights_sha256: str = ""
     channels_last: bool = field(default=True)
+    plan: PixelPlan | None = None  # the transform as uint8 tensor ops + batched normalisation, if it has one
 
     def __post_init__(self) -> None:
+        self.plan = self.plan or PixelPlan.from_transform(self.transform)
         self.module.eval().to(self.device)
         if self.device.type == "cpu" and self.channels_last:
             # Measured here: 1.7-2x faster for EfficientNet-Lite0 on CPU.
@@ -163,10 +166,20 @@ class ImageEncoder:
         return {"spec": self.spec, "family": self.family, "name": self.name,
                 "weights_sha256": self.weights_sha256, "dim": self.dim}
 
+    @property
+    def to_pixels(self) -> Callable:
+        """RGB image -> what `encode` takes: uint8 (3, H, W) through the plan, else the transform's floats.
+        A small picklable object, for DataLoader workers and Ray actors."""
+        return self.plan or self.transform
+
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) uint8 from `to_pixels` (normalised here, per batch, on the device) or float
+        already normalised -> (B, dim) unit vectors."""
+        pixels = pixels.to(self.device, non_blocking=True)  # no-op on CPU; to a GPU, uint8 is 1/4 of the bytes
+        if pixels.dtype == torch.uint8:
+            pixels = self.plan.normalise(pixels)
         if self.device.type == "cuda":
-            pixels = pixels.to(self.device, non_blocking=True)
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             with torch.autocast("cuda", dtype=dtype):
                 features = self.module(pixels)
@@ -181,7 +194,7 @@ class ImageEncoder:
         """PIL images -> vectors (the ad-hoc path; batch jobs use `encode` on worker output)."""
         from phrasefuse.extract.images import prepare
 
-        return self.encode(torch.stack([self.transform(prepare(im, self.resize_shorter)) for im in images]))
+        return self.encode(torch.stack([self.to_pixels(prepare(im, self.resize_shorter)) for im in images]))
 
 
 @dataclass

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -195,12 +196,13 @@ def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_siz
 
     from phrasefuse.extract.images import ImageRows, collate, worker_init
 
-    dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.transform,
+    dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.to_pixels,
                         encoder.resize_shorter, frozenset(known_keys.to_pylist()))
     workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-        worker_init_fn=worker_init if workers else None, pin_memory=encoder.device.type == "cuda",
+        worker_init_fn=partial(worker_init, yield_to_model=encoder.device.type == "cpu") if workers else None,
+        pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False)
     embedded_keys: set[str] = set()
     for batch in loader:

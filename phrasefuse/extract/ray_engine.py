@@ -150,7 +150,7 @@ class ImageEmbedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from phrasefuse.extract.images import ImageRows, collate
 
-        rows = ImageRows(batch["id"].to_pylist(), batch["image"].to_pylist(), self.encoder.transform,
+        rows = ImageRows(batch["id"].to_pylist(), batch["image"].to_pylist(), self.encoder.to_pixels,
                          self.encoder.resize_shorter, self.known_keys)
         items = list((self.pool.map if self.pool else map)(rows.__getitem__, range(len(rows))))
         out = collate(items)

@@ -43,7 +43,7 @@ def lookup(index_path: str | os.PathLike, images: list[str | os.PathLike], k: in
     import torch
 
     from phrasefuse.extract.encoders import load_image_encoder
-    from phrasefuse.extract.images import decode, read_item
+    from phrasefuse.extract.images import image_pixels, read_item
 
     if k < 1:
         raise BadInput(f"-k {k}: must be at least 1")
@@ -59,7 +59,7 @@ def lookup(index_path: str | os.PathLike, images: list[str | os.PathLike], k: in
     pixels = []
     for path, data in files:
         try:
-            pixels.append(encoder.transform(decode(data, encoder.resize_shorter)))
+            pixels.append(image_pixels(data, encoder.to_pixels, encoder.resize_shorter))
         except ValueError as e:
             raise BadInput(f"{path}: {e}; pass readable image files") from None
     emb = np.concatenate([encoder.encode(torch.stack(pixels[i:i + BATCH])) for i in range(0, len(pixels), BATCH)])

@@ -55,7 +55,8 @@ def test_open_clip_local_checkpoint(tiny_clip_config, tmp_path):
     pics = images(2)
     with torch.no_grad():
         expected = model.eval().encode_image(torch.stack([transform(p) for p in pics]), normalize=True).numpy()
-    np.testing.assert_allclose(encoder.encode_images(pics), expected, atol=1e-5)
+    # Our pixels come from the PixelPlan (torch's uint8 resize): within two grey levels of PIL's.
+    np.testing.assert_allclose(encoder.encode_images(pics), expected, atol=5e-4)
 
 
 def test_missing_checkpoint_is_bad_input(tiny_clip_config, tmp_path):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phrasefuse.extract.images import decode
+import torch
+
+from phrasefuse.extract.images import PixelPlan, decode, decode_tensor, image_pixels, stack
 
 
 def encoded(image, fmt, **kw):
@@ -73,3 +75,118 @@ def test_exif_orientation_is_applied():
 def test_bad_bytes_raise_a_reason(data, reason):
     with pytest.raises(ValueError, match=reason):
         decode(data)
+
+
+# ---------------------------------------------------------------- the tensor path of the batch jobs
+
+
+def photo(w=160, h=120, seed=0):
+    """Smooth random colours: JPEG-like content (not noise)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray((rng.random((h // 8 + 1, w // 8 + 1, 3)) * 255).astype(np.uint8))
+    return small.resize((w, h), Image.BILINEAR)
+
+
+def rotated_jpeg():
+    image = photo()
+    exif = image.getexif()
+    exif[0x0112] = 6
+    return encoded(image, "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: encoded(photo(), "JPEG"),
+    lambda: encoded(photo().convert("L"), "JPEG"),
+    lambda: encoded(photo(), "JPEG", progressive=True),
+    lambda: encoded(photo(), "JPEG", subsampling=0),
+    rotated_jpeg,
+    lambda: encoded(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"),
+    lambda: encoded(photo(1600, 1200), "JPEG"),  # draft-decoded by Pillow
+    lambda: encoded(photo(), "PNG"),
+    lambda: encoded(Image.new("RGBA", (40, 30), (255, 0, 0, 0)), "PNG"),
+], ids=["jpeg", "grey-jpeg", "progressive", "444", "exif-rotated", "cmyk", "big-jpeg", "png", "rgba"])
+def test_decode_tensor_gives_the_pixels_of_decode(make):
+    data = make()
+    pixels = decode_tensor(data, resize_shorter=256)
+    expected = np.asarray(decode(data, resize_shorter=256))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, *expected.shape[:2])
+    assert pixels.permute(1, 2, 0).is_contiguous()  # channels-last memory
+    np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"not an image at all", "not an image"),
+    (encoded(Image.new("RGB", (64, 64), "red"), "JPEG")[:200], "truncated or corrupt"),
+    (encoded(photo(), "JPEG")[:3000], "truncated or corrupt"),
+])
+def test_decode_tensor_bad_bytes_raise_the_same_reasons(data, reason):
+    with pytest.raises(ValueError, match=reason):
+        decode_tensor(data)
+
+
+def test_decode_tensor_refuses_decompression_bombs(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="image too large"):
+        decode_tensor(encoded(photo(), "JPEG"))
+
+
+@pytest.fixture(scope="module")
+def builtin_transform():
+    from phrasefuse.extract.encoders import load_image_encoder
+
+    return load_image_encoder("builtin:efficientnet-lite0", "cpu").transform
+
+
+def test_plan_of_the_builtin_transform(builtin_transform):
+    plan = PixelPlan.from_transform(builtin_transform)
+    assert plan == PixelPlan(256, (224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_plan_of_an_open_clip_transform(tiny_clip_config):
+    import open_clip
+
+    open_clip.add_model_config(tiny_clip_config)
+    _, _, transform = open_clip.create_model_and_transforms(tiny_clip_config.stem)
+    plan = PixelPlan.from_transform(transform)
+    assert plan is not None and plan.crop == (plan.resize_shorter, plan.resize_shorter)
+    assert plan.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_other_transforms_have_no_plan(builtin_transform):
+    from torchvision import transforms as T
+
+    assert PixelPlan.from_transform(T.Compose([T.RandomHorizontalFlip(), *builtin_transform.transforms])) is None
+    assert PixelPlan.from_transform(T.Compose([T.Resize((224, 224)), *builtin_transform.transforms[1:]])) is None
+    assert PixelPlan.from_transform(lambda image: image) is None
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 300), (40, 30), (256, 256)])
+def test_plan_matches_the_transform_within_two_grey_levels(builtin_transform, size):
+    plan = PixelPlan.from_transform(builtin_transform)
+    image = photo(*size, seed=sum(size))
+    expected = builtin_transform(image)
+    pixels = plan(image)
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
+    assert torch.equal(plan(decode_tensor(encoded(image, "PNG"), 256)), pixels)  # tensor in, same pixels
+    got = plan.normalise(pixels[None])[0]
+    assert (got - expected).abs().max() * 255 * 0.5 <= 2.0 + 1e-4  # std 0.5: one grey level = 2/255
+    # The normalisation itself is ToTensor + Normalize's arithmetic, bit for bit.
+    reference = pixels.float().div(255).sub(torch.tensor([0.5] * 3).view(3, 1, 1)).div(0.5)
+    assert torch.equal(got.contiguous(), reference)
+
+
+def test_stack_keeps_channels_last_and_values():
+    pixels = [torch.randint(0, 256, (8, 6, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(3)]
+    batch = stack(pixels)
+    assert batch.shape == (3, 3, 8, 6) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(batch[i], p) for i, p in enumerate(pixels))
+    floats = [torch.randn(3, 4, 4) for _ in range(2)]  # a transform's output: ordinary layout
+    assert torch.equal(stack(floats), torch.stack(floats))
+
+
+def test_image_pixels_takes_the_plan_or_else_the_transform(builtin_transform):
+    data = encoded(photo(300, 200), "JPEG")
+    plan = PixelPlan.from_transform(builtin_transform)
+    assert image_pixels(data, plan, 256).dtype == torch.uint8
+    as_floats = image_pixels(data, builtin_transform, 256)  # a transform without a plan runs as it is
+    assert torch.equal(as_floats, builtin_transform(decode(data, 256)))

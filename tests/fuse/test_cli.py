@@ -135,9 +135,11 @@ def test_bad_inputs_exit_2_with_one_line(shapes_dataset, stores, tmp_path):
     head = tmp_path / "head"
     ok(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--feature",
                stores / "title", "--head", "lgbm", "--out", head))
-    # the title feature, from another encoder (MiniLM, not the tiny CLIP it was trained on)
+    # a feature of the saved head (fused or image-only: val decides), from another encoder
+    # (MiniLM, not the tiny CLIP it was trained on)
+    name = json.loads((head / "meta.json").read_text())["features"][-1]["name"]
     refused(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--feature",
-                    f"title={stores / 'title-minilm'}"),
+                    f"{name}={stores / 'title-minilm'}"),
             "was trained on")
     refused(run_cli("fuse", "eval", tmp_path / "nolabel.parquet", "--manifest", shapes_dataset),
             "not a phrasefuse head")
