@@ -111,17 +111,15 @@ def main() -> None:
 
 def prepare_only(manifest: Path, encoder, batch_size: int, workers: int | None) -> float:
     """Images/s of the job's DataLoader alone: what the workers deliver when nothing else runs."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
-    from phrasefuse.extract.images import ImageRows, collate, worker_init
+    from phrasefuse.extract.jobs import image_loader
 
     table = pq.read_table(manifest)
-    paths = [str(manifest.parent / p) for p in table["image"].to_pylist()]
-    rows = ImageRows(table["id"].to_pylist(), paths, encoder.to_pixels, encoder.resize_shorter)
-    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
-    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                                         worker_init_fn=worker_init if workers else None)
+    table = table.set_column(table.schema.get_field_index("image"), "image",
+                             pa.array([str(manifest.parent / p) for p in table["image"].to_pylist()]))
+    loader = image_loader(table, pa.array([], pa.string()), encoder, batch_size, workers)
     start = time.perf_counter()
     n = sum(len(batch["ids"]) for batch in loader)
     return n / (time.perf_counter() - start)

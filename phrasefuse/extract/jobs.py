@@ -188,10 +188,10 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     return summary
 
 
-def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
-                        workers: int | None) -> Iterator[ImageBatch]:
-    """The local mapper: DataLoader workers read, hash and decode; the model runs here. An item
-    whose key was embedded earlier in this run (same bytes, another id) is not run again."""
+def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int, workers: int | None):
+    """The local engine's reader: a DataLoader whose workers read, hash, decode and prepare the
+    rows (id, image) for `encoder`; batches as `images.collate` makes them. Rows whose key is in
+    `known_keys` are hashed, not decoded."""
     import torch
 
     from phrasefuse.extract.images import ImageRows, collate, worker_init
@@ -199,11 +199,20 @@ def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_siz
     dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.to_pixels,
                         encoder.resize_shorter, frozenset(known_keys.to_pylist()))
     workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
         worker_init_fn=partial(worker_init, yield_to_model=encoder.device.type == "cpu") if workers else None,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
+                        workers: int | None) -> Iterator[ImageBatch]:
+    """The local mapper: `image_loader`'s workers prepare the images; the model runs here. An item
+    whose key was embedded earlier in this run (same bytes, another id) is not run again."""
+    import torch
+
+    loader = image_loader(todo, known_keys, encoder, batch_size, workers)
     embedded_keys: set[str] = set()
     for batch in loader:
         out = ImageBatch([], [], np.zeros((0, encoder.dim), np.float32), batch["known"], batch["errors"])
