@@ -43,18 +43,19 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop (the slowest line)")
     args = parser.parse_args()
 
-    import pyarrow.parquet as pq
     import torch
     from PIL import Image
 
     from phrasefuse.extract.encoders import load_image_encoder
     from phrasefuse.extract.jobs import extract_images
+    from phrasefuse.manifests import read_manifest
     from phrasefuse.synthetic import generate_images
 
     w, h = (int(x) for x in args.size.split("x"))
     work = Path(args.work or Path(tempfile.gettempdir()) / f"phrasefuse-bench-extract-{args.n}-{w}x{h}")
     manifest = generate_images(work / "data", args.n, seed=0, size=(w, h))
-    paths = [str(manifest.parent / p) for p in pq.read_table(manifest)["image"].to_pylist()]
+    rows = read_manifest(manifest, require_image=True).table  # image paths resolved, as the job reads them
+    paths = rows["image"].to_pylist()
     encoder = load_image_encoder(args.model, "cpu")
     print(f"{args.n} JPEGs of {w}x{h}, model {args.model} (input {encoder.preprocess.get('input_size')}), "
           f"batch {args.batch_size}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -86,7 +87,7 @@ def main() -> None:
 
     speeds = [model_only()]
     print(f"model only   {speeds[0]:8.1f} images/s (pre-decoded tensors, channels-last, inference_mode)")
-    prepare = prepare_only(manifest, encoder, args.batch_size, args.workers)
+    prepare = prepare_only(rows, encoder, args.batch_size, args.workers)
     print(f"prepare only {prepare:8.1f} images/s (read, hash, decode, resize, crop in the job's workers; no model)")
 
     out = work / "store"
@@ -109,17 +110,13 @@ def main() -> None:
     print(f"efficiency   {statistics.median(ratios):.2f} (median of {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
-def prepare_only(manifest: Path, encoder, batch_size: int, workers: int | None) -> float:
+def prepare_only(rows, encoder, batch_size: int, workers: int | None) -> float:
     """Images/s of the job's DataLoader alone: what the workers deliver when nothing else runs."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from phrasefuse.extract.jobs import image_loader
 
-    table = pq.read_table(manifest)
-    table = table.set_column(table.schema.get_field_index("image"), "image",
-                             pa.array([str(manifest.parent / p) for p in table["image"].to_pylist()]))
-    loader = image_loader(table, pa.array([], pa.string()), encoder, batch_size, workers)
+    loader = image_loader(rows, pa.array([], pa.string()), encoder, batch_size, workers)
     start = time.perf_counter()
     n = sum(len(batch["ids"]) for batch in loader)
     return n / (time.perf_counter() - start)

@@ -28,7 +28,7 @@ import torch
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from phrasefuse.extract.images import PixelPlan
+from phrasefuse.extract.images import PixelPlan, prepare
 
 FAMILIES = ("open_clip", "sentence-transformers", "timm", "builtin")
 
@@ -192,8 +192,6 @@ class ImageEncoder:
 
     def encode_images(self, images: Sequence) -> np.ndarray:
         """PIL images -> vectors (the ad-hoc path; batch jobs use `encode` on worker output)."""
-        from phrasefuse.extract.images import prepare
-
         return self.encode(torch.stack([self.to_pixels(prepare(im, self.resize_shorter)) for im in images]))
 
 

@@ -114,7 +114,12 @@ def decode_tensor(data: bytes, resize_shorter: int | None = None) -> torch.Tenso
                 return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
             except ValueError:
                 pass  # corrupt or unusual: Pillow decodes it, or says why not
-        return torch.from_numpy(np.array(prepare(image, resize_shorter))).permute(2, 0, 1)
+        return as_tensor(prepare(image, resize_shorter))
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) uint8 over its (H, W, 3) bytes (channels-last), copied once."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def read_item(path: str | None) -> tuple[bytes | None, str | None]:
@@ -175,7 +180,7 @@ class PixelPlan:
         from torchvision.transforms.v2 import functional as F
 
         if isinstance(image, Image.Image):
-            image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            image = as_tensor(image)
         pixels = F.resize(image, [self.resize_shorter], interpolation=F.InterpolationMode(self.interpolation),
                           antialias=True)
         return F.center_crop(pixels, list(self.crop)).permute(1, 2, 0).contiguous().permute(2, 0, 1)
