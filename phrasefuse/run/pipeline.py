@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
+from phrasefuse.report import BASELINE
 from phrasefuse.run.config import IMAGE, PHRASES, Config, Head, load_config
 from phrasefuse.store import EmbeddingStore, write_json_atomic
 
 STATE = "run-state.json"
-BASELINE = "image-only"  # the head the report compares every fused head with
 
 
 @dataclass
@@ -56,6 +56,10 @@ class Layout:
 
     def store(self, feature: str) -> Path:
         return self.work / "stores" / feature
+
+    @property
+    def phrases_store(self) -> Path:
+        return self.store(PHRASES)
 
     @property
     def query_store(self) -> Path:
@@ -231,9 +235,9 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
         yield state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
 
     def report_job() -> tuple[str, dict]:
-        from phrasefuse.report import write_report
+        from phrasefuse.report.page import write_report
 
-        written = write_report(config, layout)
+        written = write_report(config, layout, heads_with_baseline(config))
         return f"report: {layout.report} ({len(written) - 1} plots)", {"files": [str(p) for p in written]}
 
     inputs = {"stages": {k: v.get("output") for k, v in state.stages.items() if k != "report"},
