@@ -33,7 +33,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -71,8 +71,8 @@ class Job:
     actor_args: dict
     read: Callable[[Any], Any]
     batch_size: int
+    collect: Callable[[Iterator[pa.Table]], Iterator]
     device: str = "auto"
-    collect: Callable[[Iterator[pa.Table]], Iterator] = field(default=lambda tables: (t for t in tables if t.num_rows))
 
 
 class LocalEngine:

@@ -337,17 +337,8 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
 
     index = make_index(plan, seed)
     train_and_add(index, plan, vectors, seed)
-    steps: list[TuneStep] = []
-    for value in plan.search_values():
-        set_search_value(index, plan, value)
-        t0 = time.perf_counter()
-        _, found = search(index, tune_q, k)
-        seconds = time.perf_counter() - t0
-        steps.append(TuneStep(value, recall_at_k(vectors, tune_q, found, tune_exact), len(tune_q) / max(seconds, 1e-9)))
-        if steps[-1].recall >= min(1.0, target_recall + TUNE_MARGIN):
-            break
-        if kind == "auto" and steps[-1].queries_per_second < SPEEDUP_TO_KEEP * exact_qps:
-            break  # too slow to be chosen already: more probing only gets slower
+    steps = _tune(index, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
+                  if kind == "auto" else 0.0, target_recall=target_recall)
     met = [s for s in steps if s.recall >= min(1.0, target_recall + TUNE_MARGIN)]
     chosen = met[0] if met else max(steps, key=lambda s: (round(s.recall, 3), -s.value))
 
@@ -369,6 +360,24 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     report.queries_per_second = round(chosen.queries_per_second, 1)
     report.exact_queries_per_second = round(exact_qps, 1)
     return index, report
+
+
+def _tune(index, plan: Plan, vectors: np.ndarray, tune_q: np.ndarray, tune_exact: np.ndarray, k: int, *,
+          stop_below_qps: float, target_recall: float) -> list[TuneStep]:
+    """Try the plan's search settings, cheapest first, until one reaches the target recall@10
+    (+ TUNE_MARGIN) on `tune_q`, or one is slower than `stop_below_qps` (more probing only gets slower)."""
+    steps: list[TuneStep] = []
+    for value in plan.search_values():
+        set_search_value(index, plan, value)
+        t0 = time.perf_counter()
+        _, found = search(index, tune_q, k)
+        seconds = time.perf_counter() - t0
+        steps.append(TuneStep(value, recall_at_k(vectors, tune_q, found, tune_exact), len(tune_q) / max(seconds, 1e-9)))
+        if steps[-1].recall >= min(1.0, target_recall + TUNE_MARGIN):
+            break
+        if steps[-1].queries_per_second < stop_below_qps:
+            break
+    return steps
 
 
 def _report(plan: Plan, memory: int, value: int | None, recall: float, n_queries: int, start: float,
