@@ -6,15 +6,31 @@ PY      = $(VENV)/bin/python
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-gpu clean
 
 install: $(VENV)/.installed
 
-# Re-installs only when the project's dependencies change.
-$(VENV)/.installed: pyproject.toml
+# GPU=1 adds the gpu extra (faiss-gpu) and removes faiss-cpu: both install the one `faiss` module, so
+# faiss-gpu is re-installed last to own its files (and a switch back to CPU removes both first).
+# Switching GPU on or off re-installs.
+GPU ?=
+comma := ,
+EXTRAS = test,ray$(if $(GPU),$(comma)gpu)
+
+# Re-installs only when the project's dependencies change (or GPU changes).
+$(VENV)/.installed: pyproject.toml $(if $(GPU),$(VENV)/.gpu,$(VENV)/.cpu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(if $(GPU),,$(PY) -m pip show --quiet faiss-gpu 2>/dev/null && $(PY) -m pip uninstall --quiet --yes faiss-gpu faiss-cpu || true)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(if $(GPU),$(PY) -m pip uninstall --quiet --yes faiss-cpu)
+	$(if $(GPU),$(PY) -m pip install --quiet --force-reinstall --no-deps "$$($(PY) -m pip freeze | grep -i '^faiss-gpu==')")
+	touch $@
+
+# Markers of the last install's kind: a change of GPU makes .installed stale.
+$(VENV)/.gpu $(VENV)/.cpu:
+	mkdir -p $(VENV)
+	rm -f $(VENV)/.gpu $(VENV)/.cpu
 	touch $@
 
 test: install
@@ -25,6 +41,9 @@ demo: install
 
 bench: install
 	$(PY) bench/extract.py
+
+bench-gpu:
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) work .pytest_cache
