@@ -12,8 +12,8 @@ install: $(VENV)/.installed
 
 # GPU=1 adds the gpu extra (faiss-gpu) and removes faiss-cpu: both install the one `faiss` module, so
 # faiss-gpu is re-installed last to own its files (and a switch back to CPU removes both first).
-# Switching GPU on or off re-installs.
-GPU ?=
+# The choice sticks (later `make test` keeps the GPU build); `make install GPU=` goes back to CPU FAISS.
+GPU ?= $(if $(wildcard $(VENV)/.gpu),1,)
 comma := ,
 EXTRAS = test,ray$(if $(GPU),$(comma)gpu)
 

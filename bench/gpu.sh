@@ -119,9 +119,9 @@ print('PASS' if f['efficiency'] >= 0.85 else 'FAIL')")
 done
 
 # 3. The index on the GPU against the CPU, then `phrases` on the GPU.
-for device in "$DEVICE" cpu; do
-    name="index-$device"
-    [[ "$REHEARSE" == 1 && "$device" == cpu ]] && name="index-cpu-again"
+for side in gpu cpu; do  # (a rehearsal runs the gpu side on the CPU too)
+    name="index-$side"
+    device=$([[ $side == gpu ]] && echo "$DEVICE" || echo cpu)
     if "$PY" bench/index.py --device "$device" --n "$INDEX_N" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1; then
         figure=$("$PY" -c "
 import json; f = json.load(open('$OUT/$name.json'))
@@ -132,9 +132,9 @@ print('PASS' if f['recall_at_10'] >= 0.95 else 'FAIL')")
         line "$name" FAIL "exited $?: see $OUT/$name.log"
     fi
 done
-if [[ -f "$OUT/index-$DEVICE.json" && -f "$OUT/index-cpu.json" ]]; then
+if [[ -f "$OUT/index-gpu.json" && -f "$OUT/index-cpu.json" ]]; then
     figure=$("$PY" -c "
-import json; g, c = (json.load(open(f'$OUT/index-{d}.json')) for d in ('$DEVICE', 'cpu'))
+import json; g, c = (json.load(open(f'$OUT/index-{side}.json')) for side in ('gpu', 'cpu'))
 print(f\"queries/s {g['queries_per_second'] / c['queries_per_second']:.1f}x the CPU's, build {c['build_seconds'] / max(g['build_seconds'], 1e-9):.1f}x faster; recall@10 {g['recall_at_10']:.3f} vs {c['recall_at_10']:.3f}\")
 print('PASS' if g['queries_per_second'] >= c['queries_per_second'] and abs(g['recall_at_10'] - c['recall_at_10']) <= 0.02 else 'FAIL')")
     line "index gpu vs cpu" "$(tail -1 <<< "$figure")" "$(head -1 <<< "$figure")"

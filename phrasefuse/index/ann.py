@@ -52,6 +52,7 @@ SPEEDUP_TO_KEEP = 2.0  # an approximate index must be this much faster than exac
 ADD_CHUNK = 131_072
 GPU_KINDS = ("flat", "ivf-sq8", "ivf-flat", "ivf-pq")  # what faiss.index_cpu_to_gpu clones (not HNSW)
 GPU_MAX_SELECT = 2048  # FAISS GPU limit on k and nprobe (GPU_MAX_SELECTION_K)
+GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # GpuIndexIVFPQ code sizes (8-bit codes)
 
 
 # ---------------------------------------------------------------- threads, memory sizes
@@ -131,10 +132,13 @@ def faiss_device(requested: str) -> str:
     return "cpu" if requested == "cpu" else choose_device(requested, *faiss_gpus())
 
 
-def gpu_refusal(kind: str, search_value: int | None = None, k: int = RECALL_K) -> str | None:
-    """Why a `kind` index cannot be searched on a FAISS GPU with this setting, or None when it can."""
+def gpu_refusal(kind: str, search_value: int | None = None, k: int = RECALL_K, pq: tuple[int, int] = (0, 0)) -> str | None:
+    """Why a `kind` index cannot be searched on a FAISS GPU with this setting (pq: ivf-pq's (m, nbits)),
+    or None when it can."""
     if kind not in GPU_KINDS:
         return f"FAISS has no GPU version of a {kind} index"
+    if kind == "ivf-pq" and (pq[0] not in GPU_PQ_BYTES or pq[1] != 8):
+        return f"FAISS's GPU IVF-PQ takes 8-bit codes of {', '.join(map(str, GPU_PQ_BYTES))} bytes, not PQ{pq[0]}x{pq[1]}"
     width = k * (REFINE_FACTOR if kind == "ivf-sq8" else 1)
     if width > GPU_MAX_SELECT or (search_value or 0) > GPU_MAX_SELECT:
         return (f"FAISS GPU search is limited to {GPU_MAX_SELECT} candidates and probes "
@@ -142,11 +146,12 @@ def gpu_refusal(kind: str, search_value: int | None = None, k: int = RECALL_K) -
     return None
 
 
-def search_device(kind: str, requested: str, search_value: int | None = None, k: int = RECALL_K) -> str:
+def search_device(kind: str, requested: str, search_value: int | None = None, k: int = RECALL_K,
+                  pq: tuple[int, int] = (0, 0)) -> str:
     """Where to search a `kind` index for --device `requested`: auto falls back to the CPU for what
     the GPU cannot do; cuda refuses it (one line)."""
     device = faiss_device(requested)
-    refusal = gpu_refusal(kind, search_value, k) if device == "cuda" else None
+    refusal = gpu_refusal(kind, search_value, k, pq) if device == "cuda" else None
     if refusal and requested == "cuda":
         raise BadInput(f"--device cuda: {refusal}; use --device cpu or --device auto")
     return "cpu" if refusal else device
@@ -169,7 +174,9 @@ class GpuCopy:
 
         self.cpu, self.ntotal = index, index.ntotal  # keeps the CPU vectors alive (ivf-sq8 re-ranks with them)
         options = faiss.GpuClonerOptions()
-        options.useFloat16 = False  # float32 on the device: the CPU's scores, not approximations of them
+        # float32 vectors on the device: the CPU's scores. For ivf-pq the flag means float16 lookup tables,
+        # which large codes need (GPU shared memory); its codes are approximate anyway.
+        options.useFloat16 = kind == "ivf-pq"
         if kind == "ivf-sq8":
             refine = faiss.downcast_index(index)
             self.base = faiss.index_cpu_to_gpu(gpu_resources(), 0, refine.base_index, options)
@@ -439,7 +446,7 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     n, dim = vectors.shape
     memory = default_memory() if memory is None else memory
     plan = plan_index(n, dim, memory, kind)
-    device = search_device(plan.kind, device)
+    device = search_device(plan.kind, device, pq=(plan.pq_m, plan.pq_nbits))
     if plan.kind == "flat":
         index = make_index(plan)
         train_and_add(index, plan, vectors)

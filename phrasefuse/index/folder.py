@@ -69,8 +69,7 @@ class PhraseIndex:
         self._gpu_copy = None
         self._table: pa.Table | None = None
         self.requested_device = device
-        info = meta.get("index", {})
-        self.device = search_device(info.get("kind"), device, info.get("search_value")) if device != "cpu" else "cpu"
+        self.device = search_device(**self._gpu_terms(), requested=device) if device != "cpu" else "cpu"
 
     def __repr__(self) -> str:
         return f"PhraseIndex({str(self.path)!r})"
@@ -135,6 +134,13 @@ class PhraseIndex:
             raise BadInput(f"query embeddings of shape {emb.shape}, but index {self.path} holds dim {self.dim}")
         return search(self.searcher(k), emb, k)
 
+    def _gpu_terms(self) -> dict:
+        """What decides whether a GPU can search this index: kind, search setting, PQ code."""
+        info = self.meta.get("index", {})
+        structure = info.get("structure", {})
+        return {"kind": info.get("kind"), "search_value": info.get("search_value"),
+                "pq": (structure.get("pq_m", 0), structure.get("pq_nbits", 0))}
+
     def searcher(self, k: int):
         """What answers a search for the top `k`: the CPU index, or its GPU copy (made once)."""
         from phrasefuse.index.ann import GpuCopy, Plan, search_device, set_search_value
@@ -142,7 +148,7 @@ class PhraseIndex:
         info = self.meta["index"]
         device = self.device
         if device == "cuda":  # a k beyond the GPU's limit: auto searches on the CPU, cuda refuses
-            device = search_device(info["kind"], self.requested_device, info.get("search_value"), k)
+            device = search_device(**self._gpu_terms(), requested=self.requested_device, k=k)
         if device == "cpu":
             return self.faiss_index
         if self._gpu_copy is None:

@@ -247,7 +247,9 @@ class PhraseMapper:
         set_threads(threads)
         encoder = load_text_encoder(text_model, device)
         check_identity(encoder.identity, identity, text_model)
-        self.search = PhraseSearch(PhraseIndex(index, device=device), encoder, k=k, score_weighted=score_weighted,
+        # An actor given a GPU searches there when its FAISS can (auto): a node with faiss-cpu still works.
+        self.search = PhraseSearch(PhraseIndex(index, device="auto" if device == "cuda" else "cpu"), encoder, k=k,
+                                   score_weighted=score_weighted,
                                    text_batch_size=text_batch_size)
         self.done, self.dim = done, encoder.dim
 

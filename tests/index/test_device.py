@@ -48,10 +48,13 @@ def test_unknown_device_is_refused():
 def test_what_the_gpu_cannot_search():
     assert gpu_refusal("hnsw") == "FAISS has no GPU version of a hnsw index"
     for kind in ("flat", "ivf-flat", "ivf-sq8", "ivf-pq"):
-        assert gpu_refusal(kind, 64, 10) is None, kind
+        assert gpu_refusal(kind, 64, 10, (32, 8)) is None, kind
     assert "nprobe=4096" in gpu_refusal("ivf-flat", 2 * GPU_MAX_SELECT, 10)
     assert gpu_refusal("ivf-flat", 8, 600) is None  # 600 candidates fit
     assert "k=2400" in gpu_refusal("ivf-sq8", 8, 600)  # re-ranking asks the GPU for 4x k
+    assert gpu_refusal("ivf-pq", 8, 10, (64, 8)) is None
+    assert "not PQ256x8" in gpu_refusal("ivf-pq", 8, 10, (256, 8))  # 512-d: dim/2 bytes, too large for the GPU
+    assert "not PQ16x6" in gpu_refusal("ivf-pq", 8, 10, (16, 6))
 
 
 def test_auto_never_fails_here_and_follows_faiss():
