@@ -341,20 +341,23 @@ def train_and_add(index, plan: Plan, vectors: np.ndarray, seed: int = 0, device:
         sample = np.random.default_rng(seed).choice(len(vectors), size=min(len(vectors), size), replace=False)
         sample = np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32)
         if device == "cuda" and plan.kind.startswith("ivf"):
-            _train_on_gpu(index, plan, sample)
+            import faiss
+
+            train_with_clustering_index(index, sample, faiss.index_cpu_to_gpu(gpu_resources(), 0,
+                                                                              faiss.IndexFlatIP(plan.dim)))
         else:
             index.train(sample)
     for start in range(0, len(vectors), ADD_CHUNK):
         index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
 
 
-def _train_on_gpu(index, plan: Plan, sample: np.ndarray) -> None:
-    """k-means of the IVF cells with a GPU flat index as the clustering index (the documented FAISS
-    hook), so the CPU index is trained in place; unset afterwards, so nothing points at the GPU."""
+def train_with_clustering_index(index, sample: np.ndarray, clustering) -> None:
+    """Train an IVF index whose k-means assigns points with `clustering` (FAISS's hook for it; a GPU
+    flat index on 'cuda'), so the CPU index is trained in place; unset afterwards, so the saved
+    index points at nothing of the GPU."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
-    clustering = faiss.index_cpu_to_gpu(gpu_resources(), 0, faiss.IndexFlatIP(plan.dim))
     ivf.clustering_index = clustering
     try:
         index.train(sample)

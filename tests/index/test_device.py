@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.index.ann import (GPU_MAX_SELECT, build_index, choose_device, faiss_device, faiss_gpus, gpu_refusal,
-                                  search, search_device)
+from phrasefuse.index.ann import (GPU_MAX_SELECT, Plan, build_index, choose_device, faiss_device, faiss_gpus,
+                                  gpu_refusal, make_index, search, search_device, train_with_clustering_index)
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.index.phrases import (DEFAULT_BATCH, DEFAULT_TEXT_BATCH, GPU_SEARCH_BATCH_MAX, GPU_TEXT_BATCH_MAX,
                                       batch_sizes)
@@ -123,3 +123,21 @@ def test_cuda_without_a_gpu_exits_2_with_one_line_and_writes_nothing(random_stor
         assert len(lines) == 1 and lines[0].startswith("phrasefuse: error: --device cuda: "), proc.stderr
         assert "--device auto" in lines[0] and proc.stdout == ""
         assert out is None or not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "ivf-pq"])
+def test_training_through_a_clustering_index_is_the_same_training(kind):
+    """The hook the GPU path trains through (there, a GPU flat index): with a CPU flat index it must
+    give the very centroids of plain training, and leave the index pointing at nothing."""
+    vectors = l2_normalize(np.random.default_rng(5).standard_normal((4000, 16)).astype(np.float32))
+    plan = Plan(kind, 16, nlist=16, pq_m=8 if kind == "ivf-pq" else 0, pq_nbits=4 if kind == "ivf-pq" else 0)
+    plain, hooked = make_index(plan, seed=0), make_index(plan, seed=0)
+    plain.train(vectors)
+    train_with_clustering_index(hooked, vectors, faiss.IndexFlatIP(16))
+    centroids = [faiss.extract_index_ivf(i).quantizer.reconstruct_n(0, 16) for i in (plain, hooked)]
+    np.testing.assert_allclose(centroids[0], centroids[1], atol=1e-5)
+    assert hooked.is_trained and faiss.extract_index_ivf(hooked).clustering_index is None
+    wrong = make_index(plan, seed=0)
+    with pytest.raises(RuntimeError):  # the hook is what assigns: one of another dimension fails
+        train_with_clustering_index(wrong, vectors, faiss.IndexFlatIP(8))
+    assert faiss.extract_index_ivf(wrong).clustering_index is None
