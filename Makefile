@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(if $(GPU),$(VENV)/.gpu,$(VENV)/.cpu)
 	$(if $(GPU),,$(PY) -m pip show --quiet faiss-gpu 2>/dev/null && $(PY) -m pip uninstall --quiet --yes faiss-gpu faiss-cpu || true)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(if $(GPU),$(PY) -m pip uninstall --quiet --yes faiss-cpu)
-	$(if $(GPU),$(PY) -m pip install --quiet --force-reinstall --no-deps "$$($(PY) -m pip freeze | grep -i '^faiss-gpu==')")
+	$(if $(GPU),$(PY) -m pip install --quiet --force-reinstall --no-deps "faiss-gpu==$$($(PY) -c 'from importlib.metadata import version; print(version("faiss-gpu"))')")
 	touch $@
 
 # Markers of the last install's kind: a change of GPU makes .installed stale.
