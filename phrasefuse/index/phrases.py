@@ -70,6 +70,9 @@ class PhrasesSummary:
     failed: int = 0  # no phrase found (errors.parquet)
     phrases_embedded: int = 0  # distinct phrases run through the text model
     seconds: float = 0.0
+    search_device: str = "cpu"  # where FAISS searched (on Ray: each actor's own choice)
+    batch_size: int = 0  # images per FAISS search
+    text_batch_size: int = 0  # phrases per text-model call
 
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
@@ -136,7 +139,8 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                             "column": "phrases"},
                     extra={"phrases": settings})
 
-    summary = PhrasesSummary(str(out), images=store.num_rows())
+    summary = PhrasesSummary(str(out), images=store.num_rows(), search_device=phrase_index.device,
+                             batch_size=batch_size, text_batch_size=text_batch_size)
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
         done = writer.store.ids_and_keys()["id"]

@@ -141,3 +141,14 @@ def test_training_through_a_clustering_index_is_the_same_training(kind):
     with pytest.raises(RuntimeError):  # the hook is what assigns: one of another dimension fails
         train_with_clustering_index(wrong, vectors, faiss.IndexFlatIP(8))
     assert faiss.extract_index_ivf(wrong).clustering_index is None
+
+
+def test_phrases_batch_sizes_follow_the_device_unless_given(shapes_index, shapes_img_store, tmp_path):
+    from phrasefuse.index.phrases import generate_phrases
+
+    on_cpu = generate_phrases(shapes_index, shapes_img_store, tmp_path / "cpu", device="cpu")
+    assert (on_cpu.search_device, on_cpu.batch_size, on_cpu.text_batch_size) == ("cpu", DEFAULT_BATCH, DEFAULT_TEXT_BATCH)
+    given = generate_phrases(shapes_index, shapes_img_store, tmp_path / "given", device="auto", batch_size=7,
+                             text_batch_size=3)
+    assert (given.search_device, given.batch_size, given.text_batch_size) == (faiss_device("auto"), 7, 3)
+    assert given.written == on_cpu.written == 60 and given.phrases_embedded == on_cpu.phrases_embedded
