@@ -13,6 +13,7 @@ happens unless the environment variable ``PHRASEFUSE_FAULT`` names that point::
 - ``kill``: SIGKILL self (a crash: nothing runs after it)
 - ``int``, ``term``: SIGINT / SIGTERM self (delivered before `fault_point` returns, so the
   handler runs at this point; Python raises from the handler synchronously)
+- ``fail``: raise RuntimeError (an unexpected failure at this point: exit 1)
 - ``pause``: write the point's name to the file named by ``PHRASEFUSE_FAULT_MARK`` (if set;
   whole, through a rename), then sleep until a signal handler raises (the CLI's Ctrl-C and
   SIGTERM handlers do) or the process is killed, so a test can deliver Ctrl-C or SIGTERM from
@@ -42,7 +43,7 @@ from pathlib import Path
 
 ENV = "PHRASEFUSE_FAULT"
 MARK_ENV = "PHRASEFUSE_FAULT_MARK"
-ACTIONS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM, "pause": None}
+ACTIONS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM, "pause": None, "fail": None}
 
 
 def parse(spec: str) -> dict[str, tuple[int, str]]:
@@ -72,6 +73,8 @@ def fault_point(name: str) -> None:
         return
     if action == "pause":
         _pause(name)
+    elif action == "fail":
+        raise RuntimeError(f"fault point {name} (test fault {ENV})")
     else:
         signal.raise_signal(ACTIONS[action])
 
