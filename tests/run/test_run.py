@@ -99,6 +99,7 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert all(s["status"] == "ran" for s in first.values())
     assert first["extract image"]["summary"]["embedded"] == 60
     assert first["extract query images"]["summary"]["embedded"] == 40
+    assert_predictions_and_zeroshot(demo_data)
 
     work = demo_data / "work"
     page = (work / "report.html").read_text(encoding="utf-8")
@@ -112,7 +113,6 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     one_shot = {r["features"]: r for r in ablation["tables"][1]["rows"]}
     prior_row = one_shot["image + phrases + label prior (phrases)"]
     assert prior_row["prior_weights"] == [10.0] and not prior_row["prior_tuned"]  # 1 shot: the default, untested
-    assert_predictions_and_zeroshot(demo_data)
 
     # Same config again: every stage is skipped, and the summaries say nothing was embedded.
     second = stages(run_cli("run", config, "--json"))
