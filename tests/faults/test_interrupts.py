@@ -15,8 +15,7 @@ import pytest
 
 from phrasefuse.extract.jobs import extract_images, extract_texts
 from phrasefuse.store import EmbeddingStore
-from tests.faults.conftest import (TIMEOUT, assert_sound, error_lines, file_states, kill_at, pause_at, shards,
-                                   start_cli)
+from tests.faults.conftest import TIMEOUT, assert_sound, error_lines, file_states, kill_at, pause_at, shards
 
 ROWS, SHARD = 96, 4  # fault_dataset; --batch-size 1: one row per StoreWriter.add
 
