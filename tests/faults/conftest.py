@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from phrasefuse.faultpoints import ENV as FAULT_ENV
@@ -91,6 +93,19 @@ def assert_sound(store: Path, killed: bool = False) -> list[str]:
     assert len(ids) == len(set(ids))
     assert len(list(store.glob(".*.tmp-*"))) <= (1 if killed else 0)
     return ids
+
+
+def assert_interrupted(proc: subprocess.Popen, shard_rows: list[int], out: Path) -> None:
+    """Exit 130 and the one line saying what is kept; the shards hold `shard_rows` rows, the last
+    one the 1 to shard_size - 1 rows that were buffered at the signal (flushed whole)."""
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, stderr
+    line = error_lines(stderr)
+    assert len(line) == 1 and line[0].startswith("phrasefuse: interrupted;") and "Traceback" not in stderr, stderr
+    kept = re.search(r"(\d+) rows written by this run, (\d+) rows in (\d+) shards kept", line[0])
+    assert kept and tuple(map(int, kept.groups())) == (sum(shard_rows), sum(shard_rows), len(shard_rows)), line[0]
+    assert [pq.read_metadata(p).num_rows for p in shards(out)] == shard_rows
+    assert 1 <= shard_rows[-1] < shard_rows[0] and len(assert_sound(out)) == sum(shard_rows)
 
 
 def file_states(folder: Path) -> dict[str, tuple[int, int, int]]:

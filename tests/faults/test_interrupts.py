@@ -7,15 +7,13 @@ at the kill is known exactly whatever the machine's speed."""
 
 from __future__ import annotations
 
-import re
 import signal
 
 import pyarrow.parquet as pq
-import pytest
 
 from phrasefuse.extract.jobs import extract_images, extract_texts
 from phrasefuse.store import EmbeddingStore
-from tests.faults.conftest import TIMEOUT, assert_sound, error_lines, file_states, kill_at, pause_at, shards
+from tests.faults.conftest import assert_interrupted, assert_sound, file_states, kill_at, pause_at, shards
 
 ROWS, SHARD = 96, 4  # fault_dataset; --batch-size 1: one row per StoreWriter.add
 
@@ -70,36 +68,15 @@ def test_sigkill_at_each_step_of_a_shard_write_then_resume_stores_each_id_once(f
     assert all(part_states(out)[name] == state for name, state in kept.items())  # untouched by the resume
 
 
-def kept_counts(line: str) -> tuple[int, int, int]:
-    kept = re.search(r"(\d+) rows written by this run, (\d+) rows in (\d+) shards kept", line)
-    assert kept, line
-    return int(kept[1]), int(kept[2]), int(kept[3])
-
-
-def assert_interrupted(proc, buffered_shards: int, buffered: int, out) -> None:
-    """Exit 130 with the one line; the `buffered` rows held at the signal became a last whole shard."""
-    _, stderr = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 130, stderr
-    line = error_lines(stderr)
-    assert len(line) == 1 and line[0].startswith("phrasefuse: interrupted;") and "Traceback" not in stderr, stderr
-    rows = buffered_shards * SHARD + buffered
-    assert kept_counts(line[0]) == (rows, rows, buffered_shards + 1)
-    assert [pq.read_metadata(p).num_rows for p in shards(out)] == [SHARD] * buffered_shards + [buffered]
-    assert 1 <= buffered <= SHARD - 1 and len(assert_sound(out)) == rows
-
-
-@pytest.mark.parametrize("signum, point, buffered_shards, buffered", [
-    (signal.SIGINT, "rows-buffered@10", 2, 2),  # Ctrl-C after the 10th row: 2 shards of 4 written, 2 buffered
-    (signal.SIGTERM, "rows-buffered@7", 1, 3),  # a scheduler's stop after the 7th: 1 shard, 3 buffered
-])
-def test_ctrl_c_and_sigterm_with_rows_buffered_exit_130_and_flush_them_as_a_last_shard(
-        signum, point, buffered_shards, buffered, fault_dataset, tiny_clip_spec, tmp_path):
+def test_ctrl_c_with_rows_buffered_exits_130_and_flushes_them_as_a_last_shard(fault_dataset, tiny_clip_spec, tmp_path):
+    """SIGTERM (the same handler): tests/faults/test_kill_points.py, on `import`."""
     out = tmp_path / "img"
-    proc = pause_at(point, "extract", "images", fault_dataset, "--out", out, "--model", tiny_clip_spec,
+    # Paused after the 10th row is buffered: 2 shards of 4 written, 2 rows in the buffer.
+    proc = pause_at("rows-buffered@10", "extract", "images", fault_dataset, "--out", out, "--model", tiny_clip_spec,
                     "--workers", "0", "--batch-size", "1", "--shard-size", SHARD, mark_dir=tmp_path, sigint=True)
-    assert [p.name for p in shards(out)] == shard_names(buffered_shards)  # the state at the signal, exactly
-    proc.send_signal(signum)
-    assert_interrupted(proc, buffered_shards, buffered, out)
+    assert [p.name for p in shards(out)] == shard_names(2)  # the state at the signal, exactly
+    proc.send_signal(signal.SIGINT)
+    assert_interrupted(proc, [SHARD, SHARD, 2], out)
 
 
 def test_sigkill_of_extract_texts_mid_write_then_resume_stores_each_id_once(fault_dataset, tiny_clip_spec, tmp_path):

@@ -1,11 +1,12 @@
 """SIGKILL of the other writing commands at exact fault points (phrasefuse/faultpoints.py), then
-resume: `import` and `phrases` (stores written through StoreWriter), and the folder outputs that
-are rewritten in place (`index build`, `fuse train`, `export`): the old folder or the new one,
+resume: `import` and `phrases` (stores written through StoreWriter; SIGTERM with rows buffered on
+`import`), and the folder outputs that are rewritten in place (`index build`, `fuse train`, `export`): the old folder or the new one,
 whole, and no leftover once the next write is done."""
 
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,7 @@ from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.interop import export_npy, import_npy
 from phrasefuse.store import EmbeddingStore, StoreWriter, l2_normalize, new_meta
 from tests.conftest import run_cli
-from tests.faults.conftest import assert_sound, file_states, kill_at, shards
+from tests.faults.conftest import assert_interrupted, assert_sound, file_states, kill_at, pause_at, shards
 from tests.index.conftest import random_encoder
 
 SHARD = 4
@@ -86,6 +87,16 @@ def test_sigkill_of_import_at_each_step_then_resume_stores_each_id_once(npy_fold
     assert sorted(assert_sound(out)) == ids  # each id exactly once
     order = np.argsort(stored_ids)
     np.testing.assert_allclose(stored[order], emb, atol=1e-3)  # through float16 .npy files
+
+
+def test_sigterm_with_rows_buffered_exits_130_and_flushes_them_as_a_last_shard(npy_folder, tmp_path):
+    """A scheduler's stop (SIGTERM) while the 2nd chunk's 3 rows wait in the buffer (shard size 4)."""
+    folder, _, _ = npy_folder
+    out = tmp_path / "imported"
+    proc = pause_at("rows-buffered@2", "import", folder, "--out", out, "--shard-size", SHARD, mark_dir=tmp_path)
+    assert len(shards(out)) == 1  # the state at the signal, exactly
+    proc.send_signal(signal.SIGTERM)
+    assert_interrupted(proc, [SHARD, 3], out)
 
 
 # ---------------------------------------------------------------- phrases
