@@ -64,9 +64,12 @@ def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = F
     if not store.exists():
         raise BadInput(f"{path}: not a phrasefuse store (no meta.json); pass a folder written by phrasefuse")
     meta = store.meta
-    errors = store.errors()
+    try:
+        errors = store.errors()
+    except BadInput:  # --verify names it among the problems
+        errors = None
     reasons = {}
-    for r in errors["reason"].to_pylist():
+    for r in ([] if errors is None else errors["reason"].to_pylist()):
         kind = r.split(":")[0].split("(")[0].strip()
         reasons[kind] = reasons.get(kind, 0) + 1
     fields = {
@@ -78,7 +81,7 @@ def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = F
         "source": ", ".join(f"{k}={v}" for k, v in meta.get("source", {}).items()),
         "rows": _rows(store),
         "shards": len(store.shard_paths()),
-        "errors": errors.num_rows if not reasons else f"{errors.num_rows} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})",
+        "errors": "unreadable errors.parquet" if errors is None else errors.num_rows if not reasons else f"{errors.num_rows} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})",
         "created": meta.get("created"),
     }
     report = Report("store", str(path), fields)

@@ -147,11 +147,14 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
                    batch_size: int = 64, workers: int | None = None, device: str = "auto",
                    limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
                    progress: bool | None = None, allow_outside_paths: bool = False, engine: str = "local",
-                   ray: RayOptions | None = None) -> ExtractSummary:
+                   ray: RayOptions | None = None, limits=None) -> ExtractSummary:
     """Embed the `image` column of a manifest into the store `out`. Image paths that resolve
-    outside the manifest's folder are refused unless `allow_outside_paths`."""
+    outside the manifest's folder are refused unless `allow_outside_paths`; images over `limits`
+    (`images.ImageLimits`: file size, pixels, aspect ratio) are error rows."""
     from phrasefuse.extract.encoders import load_image_encoder
+    from phrasefuse.extract.images import DEFAULT_LIMITS
 
+    limits = limits or DEFAULT_LIMITS
     _check_sizes(batch_size, shard_size, limit)
     check_engine(engine, ray)
     rows = read_manifest(manifest, require_image=True, allow_outside_paths=allow_outside_paths).head(limit)
@@ -168,9 +171,9 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
             from phrasefuse.extract.ray_engine import embed_images
 
             batches = embed_images(todo, existing["key"], model, encoder.identity, batch_size=batch_size,
-                                   device=device, options=ray or RayOptions())
+                                   device=device, options=ray or RayOptions(), limits=limits)
         else:
-            batches = _embed_images_local(todo, existing["key"], encoder, batch_size, workers)
+            batches = _embed_images_local(todo, existing["key"], encoder, batch_size, workers, limits)
         known: list[tuple[str, str]] = []
         with _progress(todo.num_rows, "images", progress) as advance:
             for batch in batches:
@@ -188,16 +191,17 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     return summary
 
 
-def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int, workers: int | None):
+def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int, workers: int | None,
+                 limits=None):
     """The local engine's reader: a DataLoader whose workers read, hash, decode and prepare the
     rows (id, image) for `encoder`; batches as `images.collate` makes them. Rows whose key is in
     `known_keys` are hashed, not decoded."""
     import torch
 
-    from phrasefuse.extract.images import ImageRows, collate, worker_init
+    from phrasefuse.extract.images import DEFAULT_LIMITS, ImageRows, collate, worker_init
 
     dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.to_pixels,
-                        encoder.resize_shorter, frozenset(known_keys.to_pylist()))
+                        encoder.resize_shorter, frozenset(known_keys.to_pylist()), limits or DEFAULT_LIMITS)
     workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
@@ -207,12 +211,12 @@ def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
 
 
 def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
-                        workers: int | None) -> Iterator[ImageBatch]:
+                        workers: int | None, limits=None) -> Iterator[ImageBatch]:
     """The local mapper: `image_loader`'s workers prepare the images; the model runs here. An item
     whose key was embedded earlier in this run (same bytes, another id) is not run again."""
     import torch
 
-    loader = image_loader(todo, known_keys, encoder, batch_size, workers)
+    loader = image_loader(todo, known_keys, encoder, batch_size, workers, limits)
     embedded_keys: set[str] = set()
     for batch in loader:
         out = ImageBatch([], [], np.zeros((0, encoder.dim), np.float32), batch["known"], batch["errors"])

@@ -138,9 +138,11 @@ class ImageEmbedder:
     is the local engine's (`images.ImageRows`: read, hash, skip known keys, decode, transform),
     on `threads` threads; the model runs once per batch."""
 
-    def __init__(self, spec: str, device: str, identity: dict, known_keys: pa.Array, threads: int):
+    def __init__(self, spec: str, device: str, identity: dict, known_keys: pa.Array, threads: int, limits=None):
         from phrasefuse.extract.encoders import load_image_encoder
+        from phrasefuse.extract.images import DEFAULT_LIMITS
 
+        self.limits = limits or DEFAULT_LIMITS
         _set_threads(threads)
         self.encoder = load_image_encoder(spec, device)
         _check_identity(self.encoder.identity, identity, spec)
@@ -151,7 +153,7 @@ class ImageEmbedder:
         from phrasefuse.extract.images import ImageRows, collate
 
         rows = ImageRows(batch["id"].to_pylist(), batch["image"].to_pylist(), self.encoder.to_pixels,
-                         self.encoder.resize_shorter, self.known_keys)
+                         self.encoder.resize_shorter, self.known_keys, self.limits)
         items = list((self.pool.map if self.pool else map)(rows.__getitem__, range(len(rows))))
         out = collate(items)
         n, known, errors = len(out["ids"]), out["known"], out["errors"]
@@ -168,7 +170,7 @@ class ImageEmbedder:
 
 
 def embed_images(todo: pa.Table, known_keys: pa.Array, spec: str, identity: dict, *, batch_size: int,
-                 device: str, options) -> Iterator:
+                 device: str, options, limits=None) -> Iterator:
     """The Ray mapper of `extract_images`: yields `jobs.ImageBatch`es, as the local one does. Rows
     whose key another actor embedded earlier in this run become `known` (copied, like the local engine)."""
     from phrasefuse.extract.jobs import ImageBatch, _first_of_each_key
@@ -182,7 +184,7 @@ def embed_images(todo: pa.Table, known_keys: pa.Array, spec: str, identity: dict
             ImageEmbedder, batch_size=batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"spec": spec, "device": actor_device, "identity": identity,
                                    "known_keys": known_keys.combine_chunks() if isinstance(known_keys, pa.ChunkedArray)
-                                   else known_keys, "threads": threads},
+                                   else known_keys, "threads": threads, "limits": limits},
             **resources)
         embedded_keys: set[str] = set()
         for out in results.iter_batches(batch_size=None, batch_format="pyarrow"):

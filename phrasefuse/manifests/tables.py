@@ -61,6 +61,7 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
             raise _cannot_read(path, what, e) from None
         finally:
             con.close()
+        _refuse_reserved(path, table.column_names)
         n = table.num_rows
         table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(path)))
         table = table.append_column(ROW_COL, pa.array(range(1, n + 1), pa.int64()))
@@ -70,6 +71,14 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
     except pa.ArrowException as e:
         names = ", ".join(str(t[FILE_COL][0]) for t in tables if t.num_rows)
         raise BadInput(f"{pattern}: files disagree on column types ({e}); files: {names}") from None
+
+
+def _refuse_reserved(path: Path, columns: list[str]) -> None:
+    """`_file` and `_row` are the columns phrasefuse adds (where a row came from)."""
+    for name in (FILE_COL, ROW_COL):
+        if name in columns:
+            raise BadInput(f"{path}: column '{name}' is reserved (phrasefuse adds it to name a row's file and "
+                           f"row); rename that column")
 
 
 def _reader(path: Path, what: str) -> str:
@@ -115,6 +124,7 @@ def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: in
                     break
                 n = batch.num_rows
                 table = pa.Table.from_batches([batch])
+                _refuse_reserved(path, table.column_names)
                 table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(path)))
                 table = table.append_column(ROW_COL, pa.array(np.arange(row + 1, row + n + 1), pa.int64()))
                 row += n
