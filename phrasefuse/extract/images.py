@@ -198,8 +198,9 @@ def read_item(path: str | None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[b
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None, f"file not found: {path}"
-    except OSError as e:
-        return None, f"cannot read {path}: {e.strerror}"
+    except OSError as e:  # a socket cannot be opened at all: say what it is
+        kind = _special_kind(path)
+        return None, f"is {kind}, not an image file: {path}" if kind else f"cannot read {path}: {e.strerror}"
     except (ValueError, TypeError, UnicodeError) as e:  # a NUL byte, unencodable characters
         return None, f"not a valid path ({str(e)[:80]}): {path!r}"
     try:
@@ -210,6 +211,16 @@ def read_item(path: str | None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[b
         return None, f"cannot read {path}: out of memory"
     finally:
         os.close(fd)
+
+
+def _special_kind(path: str) -> str | None:
+    """What the file at `path` is when it is not a regular file (symlinks followed); None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else next((name for test, name in FILE_KINDS if test(mode)),
+                                                "not a regular file")
 
 
 def _read_regular(fd: int, path: str, limits: ImageLimits) -> tuple[bytes | None, str | None]:
