@@ -55,6 +55,8 @@ IDENTITY_FIELDS = ("family", "name", "weights_sha256", "dim")
 # Write failures that are the user's environment, not a bug: full disk, quota, file-size
 # limit, read-only or forbidden folder (BadInput, exit 2).
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+# An output path taken by something else: a folder where a file goes, a file where a folder goes.
+OCCUPIED_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY})
 
 
 # ---------------------------------------------------------------- atomic files
@@ -80,8 +82,24 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             fix = ("free space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make the folder writable")
             raise BadInput(f"{path}: cannot write ({os.strerror(e.errno)}); {fix} or choose another output folder, "
                            f"then re-run (files already written are kept)") from None
+        if isinstance(e, OSError) and e.errno in OCCUPIED_ERRNOS:
+            raise BadInput(f"{path}: cannot write there ({os.strerror(e.errno)}: a folder, or a file where a "
+                           f"folder should be); choose another output path") from None
         raise
     _fsync_dir(path.parent)
+
+
+def make_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """mkdir -p `folder`; a read-only place, a full disk or a file in the way is a BadInput naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS | OCCUPIED_ERRNOS:
+            raise
+        raise BadInput(f"{what} {folder}: cannot create the folder ({e.strerror}); make the place writable or "
+                       f"choose another {what}") from None
+    return folder
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

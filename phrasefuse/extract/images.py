@@ -128,8 +128,9 @@ DEFAULT_LIMITS = ImageLimits()
 @contextmanager
 def decode_errors(limits: ImageLimits = DEFAULT_LIMITS):
     """Pillow's and libjpeg's failures -> ValueError(reason); decompression bombs are errors."""
-    if limits.max_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
-        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # a raised cap: Pillow's own check follows it (limits.refuse stays)
+    if limits.max_pixels > DEFAULT_LIMITS.max_pixels and limits.max_pixels > (Image.MAX_IMAGE_PIXELS or 0) \
+            and Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # a cap the user raised: Pillow's bomb check follows it
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

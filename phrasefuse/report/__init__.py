@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.report import plots
-from phrasefuse.store import write_atomic
+from phrasefuse.store import make_folder, write_atomic
 
 THUMB = 128  # gallery thumbnail size (pixels)
 
@@ -33,7 +33,7 @@ def write_report(config, layout) -> list[Path]:
     from phrasefuse.run.pipeline import BASELINE, heads_with_baseline
 
     plot_dir = layout.work / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(plot_dir, "work folder")
     written: list[Path] = []
     sections: list[str] = []
 

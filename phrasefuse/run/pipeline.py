@@ -27,7 +27,7 @@ from pathlib import Path
 
 from phrasefuse.errors import BadInput
 from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
-from phrasefuse.store import EmbeddingStore, remove_folder, write_json_atomic
+from phrasefuse.store import EmbeddingStore, make_folder, remove_folder, write_json_atomic
 
 STATE = "run-state.json"
 BASELINE = "image-only"  # the head the report compares every fused head with
@@ -174,7 +174,7 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     config = load_config(config_path)
     check_inputs(config)
     layout = Layout(config.work)
-    config.work.mkdir(parents=True, exist_ok=True)
+    make_folder(config.work, f"{config.path}: key 'work':")
     state = RunState(config.work)
     manifest_fp = files_fingerprint(config.data.manifest)
 
