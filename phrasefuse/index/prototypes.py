@@ -36,12 +36,25 @@ def segment_sums(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, 
     return sums
 
 
+def per_segment_scaled(segment: np.ndarray, weights: np.ndarray, n_segments: int) -> np.ndarray:
+    """Weights divided (in float64) by the largest weight of their segment: a mean's direction does
+    not change, and weights like 1e300 or 1e-300 (inf or 0 in float32) keep their ratios instead of
+    turning a phrase's prototype into NaN or zero (a phrase then silently lost)."""
+    w = np.asarray(weights, dtype=np.float64)
+    top = np.zeros(n_segments, np.float64)
+    np.maximum.at(top, segment, w)
+    scale = top[segment]
+    return np.divide(w, scale, out=np.zeros_like(w), where=scale > 0).astype(np.float32)
+
+
 def prototypes(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, n_segments: int,
                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prototypes (n_segments, dim) float32 unit rows, ok (n_segments,) bool).
 
     `embeddings` are L2-normalised first (a float16 store comes back unit-norm in float32).
     ok is False for a segment with no pairs, or whose images cancel out (zero sum)."""
+    if weights is not None:
+        weights = per_segment_scaled(segment, weights, n_segments)
     sums = segment_sums(segment, rows, l2_normalize(embeddings), n_segments, weights)
     ok = np.linalg.norm(sums, axis=1) > 1e-6
     return l2_normalize(sums), ok

@@ -252,6 +252,20 @@ def check_inputs(config: Config) -> None:
                                      else path.exists()):
             raise BadInput(f"{config.path}: key '{key}': {path} does not exist; fix the path (relative to the "
                            f"config file's folder)")
+    _check_columns(config)
+
+
+def _check_columns(config: Config) -> None:
+    """The manifest has the columns the config names (read from the files' schemas, before any work:
+    not after hours of extraction)."""
+    from phrasefuse.manifests.tables import table_columns
+
+    columns = table_columns(config.data.manifest, what="manifest")
+    for key, name in [("data.text_columns", n) for n in config.data.text_columns] + \
+            ([("data.label_col", config.data.label_col)] if config.data.label_col else []):
+        if name not in columns:
+            raise BadInput(f"{config.path}: key '{key}': column '{name}' is not in the manifest "
+                           f"{config.data.manifest} (columns: {', '.join(columns)}); fix the name")
 
 
 def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp: str,
