@@ -5,7 +5,6 @@ in-process through `cli.main` (its exit status and stderr are the point; no subp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phrasefuse.errors import BadInput
 from phrasefuse.store import (EmbeddingStore, StoreWriter, atomic_folder, is_folder_of, new_meta, recover_folder,
                               remove_folder, write_json_atomic)
 from tests.faults.test_tampered_heads import _encoder, write_data
