@@ -194,21 +194,29 @@ def _alive(pid: int) -> bool:
 def recover_folder(out: Path) -> None:
     """Undo what a killed process left around the folder `out`: when `out` is missing and an
     `.old-PID` copy of it remains (killed between the two renames of `_swap_in`), the old folder
-    is renamed back; other leftovers of dead processes (`.tmp-PID` half-built folders, `.old-PID`
-    and `.del-PID` folders being deleted) are removed. Leftovers of live processes are left alone."""
+    is renamed back; other leftovers of dead processes (`.tmp-PID` half-built folders or files,
+    `.old-PID` and `.del-PID` folders being deleted) are removed. Leftovers of live processes are
+    left alone."""
     out = Path(out)
+    if out.name:
+        recover_leftovers(out.parent, only=out.name)
+
+
+def recover_leftovers(folder: Path, only: str | None = None) -> None:
+    """`recover_folder` for every output in `folder` (or only the one named `only`): one listing."""
     try:
-        siblings = list(out.parent.iterdir()) if out.name and out.parent.is_dir() else []
+        entries = list(os.scandir(folder)) if Path(folder).is_dir() else []
     except OSError:
         return
     leftovers = []
-    for p in siblings:
-        m = LEFTOVER_RE.match(p.name)
-        if m and m["name"] == out.name and not _alive(int(m["pid"])):
-            leftovers.append((m["kind"], p))
+    for entry in entries:
+        m = LEFTOVER_RE.match(entry.name)
+        if m and (only is None or m["name"] == only) and not _alive(int(m["pid"])):
+            leftovers.append((m["kind"] != "old", m["name"], Path(entry.path)))
     try:
-        for kind, p in sorted(leftovers, key=lambda kp: kp[0] != "old"):
-            if kind == "old" and not os.path.lexists(out) and (p / META).is_file():
+        for _, name, p in sorted(leftovers):  # the .old copies first: a missing output comes back
+            out = Path(folder) / name
+            if p.name.startswith(f".{name}.old-") and not os.path.lexists(out) and (p / META).is_file():
                 os.rename(p, out)
                 _fsync_dir(out.parent)
             elif p.is_dir() and not p.is_symlink():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from phrasefuse.errors import BadInput
 from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
-from phrasefuse.store import EmbeddingStore, make_folder, remove_folder, write_json_atomic
+from phrasefuse.store import EmbeddingStore, make_folder, recover_leftovers, remove_folder, write_json_atomic
 
 STATE = "run-state.json"
 BASELINE = "image-only"  # the head the report compares every fused head with
@@ -175,6 +175,9 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     check_inputs(config)
     layout = Layout(config.work)
     make_folder(config.work, f"{config.path}: key 'work':")
+    for folder in (config.work, config.work / "stores", config.work / "heads", config.work / "predictions",
+                   layout.ablation, config.work / "plots"):
+        recover_leftovers(folder)  # of a killed earlier run: swaps undone, temporary files removed
     state = RunState(config.work)
     manifest_fp = files_fingerprint(config.data.manifest)
 

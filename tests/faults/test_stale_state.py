@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from phrasefuse.store import (EmbeddingStore, StoreWriter, atomic_folder, is_folder_of, new_meta, recover_folder,
-                              remove_folder, write_json_atomic)
+                              recover_leftovers, remove_folder, write_json_atomic)
 from tests.faults.test_tampered_heads import _encoder, write_data
 
 
@@ -95,6 +95,19 @@ def test_the_new_folder_wins_when_the_kill_came_after_the_second_rename(tmp_path
     assert json.loads((out / "meta.json").read_text())["n"] == "new" and not old.exists()
 
 
+def test_leftovers_of_files_and_folders_in_a_work_folder_are_recovered_in_one_pass(tmp_path):
+    dead = dead_pid()
+    (tmp_path / f".report.html.tmp-{dead}").write_text("<half")
+    (tmp_path / f".run-state.json.tmp-{dead}").write_text("{")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "meta.json").write_text("{}")
+    killed_mid_swap(tmp_path / "index", dead)
+    (tmp_path / f".phrases.del-{dead}").mkdir()
+    recover_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert (tmp_path / "index" / "meta.json").read_text() == "{}"
+
+
 def test_a_derived_store_deleted_crash_safely_never_shows_half(trained, tmp_path, monkeypatch):
     _, img, _ = trained
     victim = tmp_path / "phrases"
@@ -154,8 +167,11 @@ def test_run_retries_failed_rows_once_the_file_is_back(tmp_path, tiny_clip_spec,
     first = [r for r in run_config(config, progress=False) if r.stage == "extract image"][0]
     assert first.summary["failed"] == 1
     (tmp_path / "aside.jpg").rename(missing)
+    leftover = tmp_path / "w" / f".report.html.tmp-{dead_pid()}"  # of a run killed while writing its report
+    leftover.write_text("<half")
     second = [r for r in run_config(config, progress=False) if r.stage == "extract image"][0]
     assert second.status == "ran" and second.summary["embedded"] == 1 and second.summary["failed"] == 0
     assert EmbeddingStore(tmp_path / "w/stores/image").num_rows() == 6
+    assert not leftover.exists()
     third = [r for r in run_config(config, progress=False) if r.stage == "extract image"][0]
     assert third.status == "skipped"  # nothing failed any more: up to date again
