@@ -54,12 +54,15 @@ def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = F
         return report
     from phrasefuse.fuse.artifact import describe_head, is_head  # a head folder (fuse train)
 
-    if is_head(path):
-        return describe_head(path, verify=verify)
     from phrasefuse.index.folder import describe_index, is_index  # an index folder (index build)
 
-    if is_index(path):
-        return describe_index(path, verify=verify)
+    for is_kind, describe_kind in ((is_head, describe_head), (is_index, describe_index)):
+        if is_kind(path):
+            try:
+                return describe_kind(path, verify=verify)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # a hand-edited meta.json
+                raise BadInput(f"{path / 'meta.json'}: malformed ({type(e).__name__}: {str(e)[:120]}); restore it "
+                               f"or rebuild {path}") from None
     store = EmbeddingStore(path)
     if not store.exists():
         raise BadInput(f"{path}: not a phrasefuse store (no meta.json); pass a folder written by phrasefuse")

@@ -274,6 +274,8 @@ def verify_head(path: str | os.PathLike) -> list[str]:
         head.prior_feature()
     except BadInput as e:
         problems.append(str(e))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a hand-edited feature record
+        problems.append(f"{Path(path) / META}: malformed feature record ({type(e).__name__}: {e}); re-train the head")
     return problems
 
 

@@ -185,3 +185,26 @@ def test_damaged_store_meta_or_errors_file_is_bad_input_and_verify_reports_it(he
     else:
         with pytest.raises(BadInput, match="meta.json: field '(dtype|encoder.dim)'"):
             s.meta
+
+
+@pytest.mark.parametrize("edit", ["features_no_name", "features_not_a_list", "metrics_a_string"])
+def test_inspect_of_a_hand_edited_head_meta_is_bad_input(heads, tmp_path, edit):
+    from phrasefuse.inspect import describe
+
+    head = tmp_path / edit
+    shutil.copytree(heads["linear"], head)
+    meta = json.loads((head / "meta.json").read_text())
+    if edit == "features_no_name":
+        del meta["features"][0]["name"]
+    elif edit == "features_not_a_list":
+        meta["features"] = 7
+    else:
+        meta["metrics"] = "x"
+    (head / "meta.json").write_text(json.dumps(meta))
+    for verify in (False, True):
+        try:
+            report = describe(head, verify=verify)
+        except BadInput as e:
+            assert str(head) in str(e)
+        else:
+            assert verify and report.problems  # a sound description, problems listed by --verify
