@@ -114,7 +114,7 @@ def prepare_only(rows, encoder, batch_size: int, workers: int | None) -> float:
     """Images/s of the job's DataLoader alone: what the workers deliver when nothing else runs."""
     import pyarrow as pa
 
-    from phrasefuse.extract.jobs import image_loader
+    from phrasefuse.extract.mappers import image_loader
 
     loader = image_loader(rows, pa.array([], pa.string()), encoder, batch_size, workers)
     start = time.perf_counter()

@@ -2,8 +2,10 @@
 
 Stages (one folder each): `extract/` embeds images and texts once into embedding
 stores, `index/` builds query prototypes and generates phrases, `fuse/` trains
-light heads on cached embeddings. `store.py` is the on-disk format every stage
-shares; `manifests/` reads and validates tables; `cli.py` is the thin CLI.
+light heads on cached embeddings; `run/` runs a whole config and `report/` writes its
+page. `store.py` is the on-disk format every stage shares; `engine.py` runs a batch
+job's mapper locally or on Ray; `manifests/` reads and validates tables; `cli.py` is
+the thin CLI. The layers and their order: README, Code layout (tests/test_layers.py).
 """
 
 __version__ = "0.1.0"

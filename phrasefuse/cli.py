@@ -58,7 +58,7 @@ RAY_ACTORS_HELP = "--engine ray: model actors (default: one per GPU, else one pe
 
 
 def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):
-    from phrasefuse.extract.jobs import RayOptions
+    from phrasefuse.engine import RayOptions
 
     if engine is not Engine.ray and (address is not None or actors is not None):
         raise BadInput("--ray-address and --ray-actors apply to --engine ray; add --engine ray or drop them")
@@ -67,7 +67,7 @@ def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):
 
 @extract_app.command("images")
 def extract_images(
-    manifest: str = typer.Argument(..., help="Dataset manifest (Parquet, CSV, JSON Lines, or a quoted glob) with 'id' and 'image'."),
+    manifest: str = typer.Argument(..., metavar="MANIFEST", help="Dataset manifest (Parquet, CSV, JSON Lines, or a quoted glob) with 'id' and 'image'."),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed)."),
     model: str = typer.Option(DEFAULT_IMAGE_MODEL, "--model", help="Encoder spec: open_clip:ARCH@PRETRAINED, timm:ARCH@WEIGHTS, or the built-in default."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
@@ -111,7 +111,7 @@ def _image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio):
 
 @extract_app.command("texts")
 def extract_texts(
-    manifest: str = typer.Argument(..., help="Dataset manifest with 'id' and the text column."),
+    manifest: str = typer.Argument(..., metavar="MANIFEST", help="Dataset manifest with 'id' and the text column."),
     col: str = typer.Option(..., "--col", help="Text column (title, description, tags...; lists are joined)."),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed)."),
     model: str = typer.Option(DEFAULT_TEXT_MODEL, "--model", help="Encoder spec: sentence-transformers:NAME_OR_PATH, open_clip:ARCH@PRETRAINED, or the built-in default."),
@@ -185,7 +185,7 @@ def fuse_train(
 
 @fuse_app.command("eval")
 def fuse_eval(
-    head: Path = typer.Argument(..., help="Head folder from 'fuse train'."),
+    head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
     manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
     feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder)."),
@@ -254,7 +254,7 @@ def fuse_zeroshot(
 
 @app.command("predict")
 def predict(
-    head: Path = typer.Argument(..., help="Head folder from 'fuse train'."),
+    head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
     manifest: str = typer.Option(..., "--manifest", help="Manifest whose ids are in the head's feature stores."),
     out: Path = typer.Option(..., "--out", help="Predictions Parquet file (written whole)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels (with probabilities) per row."),
@@ -316,8 +316,8 @@ def index_build(
 
 @index_app.command("lookup")
 def index_lookup(
-    index: Path = typer.Argument(..., help="Index folder."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    index: Path = typer.Argument(..., metavar="INDEX", help="Index folder."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files."),
     k: int = typer.Option(DEFAULT_LOOKUP_K, "-k", help="Phrases per image."),
     device: Device = typer.Option(Device.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="One JSON document: a list of {image, phrases, scores}."),
@@ -372,7 +372,7 @@ class Modality(str, Enum):
 
 @app.command("export")
 def export_store(
-    store: Path = typer.Argument(..., help="Embedding store folder."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Embedding store folder."),
     fmt: ExportFormat = typer.Option(ExportFormat.npy, "--format", help="npy: {img,text}_emb/*.npy (float16) + metadata/*.parquet."),
     out: Path = typer.Option(..., "--out", help="Folder to write (whole or not at all; an earlier export there is replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
@@ -388,7 +388,7 @@ def export_store(
 
 @app.command("import")
 def import_store(
-    folder: Path = typer.Argument(..., help="Folder with img_emb/ (or text_emb/) *_N.npy and metadata/metadata_N.parquet."),
+    folder: Path = typer.Argument(..., metavar="FOLDER", help="Folder with img_emb/ (or text_emb/) *_N.npy and metadata/metadata_N.parquet."),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed: ids already there are skipped)."),
     like: Optional[Path] = typer.Option(None, "--like", help="Encoder identity: the same as this existing store's."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder identity: this phrasefuse spec (loaded once to checksum its weights)."),
@@ -414,7 +414,7 @@ def import_store(
 
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., help="An embedding store (or, later, an index or a head)."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An embedding store, an index folder or a head folder."),
     verify: bool = typer.Option(False, "--verify", help="Read every shard and check schema, NaN/zero vectors and duplicate ids."),
     quarantine: bool = typer.Option(False, "--quarantine", help="With --verify (implied): move bad shards to STORE/quarantine/ so that re-running the job re-embeds their rows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -430,7 +430,7 @@ def inspect(
 
 @app.command("run")
 def run(
-    config: Path = typer.Argument(..., help="TOML file describing the pipeline (see manifests/example.toml)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="TOML file describing the pipeline (see manifests/example.toml)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (the stages) instead of text."),
 ) -> None:
     """Run every stage a config describes, into its work folder; stages already done for the same
@@ -518,6 +518,34 @@ def _interrupt(signum, frame):  # SIGTERM stops like Ctrl-C: finished shards are
     raise Interrupted(signal.Signals(signum).name)
 
 
+class _PlainArgument(typer.core.TyperArgument):
+    """An argument shown as the README writes it: `run CONFIG`, `index lookup INDEX IMAGE...`
+    (Typer's own usage line reads `{CONFIG}` and `<list[Path]>`)."""
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+    def _rich_display_name(self) -> str:
+        return self.display_name_raw + ("..." if self.nargs != 1 else "")
+
+    def display_type(self, ctx) -> str:
+        return "" if self.nargs != 1 else super().display_type(ctx)
+
+
+def _command() -> click.Command:
+    """The click command tree of `app`, its arguments shown plainly (`_PlainArgument`)."""
+    command = typer.main.get_command(app)
+    todo = [command]
+    while todo:
+        cmd = todo.pop()
+        todo.extend(getattr(cmd, "commands", {}).values())
+        for param in cmd.params:
+            if type(param) is typer.core.TyperArgument:
+                param.__class__ = _PlainArgument
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 done, 2 bad usage or input (one line on stderr), 1 anything else."""
     global _MAIN_PID
@@ -526,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT stays ignored
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        status = app(args=argv, prog_name="phrasefuse", standalone_mode=False)
+        status = _command()(args=argv, prog_name="phrasefuse", standalone_mode=False)
         if isinstance(status, int) and status == 130:  # a KeyboardInterrupt Typer caught itself
             raise Interrupted("SIGINT")
         if isinstance(status, int) and status:

@@ -1,4 +1,4 @@
-"""`phrasefuse inspect PATH`: what a store (or, later, an index or a head) holds.
+"""`phrasefuse inspect PATH`: what a store, an index or a head holds.
 
 `--verify` reads every shard; `--quarantine` also moves the bad ones aside (store.py,
 `quarantine_bad_files`) so that re-running the job re-embeds just their rows.
@@ -7,39 +7,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
+from phrasefuse.folder_report import Report
 from phrasefuse.store import EmbeddingStore, describe_encoder, quarantine_bad_files, verify_store
-
-
-@dataclass
-class Report:
-    kind: str
-    path: str
-    fields: dict
-    problems: list[str] = field(default_factory=list)
-    verified: bool = False
-    quarantined: list[dict] = field(default_factory=list)  # files moved to STORE/quarantine/ now
-
-    def as_dict(self) -> dict:
-        return {"kind": self.kind, "path": self.path, **self.fields,
-                **({"verified": True, "problems": self.problems} if self.verified else {}),
-                **({"quarantined": self.quarantined} if self.quarantined else {})}
-
-    def text(self) -> str:
-        width = max(len(k) for k in self.fields)
-        lines = [f"{self.kind}: {self.path}"] + [f"  {k.ljust(width)}  {v}" for k, v in self.fields.items()]
-        if self.verified:
-            lines.append(f"  {'verify'.ljust(width)}  " + ("ok" if not self.problems else f"{len(self.problems)} problem(s)"))
-            lines += [f"    - {p}" for p in self.problems]
-        for q in self.quarantined:
-            rows = f"{q['rows']} rows" if q["rows"] is not None else "rows unknown"
-            lines.append(f"  quarantined {q['file']} ({rows}) -> {q['moved_to']}: {'; '.join(q['problems'])}")
-        if self.quarantined:
-            lines.append("  re-run the command that wrote this store to redo the quarantined rows")
-        return "\n".join(lines)
 
 
 def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = False) -> Report:

@@ -66,10 +66,9 @@ def tune_cpu_allocator() -> None:
     """Keep CPU inference's large activation buffers in the heap instead of fresh mmap'ed pages.
 
     glibc serves allocations above its mmap threshold (at most 32 MB) with mmap and unmaps them
-    on free, so every batch page-faults (and the kernel zeroes) hundreds of MB again: measured
-    here, EfficientNet-Lite0 at batch 64 spent as much time in the kernel as in user space and
-    ran 2.3x slower (34 vs 81 images/s; peak RSS 1.7 -> 2.4 GB). Linux/glibc only; once per
-    process; an explicit MALLOC_MMAP_THRESHOLD_ in the environment wins.
+    on free, so every batch page-faults (and the kernel zeroes) hundreds of MB again, as much
+    kernel time as model time (figures: bench/README.md). Linux/glibc only; once per process;
+    an explicit MALLOC_MMAP_THRESHOLD_ in the environment wins.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED or "MALLOC_MMAP_THRESHOLD_" in os.environ:
@@ -154,7 +153,7 @@ class ImageEncoder:
         self.plan = self.plan or PixelPlan.from_transform(self.transform)
         self.module.eval().to(self.device)
         if self.device.type == "cpu" and self.channels_last:
-            # Measured here: 1.7-2x faster for EfficientNet-Lite0 on CPU.
+            # Faster for convolutional nets on CPU (figures: bench/README.md).
             self.module.to(memory_format=torch.channels_last)
         self.weights_sha256 = self.weights_sha256 or state_dict_sha256(self.module)
         if not self.dim:

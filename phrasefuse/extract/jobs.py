@@ -1,11 +1,10 @@
 """The extract jobs: embed every image / text of a manifest once, into a store.
 
-Each job is reader -> mapper -> writer:
-  reader  the manifest rows not yet in the store (`pending_rows`), and, per row,
-          its content key (sha256 of the image bytes / of the text);
-  mapper  the encoder, on batches: with engine "local", images decoded in DataLoader
-          workers and the model in this process; with engine "ray", the same per-row work
-          and model in Ray actors (`phrasefuse.extract.ray_engine`), one per device;
+Each job is reader -> mapper -> writer (`phrasefuse.engine` runs the mapper, locally or on Ray):
+  reader  the manifest rows (`image_rows`, `text_rows`) not yet in the store (`pending_rows`),
+          and, per row, its content key (sha256 of the image bytes / of the text);
+  mapper  the encoder, on batches (`image_job`, `text_job`: the mappers of `extract.mappers`
+          for both engines);
   writer  `StoreWriter`, in this process whatever the engine: whole shards, errors.parquet,
           the store lock; so resume and embed-once behave the same on both engines.
 
@@ -17,17 +16,15 @@ A killed job loses at most the shard it was filling; the next run resumes.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from phrasefuse.engine import BLOCK_BATCHES, Job, RayOptions, arrow_blocks, get_engine, progress as progress_bar
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.manifests import Manifest, read_manifest
@@ -35,16 +32,9 @@ from phrasefuse.manifests.tables import sql
 from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
 
 DEFAULT_SHARD_SIZE = 10_000
-ENGINES = ("local", "ray")
 
-
-@dataclass
-class RayOptions:
-    """Where and how wide `--engine ray` runs: `address` None means $RAY_ADDRESS, else a new
-    local Ray; `actors` None means one model actor per GPU, else one per spare CPU."""
-
-    address: str | None = None
-    actors: int | None = None
+__all__ = ["DEFAULT_SHARD_SIZE", "ExtractSummary", "RayOptions", "extract_images", "extract_texts", "image_job",
+           "image_rows", "pending_rows", "text_column", "text_job", "text_rows"]
 
 
 @dataclass
@@ -87,31 +77,10 @@ def pending_rows(manifest: Manifest, store: EmbeddingStore) -> tuple[pa.Table, p
     return todo, existing
 
 
-@contextmanager
-def _progress(total: int, what: str, enabled: bool | None):
-    """A rich progress bar (rows/s, ETA) on a terminal; nothing otherwise."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled or total == 0:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn(f"extract {what}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
-    start = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=total, rate="")
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            rate = done / max(1e-9, time.perf_counter() - start)
-            bar.update(task, advance=n, rate=f"{rate:.1f} rows/s")
-
-        yield advance
+def image_rows(manifest: str | os.PathLike, limit: int | None, allow_outside_paths: bool) -> Manifest:
+    """The image job's input rows (id, image: a file path). Image paths that resolve outside the
+    manifest's folder are refused unless `allow_outside_paths`. (New image sources land here.)"""
+    return read_manifest(manifest, require_image=True, allow_outside_paths=allow_outside_paths).head(limit)
 
 
 def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
@@ -128,19 +97,18 @@ def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
 # ---------------------------------------------------------------- images
 
 
-@dataclass
-class ImageBatch:
-    """What a mapper (either engine) hands the writer for one batch of manifest rows."""
+def image_job(todo: pa.Table, known_keys: pa.Array | pa.ChunkedArray, encoder, spec: str, *, batch_size: int,
+              workers: int | None, device: str, limits=None) -> Job:
+    """The image mapper for either engine: pending rows (id, image) -> `mappers.ImageBatch`es."""
+    from phrasefuse.extract import mappers
 
-    ids: list[str]  # rows run through the model...
-    keys: list[str]
-    emb: np.ndarray  # ...and their vectors (len(ids), dim)
-    known: list[tuple[str, str]] = field(default_factory=list)  # (id, key) whose key is embedded: copied later
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
-
-    @property
-    def rows(self) -> int:
-        return len(self.ids) + len(self.known) + len(self.errors)
+    known_keys = known_keys.combine_chunks() if isinstance(known_keys, pa.ChunkedArray) else known_keys
+    return Job(pending=todo.num_rows > 0,
+               local=lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers, limits),
+               actor=mappers.ImageEmbedder,
+               actor_args={"spec": spec, "identity": encoder.identity, "known_keys": known_keys, "limits": limits},
+               read=lambda ray: arrow_blocks(ray, todo.select(["id", "image"]), batch_size * BLOCK_BATCHES),
+               batch_size=batch_size, device=device, collect=mappers.image_batches_from_actors)
 
 
 def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model: str = DEFAULT_IMAGE_MODEL,
@@ -150,16 +118,13 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
                    ray: RayOptions | None = None, limits=None) -> ExtractSummary:
     """Embed the `image` column of a manifest into the store `out`. Image paths that resolve
     outside the manifest's folder are refused unless `allow_outside_paths`; images over `limits`
-    (`images.ImageLimits`: file size, pixels, aspect ratio) are error rows."""
+    (`images.ImageLimits`: file size, pixels, aspect ratio; None: the defaults) are error rows."""
     from phrasefuse.extract.encoders import load_image_encoder
-    from phrasefuse.extract.images import DEFAULT_LIMITS
 
-    limits = limits or DEFAULT_LIMITS
     _check_sizes(batch_size, shard_size, limit)
-    check_engine(engine, ray)
-    rows = read_manifest(manifest, require_image=True, allow_outside_paths=allow_outside_paths).head(limit)
-    # With Ray the model runs in the actors; this copy only names the encoder (its weights checksum).
-    encoder = load_image_encoder(model, "cpu" if engine == "ray" else device)
+    runner = get_engine(engine, ray)
+    rows = image_rows(manifest, limit, allow_outside_paths)
+    encoder = runner.driver_encoder(load_image_encoder, model, device)
     meta = new_meta(modality="image", encoder=encoder.identity, dtype=dtype, preprocess=encoder.preprocess,
                     source={"manifest": str(manifest), "column": "image"})
     summary = ExtractSummary("images", str(out), rows=len(rows))
@@ -167,80 +132,30 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     with StoreWriter.open(out, meta, shard_size) as writer:
         todo, existing = pending_rows(rows, writer.store)
         summary.present = len(rows) - todo.num_rows
-        if engine == "ray":
-            from phrasefuse.extract.ray_engine import embed_images
-
-            batches = embed_images(todo, existing["key"], model, encoder.identity, batch_size=batch_size,
-                                   device=device, options=ray or RayOptions(), limits=limits)
-        else:
-            batches = _embed_images_local(todo, existing["key"], encoder, batch_size, workers, limits)
-        known: list[tuple[str, str]] = []
-        with _progress(todo.num_rows, "images", progress) as advance:
-            for batch in batches:
-                known.extend(batch.known)
-                if batch.errors:
-                    writer.add_errors(*zip(*batch.errors))
-                    summary.failed += len(batch.errors)
-                if batch.ids:
-                    writer.add(batch.ids, batch.keys, batch.emb)
-                    summary.embedded += len(batch.ids)
-                advance(batch.rows)
+        job = image_job(todo, existing["key"], encoder, model, batch_size=batch_size, workers=workers, device=device,
+                        limits=limits)
+        with progress_bar(todo.num_rows, "extract images", progress) as advance:
+            known = _write_image_batches(writer, runner.map(job), summary, advance)
         summary.reused = _copy_known(writer, known)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int, workers: int | None,
-                 limits=None):
-    """The local engine's reader: a DataLoader whose workers read, hash, decode and prepare the
-    rows (id, image) for `encoder`; batches as `images.collate` makes them. Rows whose key is in
-    `known_keys` are hashed, not decoded."""
-    import torch
-
-    from phrasefuse.extract.images import DEFAULT_LIMITS, ImageRows, collate, worker_init
-
-    dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.to_pixels,
-                        encoder.resize_shorter, frozenset(known_keys.to_pylist()), limits or DEFAULT_LIMITS)
-    workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-        worker_init_fn=partial(worker_init, yield_to_model=encoder.device.type == "cpu") if workers else None,
-        pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
-
-
-def _embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
-                        workers: int | None, limits=None) -> Iterator[ImageBatch]:
-    """The local mapper: `image_loader`'s workers prepare the images; the model runs here. An item
-    whose key was embedded earlier in this run (same bytes, another id) is not run again."""
-    import torch
-
-    loader = image_loader(todo, known_keys, encoder, batch_size, workers, limits)
-    embedded_keys: set[str] = set()
-    for batch in loader:
-        out = ImageBatch([], [], np.zeros((0, encoder.dim), np.float32), batch["known"], batch["errors"])
-        if batch["pixels"] is not None:
-            fresh = _first_of_each_key(batch["keys"], embedded_keys)
-            out.known.extend((batch["ids"][i], batch["keys"][i]) for i in np.flatnonzero(~fresh))
-            if fresh.any():
-                pixels = batch["pixels"] if fresh.all() else batch["pixels"][torch.from_numpy(fresh)]
-                out.ids = [i for i, f in zip(batch["ids"], fresh) if f]
-                out.keys = [k for k, f in zip(batch["keys"], fresh) if f]
-                out.emb = encoder.encode(pixels)
-                embedded_keys.update(out.keys)
-        yield out
-
-
-def _first_of_each_key(keys: list[str], seen: set[str]) -> np.ndarray:
-    """True for the rows whose key was not embedded before in this run (nor earlier in the batch)."""
-    fresh = np.ones(len(keys), dtype=bool)
-    batch_seen: set[str] = set()
-    for i, k in enumerate(keys):
-        if k in seen or k in batch_seen:
-            fresh[i] = False
-        batch_seen.add(k)
-    return fresh
+def _write_image_batches(writer: StoreWriter, batches: Iterator, summary: ExtractSummary,
+                         advance) -> list[tuple[str, str]]:
+    """Write the embedded rows and the errors of each batch; returns the (id, key) rows to copy."""
+    known: list[tuple[str, str]] = []
+    for batch in batches:
+        known.extend(batch.known)
+        if batch.errors:
+            writer.add_errors(*zip(*batch.errors))
+            summary.failed += len(batch.errors)
+        if batch.ids:
+            writer.add(batch.ids, batch.keys, batch.emb)
+            summary.embedded += len(batch.ids)
+        advance(batch.rows)
+    return known
 
 
 # ---------------------------------------------------------------- texts
@@ -259,6 +174,24 @@ def text_column(manifest: Manifest, col: str) -> pa.Array:
     return pc.utf8_trim_whitespace(pc.cast(values, pa.string()))
 
 
+def text_rows(manifest: str | os.PathLike, col: str, limit: int | None) -> pa.Table:
+    """The text job's input rows (id, text): refuses a missing column before a model is loaded."""
+    rows = read_manifest(manifest).head(limit)
+    return pa.table({"id": rows.ids, "text": text_column(rows, col)})
+
+
+def text_job(unique: pa.Table, encoder, spec: str, *, batch_size: int, chunk_rows: int, device: str) -> Job:
+    """The text mapper for either engine: distinct texts (key, text) -> (keys, vectors)."""
+    from phrasefuse.extract import mappers
+
+    return Job(pending=unique.num_rows > 0,
+               local=lambda: mappers.embed_texts_local(unique, encoder, batch_size, chunk_rows),
+               actor=mappers.TextEmbedder,
+               actor_args={"spec": spec, "identity": encoder.identity, "batch_size": batch_size},
+               read=lambda ray: arrow_blocks(ray, unique.select(["key", "text"]), batch_size * BLOCK_BATCHES),
+               batch_size=batch_size * BLOCK_BATCHES, device=device, collect=mappers.text_batches_from_actors)
+
+
 def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike, *,
                   model: str = DEFAULT_TEXT_MODEL, batch_size: int = 256, device: str = "auto",
                   limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
@@ -268,43 +201,20 @@ def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike,
     from phrasefuse.extract.encoders import load_text_encoder
 
     _check_sizes(batch_size, shard_size, limit)
-    check_engine(engine, ray)
-    rows = read_manifest(manifest).head(limit)
-    texts = text_column(rows, col)  # refuses a missing column before loading a model
-    encoder = load_text_encoder(model, "cpu" if engine == "ray" else device)
+    runner = get_engine(engine, ray)
+    table = text_rows(manifest, col, limit)
+    encoder = runner.driver_encoder(load_text_encoder, model, device)
     meta = new_meta(modality="text", encoder=encoder.identity, dtype=dtype,
                     source={"manifest": str(manifest), "column": col})
-    summary = ExtractSummary(f"texts ({col})", str(out), rows=len(rows))
+    summary = ExtractSummary(f"texts ({col})", str(out), rows=table.num_rows)
     start = time.perf_counter()
-    table = pa.table({"id": rows.ids, "text": texts})
     with StoreWriter.open(out, meta, shard_size) as writer:
-        existing = writer.store.ids_and_keys() if writer.store.exists() else None
-        if existing is not None:
-            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=existing["id"])))
-        summary.present = len(rows) - table.num_rows
-        # Missing / empty texts are row errors, not manifest errors.
-        missing = pc.or_(pc.is_null(table["text"]), pc.equal(pc.utf8_length(table["text"].fill_null("")), 0))
-        bad = table.filter(missing)
-        writer.add_errors(bad["id"].to_pylist(),
-                          ["missing text" if t is None else "empty text" for t in bad["text"].to_pylist()])
-        summary.failed = summary.no_text = bad.num_rows
-        table = table.filter(pc.invert(missing))
-        keys = sql("SELECT sha256(text) AS key FROM t", t=table)["key"]
-        table = table.append_column("key", keys)
-        known = pc.is_in(table["key"], value_set=existing["key"]) if existing is not None else \
-            pa.array(np.zeros(table.num_rows, bool))
-        reuse, todo = table.filter(known), table.filter(pc.invert(known))
+        reuse, todo = _pending_texts(table, writer, summary)
         # One model call per distinct text; every row with that text gets its vector.
         unique = sql("SELECT key, any_value(text) AS text FROM t GROUP BY key", t=todo)
-        if engine == "ray":
-            from phrasefuse.extract.ray_engine import embed_texts
-
-            chunks = embed_texts(unique, model, encoder.identity, batch_size=batch_size, device=device,
-                                 options=ray or RayOptions())
-        else:
-            chunks = _embed_texts_local(unique, encoder, batch_size, shard_size)
-        with _progress(unique.num_rows, f"texts ({col})", progress) as advance:
-            for chunk_keys, emb in chunks:
+        job = text_job(unique, encoder, model, batch_size=batch_size, chunk_rows=shard_size, device=device)
+        with progress_bar(unique.num_rows, f"extract texts ({col})", progress) as advance:
+            for chunk_keys, emb in runner.map(job):
                 rows_of_chunk = todo.filter(pc.is_in(todo["key"], value_set=chunk_keys))
                 where = pc.index_in(rows_of_chunk["key"], value_set=chunk_keys).to_numpy()
                 writer.add(rows_of_chunk["id"], rows_of_chunk["key"], emb[where])
@@ -317,21 +227,24 @@ def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike,
     return summary
 
 
-def _embed_texts_local(unique: pa.Table, encoder, batch_size: int,
-                       chunk_rows: int) -> Iterator[tuple[pa.Array, np.ndarray]]:
-    """The local mapper: (keys, vectors) of the distinct texts, `chunk_rows` at a time."""
-    for start_row in range(0, unique.num_rows, chunk_rows):
-        chunk = unique.slice(start_row, chunk_rows)
-        yield chunk["key"].combine_chunks(), encoder.encode(chunk["text"].to_pylist(), batch_size=batch_size)
-
-
-def check_engine(engine: str, ray: RayOptions | None = None) -> None:
-    if engine not in ENGINES:
-        raise BadInput(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
-    if engine == "ray":  # before the store is opened: Ray installed, the cluster reachable
-        from phrasefuse.extract.ray_engine import preflight
-
-        preflight(ray or RayOptions())
+def _pending_texts(table: pa.Table, writer: StoreWriter, summary: ExtractSummary) -> tuple[pa.Table, pa.Table]:
+    """Rows (id, text) not yet in the store, keyed: (rows whose key the store has: copied, rows to embed).
+    Missing and empty texts are row errors (written now), not manifest errors."""
+    rows = table.num_rows
+    existing = writer.store.ids_and_keys() if writer.store.exists() else None
+    if existing is not None:
+        table = table.filter(pc.invert(pc.is_in(table["id"], value_set=existing["id"])))
+    summary.present = rows - table.num_rows
+    missing = pc.or_(pc.is_null(table["text"]), pc.equal(pc.utf8_length(table["text"].fill_null("")), 0))
+    bad = table.filter(missing)
+    writer.add_errors(bad["id"].to_pylist(),
+                      ["missing text" if t is None else "empty text" for t in bad["text"].to_pylist()])
+    summary.failed = summary.no_text = bad.num_rows
+    table = table.filter(pc.invert(missing))
+    table = table.append_column("key", sql("SELECT sha256(text) AS key FROM t", t=table)["key"])
+    known = pc.is_in(table["key"], value_set=existing["key"]) if existing is not None else \
+        pa.array(np.zeros(table.num_rows, bool))
+    return table.filter(known), table.filter(pc.invert(known))
 
 
 def _check_sizes(batch_size: int, shard_size: int, limit: int | None) -> None:

@@ -230,7 +230,7 @@ def load_head(path: str | os.PathLike) -> Head:
 
 def describe_head(path: str | os.PathLike, verify: bool = False):
     """`phrasefuse inspect HEAD`: what a head reads, how it decides, how well it did."""
-    from phrasefuse.inspect import Report
+    from phrasefuse.folder_report import Report
 
     meta = read_head_meta(path)
     sel = meta.get("selection", {})

@@ -8,11 +8,11 @@ for the loaded index, first that fits:
   ivf-sq8   above that: (spherical) k-means cells; the probed cells are scanned as 8-bit
             codes (a quarter of the bytes: scanning is memory-bound), then the best
             REFINE_FACTOR * k candidates are re-ranked with the exact vectors (kept as well,
-            1.25x the raw size). Measured on 1M x 512: the recall of ivf-flat at twice its speed;
+            1.25x the raw size): the recall of ivf-flat at about twice its speed (bench/README.md);
   ivf-flat  when that does not fit but the raw vectors do: exact scores inside the probed cells;
   ivf-pq    when they do not fit: the largest product-quantisation code that fits.
   hnsw      only when forced (--kind hnsw): fast single queries, but on 2 CPU cores its
-            graph takes minutes per million 512-d vectors to build (measured: ~100k/35 s).
+            graph takes minutes per million 512-d vectors to build (bench/README.md).
 The search setting (nprobe, efSearch) is then tuned on sample queries, the smallest that
 reaches the target recall@10 (+ TUNE_MARGIN) against exact search; recall@10 is reported on other,
 held-out queries. When no setting reaches the target faster than exact search (e.g.
@@ -337,17 +337,8 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
 
     index = make_index(plan, seed)
     train_and_add(index, plan, vectors, seed)
-    steps: list[TuneStep] = []
-    for value in plan.search_values():
-        set_search_value(index, plan, value)
-        t0 = time.perf_counter()
-        _, found = search(index, tune_q, k)
-        seconds = time.perf_counter() - t0
-        steps.append(TuneStep(value, recall_at_k(vectors, tune_q, found, tune_exact), len(tune_q) / max(seconds, 1e-9)))
-        if steps[-1].recall >= min(1.0, target_recall + TUNE_MARGIN):
-            break
-        if kind == "auto" and steps[-1].queries_per_second < SPEEDUP_TO_KEEP * exact_qps:
-            break  # too slow to be chosen already: more probing only gets slower
+    steps = _tune(index, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
+                  if kind == "auto" else 0.0, target_recall=target_recall)
     met = [s for s in steps if s.recall >= min(1.0, target_recall + TUNE_MARGIN)]
     chosen = met[0] if met else max(steps, key=lambda s: (round(s.recall, 3), -s.value))
 
@@ -369,6 +360,24 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     report.queries_per_second = round(chosen.queries_per_second, 1)
     report.exact_queries_per_second = round(exact_qps, 1)
     return index, report
+
+
+def _tune(index, plan: Plan, vectors: np.ndarray, tune_q: np.ndarray, tune_exact: np.ndarray, k: int, *,
+          stop_below_qps: float, target_recall: float) -> list[TuneStep]:
+    """Try the plan's search settings, cheapest first, until one reaches the target recall@10
+    (+ TUNE_MARGIN) on `tune_q`, or one is slower than `stop_below_qps` (more probing only gets slower)."""
+    steps: list[TuneStep] = []
+    for value in plan.search_values():
+        set_search_value(index, plan, value)
+        t0 = time.perf_counter()
+        _, found = search(index, tune_q, k)
+        seconds = time.perf_counter() - t0
+        steps.append(TuneStep(value, recall_at_k(vectors, tune_q, found, tune_exact), len(tune_q) / max(seconds, 1e-9)))
+        if steps[-1].recall >= min(1.0, target_recall + TUNE_MARGIN):
+            break
+        if steps[-1].queries_per_second < stop_below_qps:
+            break
+    return steps
 
 
 def _report(plan: Plan, memory: int, value: int | None, recall: float, n_queries: int, start: float,

@@ -70,13 +70,7 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     if not 0 < target_recall <= 1:
         raise BadInput(f"--target-recall {target_recall}: must be in (0, 1]")
     memory_bytes = memory if isinstance(memory, int) else parse_memory(memory)
-    store = EmbeddingStore(images)
-    if store.meta.get("modality") != "image":
-        raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store "
-                       f"(phrasefuse extract images)")
-    ids, emb = store.embeddings()
-    if len(ids) == 0:
-        raise BadInput(f"--images {images}: the store has no embeddings; run 'phrasefuse extract images' first")
+    store, ids, emb = _image_embeddings(images)
 
     pairs_data = read_pairs(pairs, pa.array(ids, pa.string()), use_weights)
     phrases, counts = pairs_data.phrases, pairs_data.images_per_phrase()
@@ -123,14 +117,35 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     sample = np.random.default_rng(seed).choice(len(ids), size=min(len(ids), RECALL_QUERIES), replace=False)
     index, report = build_faiss_index(vectors, l2_normalize(emb[np.sort(sample)]), kind=kind,
                                       memory=memory_bytes, target_recall=target_recall, seed=seed)
-    meta = {
+    meta = _index_meta(store, images, len(ids), vectors.shape[1], pairs, pairs_data, min_images, summary_counts, report)
+    write_index_folder(out, index, table, meta)
+    return BuildSummary(str(out), pairs_data.counts.as_dict(), summary_counts, report.as_dict(),
+                        time.perf_counter() - start, notes)
+
+
+def _image_embeddings(images: str | os.PathLike) -> tuple[EmbeddingStore, list, np.ndarray]:
+    """(store, ids, embeddings) of the image store the pairs name; refuses another modality or an empty store."""
+    store = EmbeddingStore(images)
+    if store.meta.get("modality") != "image":
+        raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store "
+                       f"(phrasefuse extract images)")
+    ids, emb = store.embeddings()
+    if len(ids) == 0:
+        raise BadInput(f"--images {images}: the store has no embeddings; run 'phrasefuse extract images' first")
+    return store, ids, emb
+
+
+def _index_meta(store: EmbeddingStore, images, rows: int, dim: int, pairs, pairs_data, min_images: int,
+                summary_counts: dict, report) -> dict:
+    """INDEX/meta.json."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "build_id": uuid.uuid4().hex,
         "encoder": store.meta["encoder"],
-        "dim": int(vectors.shape[1]),
+        "dim": int(dim),
         "metric": "inner product on unit vectors (cosine)",
-        "images": {"store": str(images), "rows": int(len(ids))},
+        "images": {"store": str(images), "rows": int(rows)},
         "pairs": {"path": str(pairs), "counts": pairs_data.counts.as_dict(), "min_images": min_images,
                   "weighted": pairs_data.weighted, "normalisation": "NFKC, lower case, whitespace collapsed, trimmed"},
         "counts": summary_counts,
@@ -139,9 +154,6 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
         "versions": {**library_versions(), "faiss": _faiss_version()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_index_folder(out, index, table, meta)
-    return BuildSummary(str(out), pairs_data.counts.as_dict(), summary_counts, report.as_dict(),
-                        time.perf_counter() - start, notes)
 
 
 def _text_prototypes(store: EmbeddingStore, texts: list[str], device: str) -> np.ndarray:

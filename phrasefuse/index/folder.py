@@ -149,7 +149,7 @@ def verify_index(index: PhraseIndex) -> list[str]:
 
 def describe_index(path: str | os.PathLike, verify: bool = False):
     """`phrasefuse inspect INDEX [--verify]`: an inspect Report."""
-    from phrasefuse.inspect import Report
+    from phrasefuse.folder_report import Report
 
     index = PhraseIndex(path)
     report = Report("index", str(path), describe_fields(index))

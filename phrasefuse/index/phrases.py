@@ -4,12 +4,10 @@ reader  the image store, one shard at a time, minus the ids already in the outpu
 mapper  batched FAISS search -> top-k phrases and cosine scores; each distinct phrase is embedded
         once with the text model (a phrase shared by a million images: one model call), and the
         feature is the re-normalised mean of the k phrase embeddings (optionally score-weighted);
+        `phrases_job` declares it for both engines (`phrasefuse.engine`): on Ray, `PhraseMapper`
+        actors each load the index and the text model and embed each phrase once per actor;
 writer  `StoreWriter`: an embedding store (modality text, column "phrases") whose shards also
         carry `phrases` (list<string>) and `scores` (list<float32>), so fuse reads it like any feature.
-
-With engine "ray" the mapper runs in Ray actors (`phrasefuse.extract.ray_engine.phrase_batches`:
-each loads the index and the text model, and embeds each phrase once per actor); the reader's
-filter and the writer stay the same.
 """
 
 from __future__ import annotations
@@ -22,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from phrasefuse.engine import Job, RayOptions, check_identity, get_engine, set_threads
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.index import DEFAULT_PHRASES_K
 from phrasefuse.index.folder import PhraseIndex
-from phrasefuse.store import (EmbeddingStore, StoreWriter, embeddings_to_numpy, encoder_identity, l2_normalize,
-                              new_meta)
+from phrasefuse.store import (EmbeddingStore, StoreWriter, embedding_array, embeddings_to_numpy, encoder_identity,
+                              l2_normalize, new_meta)
 
 DEFAULT_BATCH = 10_000
 DEFAULT_SHARD_SIZE = 10_000
@@ -78,9 +77,9 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                      k: int = DEFAULT_PHRASES_K, text_model: str = DEFAULT_TEXT_MODEL, score_weighted: bool = False,
                      batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256, device: str = "auto",
                      shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32", engine: str = "local",
-                     ray=None) -> PhrasesSummary:
+                     ray: RayOptions | None = None) -> PhrasesSummary:
     """Write the phrases store `out` for the images of store `images`, looked up in `index`.
-    `engine` "ray" runs the mapper on Ray (`ray`: a `phrasefuse.extract.jobs.RayOptions`)."""
+    `engine` "ray" runs the mapper on Ray (`ray`: its `phrasefuse.engine.RayOptions`)."""
     from phrasefuse.extract.encoders import load_text_encoder
 
     for flag, value in (("-k", k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
@@ -95,73 +94,154 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                 "index_encoder": encoder_identity(phrase_index.encoder), "k": k,
                 "weighting": "score" if score_weighted else "mean", "text_model": text_model}
     _check_resumable(EmbeddingStore(out), settings)
-    from phrasefuse.extract.jobs import check_engine
-
-    check_engine(engine, ray)
-    # With Ray the text model runs in the actors; this copy only names the encoder.
-    text_encoder = load_text_encoder(text_model, "cpu" if engine == "ray" else device)
+    runner = get_engine(engine, ray)
+    text_encoder = runner.driver_encoder(load_text_encoder, text_model, device)
     meta = new_meta(modality="text", encoder=text_encoder.identity, dtype=dtype,
                     source={"manifest": store.meta.get("source", {}).get("manifest"), "images": str(images),
                             "column": "phrases"},
                     extra={"phrases": settings})
 
-    phrases = phrase_index.phrases
     summary = PhrasesSummary(str(out), images=store.num_rows())
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
         done = writer.store.ids_and_keys()["id"]
         summary.present = int(pc.sum(pc.is_in(store.read_table(["id"])["id"], value_set=done)).as_py() or 0)
-        if engine == "ray":
-            from phrasefuse.extract.jobs import RayOptions
-            from phrasefuse.extract.ray_engine import phrase_batches
-
-            batches = phrase_batches(store, done, index, text_model, text_encoder.identity, k=k,
-                                     score_weighted=score_weighted, batch_size=batch_size,
-                                     text_batch_size=text_batch_size, device=device, options=ray or RayOptions())
-        else:
-            batches = _phrase_batches_local(store, done, phrase_index, text_encoder, k=k,
-                                            score_weighted=score_weighted, batch_size=batch_size,
-                                            text_batch_size=text_batch_size)
-        used = np.zeros(len(phrases), bool)  # phrases already counted (embedded once each)
-        for batch, features, rows, scores in batches:
-            found = rows >= 0
-            new = np.unique(rows[found])
-            summary.phrases_embedded += int((~used[new]).sum())
-            used[new] = True
-            ok = found.any(axis=1)
-            good = batch.filter(pa.array(ok))
-            writer.add(good["id"], good["key"], features[ok], extra={
-                "phrases": list_column(phrases.take(pa.array(rows[ok][found[ok]])), found[ok]),
-                "scores": list_column(pa.array(scores[ok][found[ok]], pa.float32()), found[ok]),
-            })
-            failed = batch.filter(pa.array(~ok))["id"].to_pylist()
-            writer.add_errors(failed, ["no phrase found: the index returned no neighbour"] * len(failed))
-            summary.written += int(ok.sum())
-            summary.failed += len(failed)
+        job = phrases_job(store, done, phrase_index, text_encoder, text_model, k=k, score_weighted=score_weighted,
+                          batch_size=batch_size, text_batch_size=text_batch_size, device=device)
+        _write_phrase_batches(writer, runner.map(job), phrase_index.phrases, summary)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _phrase_batches_local(store: EmbeddingStore, done: pa.ChunkedArray, phrase_index: PhraseIndex, text_encoder, *,
-                          k: int, score_weighted: bool, batch_size: int, text_batch_size: int):
-    """The local mapper: per batch of pending images, (id/key table, features, phrase rows, scores)."""
-    phrases = phrase_index.phrases
-    # Filled lazily, each phrase once; np.zeros only touches the pages of phrases actually used.
-    phrase_emb = np.zeros((len(phrases), text_encoder.dim), np.float32)
-    embedded = np.zeros(len(phrases), bool)
-    for shard in store.iter_tables(["id", "key", "emb"]):
-        todo = shard.filter(pc.invert(pc.is_in(shard["id"], value_set=done)))
-        for offset in range(0, todo.num_rows, batch_size):
-            batch = todo.slice(offset, batch_size)
-            scores, rows = phrase_index.search(embeddings_to_numpy(batch["emb"]).astype(np.float32), k)
-            needed = np.unique(rows[rows >= 0])
-            new = needed[~embedded[needed]]
-            if len(new):
-                phrase_emb[new] = text_encoder.encode(phrases.take(pa.array(new)).to_pylist(), text_batch_size)
-                embedded[new] = True
-            features, _ = phrase_features(rows, scores, phrase_emb, score_weighted)
-            yield batch.select(["id", "key"]), features, rows, scores
+def _write_phrase_batches(writer: StoreWriter, batches, phrases: pa.Array, summary: PhrasesSummary) -> None:
+    """Write each mapped batch: features with their phrases and scores; rows without a phrase as errors."""
+    used = np.zeros(len(phrases), bool)  # phrases already counted (embedded once each)
+    for batch, features, rows, scores in batches:
+        found = rows >= 0
+        new = np.unique(rows[found])
+        summary.phrases_embedded += int((~used[new]).sum())
+        used[new] = True
+        ok = found.any(axis=1)
+        good = batch.filter(pa.array(ok))
+        writer.add(good["id"], good["key"], features[ok], extra={
+            "phrases": list_column(phrases.take(pa.array(rows[ok][found[ok]])), found[ok]),
+            "scores": list_column(pa.array(scores[ok][found[ok]], pa.float32()), found[ok]),
+        })
+        failed = batch.filter(pa.array(~ok))["id"].to_pylist()
+        writer.add_errors(failed, ["no phrase found: the index returned no neighbour"] * len(failed))
+        summary.written += int(ok.sum())
+        summary.failed += len(failed)
+
+
+# ---------------------------------------------------------------- the mapper, on either engine
+
+
+class PhraseSearch:
+    """Image embeddings -> (features, phrase rows, scores): FAISS search, then each phrase the
+    results name embedded once (for the life of this object), then `phrase_features`."""
+
+    def __init__(self, phrase_index: PhraseIndex, text_encoder, *, k: int, score_weighted: bool,
+                 text_batch_size: int):
+        self.index, self.encoder = phrase_index, text_encoder
+        self.k, self.score_weighted, self.text_batch_size = k, score_weighted, text_batch_size
+        self.phrases = phrase_index.phrases
+        # Filled lazily, each phrase once; np.zeros only touches the pages of phrases actually used.
+        self.phrase_emb = np.zeros((len(self.phrases), text_encoder.dim), np.float32)
+        self.embedded = np.zeros(len(self.phrases), bool)
+
+    def __call__(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, rows = self.index.search(emb.astype(np.float32), self.k)
+        needed = np.unique(rows[rows >= 0])
+        new = needed[~self.embedded[needed]]
+        if len(new):
+            self.phrase_emb[new] = self.encoder.encode(self.phrases.take(pa.array(new)).to_pylist(),
+                                                       self.text_batch_size)
+            self.embedded[new] = True
+        features, _ = phrase_features(rows, scores, self.phrase_emb, self.score_weighted)
+        return features, rows, scores
+
+
+def phrases_job(store: EmbeddingStore, done: pa.ChunkedArray | pa.Array, phrase_index: PhraseIndex, text_encoder,
+                text_model: str, *, k: int, score_weighted: bool, batch_size: int, text_batch_size: int,
+                device: str) -> Job:
+    """The phrases mapper for either engine: the image store's rows not in `done` ->
+    (id/key table, features, phrase rows, scores) per batch."""
+    done = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
+    shards = [str(p) for p in store.shard_paths()]
+    pending = bool(shards) and not pc.all(pc.is_in(store.read_table(["id"])["id"], value_set=done)).as_py()
+
+    def local():
+        search = PhraseSearch(phrase_index, text_encoder, k=k, score_weighted=score_weighted,
+                              text_batch_size=text_batch_size)
+        for shard in store.iter_tables(["id", "key", "emb"]):
+            todo = shard.filter(pc.invert(pc.is_in(shard["id"], value_set=done)))
+            for offset in range(0, todo.num_rows, batch_size):
+                batch = todo.slice(offset, batch_size)
+                yield (batch.select(["id", "key"]), *search(embeddings_to_numpy(batch["emb"])))
+
+    def read(ray):
+        # One Ray task per shard, read (and checked, as the local reader does) by the store's own reader.
+        dataset = ray.data.from_items([{"store": str(store.path), "shard": shard} for shard in shards])
+        return dataset.map_batches(_read_shards, batch_size=1, batch_format="pyarrow")
+
+    return Job(pending=pending, local=local, actor=PhraseMapper, read=read, batch_size=batch_size, device=device,
+               actor_args={"index": str(phrase_index.path), "text_model": text_model,
+                           "identity": text_encoder.identity, "k": k, "score_weighted": score_weighted,
+                           "done": done, "text_batch_size": text_batch_size},
+               collect=_phrase_batches_from_actors)
+
+
+def _read_shards(batch: pa.Table) -> pa.Table:
+    """Ray task: store shards named by (store, shard) rows -> their (id, key, emb) rows."""
+    from pathlib import Path
+
+    return pa.concat_tables([EmbeddingStore(store).read_shard(Path(shard), ["id", "key", "emb"])
+                             for store, shard in zip(batch["store"].to_pylist(), batch["shard"].to_pylist())])
+
+
+class PhraseMapper:
+    """Ray actor: image rows (id, key, emb) -> (id, key, emb = phrase feature, rows, scores), the
+    local mapper per block: ids already done are dropped, then `PhraseSearch` (each phrase
+    embedded once per actor)."""
+
+    def __init__(self, index: str, text_model: str, device: str, identity: dict, k: int, score_weighted: bool,
+                 done: pa.Array, text_batch_size: int, threads: int):
+        from phrasefuse.extract.encoders import load_text_encoder
+
+        set_threads(threads)
+        encoder = load_text_encoder(text_model, device)
+        check_identity(encoder.identity, identity, text_model)
+        self.search = PhraseSearch(PhraseIndex(index), encoder, k=k, score_weighted=score_weighted,
+                                   text_batch_size=text_batch_size)
+        self.done, self.dim = done, encoder.dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        todo = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=self.done)))
+        k = min(self.search.k, len(self.search.phrases))
+        if todo.num_rows == 0:
+            return pa.table({"id": pa.array([], pa.string()), "key": pa.array([], pa.string()),
+                             "emb": embedding_array(np.zeros((0, self.dim), np.float32)),
+                             "rows": _fixed(np.zeros((0, k), np.int64)), "scores": _fixed(np.zeros((0, k), np.float32))})
+        features, rows, scores = self.search(embeddings_to_numpy(todo["emb"]))
+        return pa.table({"id": todo["id"], "key": todo["key"], "emb": embedding_array(features),
+                         "rows": _fixed(rows), "scores": _fixed(scores.astype(np.float32))})
+
+
+def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
+
+
+def _phrase_batches_from_actors(tables):
+    """`PhraseMapper` output -> (id/key table, features, phrase rows, scores), as the local mapper yields them."""
+    for out in tables:
+        if out.num_rows:
+            rows = out["rows"].combine_chunks()
+            scores = out["scores"].combine_chunks()
+            width = rows.type.list_size
+            yield (out.select(["id", "key"]), embeddings_to_numpy(out["emb"]),
+                   rows.flatten().to_numpy().reshape(-1, width),
+                   scores.flatten().to_numpy().reshape(-1, width))
 
 
 def _check_resumable(out: EmbeddingStore, settings: dict) -> None:

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
+from phrasefuse.report import BASELINE
 from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
 from phrasefuse.store import EmbeddingStore, make_folder, recover_leftovers, remove_folder, write_json_atomic
 
 STATE = "run-state.json"
-BASELINE = "image-only"  # the head the report compares every fused head with
 
 
 @dataclass
@@ -55,6 +55,10 @@ class Layout:
 
     def store(self, feature: str) -> Path:
         return self.work / "stores" / feature
+
+    @property
+    def phrases_store(self) -> Path:
+        return self.store(PHRASES)
 
     @property
     def query_store(self) -> Path:
@@ -194,54 +198,66 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     labels = {"manifest": manifest_fp, "label_col": config.data.label_col, "multilabel": config.data.multilabel}
     for head in heads_with_baseline(config):
         yield head_stage(config, layout, state, head, labels, features_of, stores_fp)
-
     if config.phrases:
-        descriptions = config.data.label_descriptions
-        inputs = {**labels, "phrases": stores_fp([PHRASES]),
-                  "descriptions": files_fingerprint(descriptions) if descriptions else None}
-
-        def zeroshot_job() -> tuple[str, dict]:
-            from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
-
-            report = zeroshot(config.data.manifest, layout.store(PHRASES),
-                              str(descriptions) if descriptions else None, label_col=config.data.label_col,
-                              multilabel=config.data.multilabel)
-            write_json_atomic(layout.zeroshot, report)
-            return zeroshot_text(report), {"metrics": _headline(report["metrics"]), "coverage": report["coverage"]}
-
-        yield state.run("zeroshot", inputs, lambda: file_fingerprint(layout.zeroshot), zeroshot_job)
-
+        yield zeroshot_stage(config, layout, state, labels, stores_fp)
     if config.ablation:
-        ab = config.ablation
-        names = config.feature_names()
-        descriptions = config.data.label_descriptions
+        yield ablation_stage(config, layout, state, labels, features_of, stores_fp)
+    yield report_stage(config, layout, state)
 
-        def ablation_job() -> tuple[str, dict]:
-            from phrasefuse.fuse.ablate import ablate
 
-            report = ablate(config.data.manifest, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
-                            label_col=config.data.label_col, multilabel=config.data.multilabel,
-                            out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True,
-                            label_prior=ab.label_prior,
-                            label_descriptions=str(descriptions) if descriptions and ab.label_prior else None)
-            return (f"ablation: {ab.head} head, {len(report.data['tables'])} table(s), {ab.seeds} seed(s); "
-                    f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
-                {"seconds": report.data["seconds"]}
+def zeroshot_stage(config: Config, layout: Layout, state: RunState, labels: dict, stores_fp: Callable) -> StageResult:
+    descriptions = config.data.label_descriptions
+    inputs = {**labels, "phrases": stores_fp([PHRASES]),
+              "descriptions": files_fingerprint(descriptions) if descriptions else None}
 
-        inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names),
-                  "descriptions": files_fingerprint(descriptions) if descriptions and ab.label_prior else None}
-        yield state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
+    def zeroshot_job() -> tuple[str, dict]:
+        from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
+
+        report = zeroshot(config.data.manifest, layout.store(PHRASES),
+                          str(descriptions) if descriptions else None, label_col=config.data.label_col,
+                          multilabel=config.data.multilabel)
+        write_json_atomic(layout.zeroshot, report)
+        return zeroshot_text(report), {"metrics": _headline(report["metrics"]), "coverage": report["coverage"]}
+
+    return state.run("zeroshot", inputs, lambda: file_fingerprint(layout.zeroshot), zeroshot_job)
+
+
+def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict, features_of: Callable,
+                   stores_fp: Callable) -> StageResult:
+    ab = config.ablation
+    names = config.feature_names()
+    descriptions = config.data.label_descriptions
+
+    def ablation_job() -> tuple[str, dict]:
+        from phrasefuse.fuse.ablate import ablate
+
+        report = ablate(config.data.manifest, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
+                        label_col=config.data.label_col, multilabel=config.data.multilabel,
+                        out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True,
+                        label_prior=ab.label_prior,
+                        label_descriptions=str(descriptions) if descriptions and ab.label_prior else None)
+        return (f"ablation: {ab.head} head, {len(report.data['tables'])} table(s), {ab.seeds} seed(s); "
+                f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
+            {"seconds": report.data["seconds"]}
+
+    inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names),
+              "descriptions": files_fingerprint(descriptions) if descriptions and ab.label_prior else None}
+    return state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
+
+
+def report_stage(config: Config, layout: Layout, state: RunState) -> StageResult:
+    """Last: its inputs are every other stage's output."""
 
     def report_job() -> tuple[str, dict]:
-        from phrasefuse.report import write_report
+        from phrasefuse.report.page import write_report
 
-        written = write_report(config, layout)
+        written = write_report(config, layout, heads_with_baseline(config))
         return f"report: {layout.report} ({len(written) - 1} plots)", {"files": [str(p) for p in written]}
 
     inputs = {"stages": {k: v.get("output") for k, v in state.stages.items() if k != "report"},
               "report": vars(config.report),
               "config": files_fingerprint(config.path)}
-    yield state.run("report", inputs, lambda: file_fingerprint(layout.report), report_job)
+    return state.run("report", inputs, lambda: file_fingerprint(layout.report), report_job)
 
 
 def check_inputs(config: Config) -> None:

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phrasefuse.extract.jobs import RayOptions, extract_images, extract_texts
+from phrasefuse.engine import RayOptions
+from phrasefuse.extract.jobs import extract_images, extract_texts
 from phrasefuse.store import EmbeddingStore, embeddings_to_numpy
 from phrasefuse.synthetic import generate_images
 from tests.conftest import run_cli

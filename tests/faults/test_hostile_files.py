@@ -171,7 +171,7 @@ def test_lookup_refuses_special_and_huge_files_with_bad_input(tmp_path, special_
 
 
 def test_report_thumbnails_of_hostile_files_are_unreadable_not_fatal(tmp_path, special_files, shapes_dataset):
-    from phrasefuse.report import _thumbnail
+    from phrasefuse.report.page import _thumbnail
 
     (tmp_path / "bomb.png").write_bytes(png_header_only(50000, 50000))
     (tmp_path / "strip.png").write_bytes(png(1, 20000))

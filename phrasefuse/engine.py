@@ -1,0 +1,244 @@
+"""How a batch job runs: the local engine and the Ray engine, one interface.
+
+Every batch job (extract images, extract texts, phrases) is reader -> mapper -> writer:
+
+  reader  the job works out its pending rows in this process (the manifest or store rows
+          whose id is not yet in the output store);
+  mapper  `engine.map(job)`: the job's `Job` declares its mapper for both engines, and the
+          engine runs one of them, yielding the same mapped batches either way;
+  writer  the job writes every batch through `store.StoreWriter`, in this process whatever the
+          engine: whole shards, errors.parquet, the store lock; so resume and embed-once behave
+          the same on both engines.
+
+`LocalEngine` calls `Job.local()`. `RayEngine` runs the mapper on Ray Data, so that a Ray
+cluster spreads the work: `Job.read(ray)` makes the pending rows a Dataset, `map_batches`
+runs `Job.actor` (a callable class) in an actor pool, one actor per device (per GPU, else one
+per CPU left after the driver's) which loads the model once and checks that its weights are
+the ones the driver recorded in meta.json, and `Job.collect` turns the Arrow tables streamed
+back (`iter_batches`, in whatever order the actors finish: stores are keyed by id) into the
+job's mapped batches.
+
+Nothing of Ray is imported with the local engine. Ray starts on first use: `RayOptions.address`
+(`--ray-address`), else $RAY_ADDRESS, else a local instance on this machine (a few seconds).
+Every file path (manifest images, the index, the image store) must be readable at the same
+path on every node of a cluster (shared storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from phrasefuse.errors import BadInput
+from phrasefuse.store import encoder_identity
+
+ENGINES = ("local", "ray")
+BLOCK_BATCHES = 4  # model batches per block handed to a Ray actor
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide `--engine ray` runs: `address` None means $RAY_ADDRESS, else a new
+    local Ray; `actors` None means one model actor per GPU, else one per spare CPU."""
+
+    address: str | None = None
+    actors: int | None = None
+
+
+@dataclass
+class Job:
+    """A batch job's mapper, as both engines run it.
+
+    `pending` False: nothing to map (Ray is not even started). `local()` yields the mapped
+    batches in this process. On Ray: `read(ray)` is the pending rows as a `ray.data.Dataset`;
+    `actor(**actor_args, device=..., threads=...)` maps `batch_size` rows at a time (its
+    output: Arrow tables); `collect(tables)` yields the same mapped batches as `local()`.
+    `device` is the user's --device (the Ray engine picks GPUs or CPUs for the actors from it).
+    """
+
+    pending: bool
+    local: Callable[[], Iterator]
+    actor: type
+    actor_args: dict
+    read: Callable[[Any], Any]
+    batch_size: int
+    collect: Callable[[Iterator[pa.Table]], Iterator]
+    device: str = "auto"
+
+
+class LocalEngine:
+    """The mapper in this process (`Job.local`), the model on `--device`."""
+
+    name = "local"
+
+    def driver_encoder(self, load: Callable, spec: str, device: str):
+        """The encoder the job runs here."""
+        return load(spec, device)
+
+    def map(self, job: Job) -> Iterator:
+        if job.pending:
+            yield from job.local()
+
+
+class RayEngine:
+    """The mapper in Ray actors (`Job.actor`); pending rows and the writer stay in this process."""
+
+    name = "ray"
+
+    def __init__(self, options: RayOptions | None = None):
+        self.options = options or RayOptions()
+        preflight(self.options)  # before a job opens its store: Ray installed, the cluster reachable
+
+    def driver_encoder(self, load: Callable, spec: str, device: str):
+        """The actors run the model; this copy (on CPU) only names the encoder (its weights checksum)."""
+        return load(spec, "cpu")
+
+    def map(self, job: Job) -> Iterator:
+        if not job.pending:
+            return
+        with ray_session(self.options.address) as ray:
+            resources, actor_device, threads = actor_pool(ray, job.device, self.options.actors)
+            results = job.read(ray).map_batches(
+                job.actor, batch_size=job.batch_size, batch_format="pyarrow",
+                fn_constructor_kwargs={**job.actor_args, "device": actor_device, "threads": threads}, **resources)
+            yield from job.collect(results.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+def get_engine(engine: str, ray: RayOptions | None = None) -> LocalEngine | RayEngine:
+    """The engine named by --engine; for Ray, checked before any store is opened."""
+    if engine not in ENGINES:
+        raise BadInput(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    return RayEngine(ray) if engine == "ray" else LocalEngine()
+
+
+# ---------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def progress(total: int, label: str, enabled: bool | None):
+    """A rich progress bar (rows/s, ETA) on a terminal; nothing otherwise. Yields advance(n)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled or total == 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    start = time.perf_counter()
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total, rate="")
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            rate = done / max(1e-9, time.perf_counter() - start)
+            bar.update(task, advance=n, rate=f"{rate:.1f} rows/s")
+
+        yield advance
+
+
+# ---------------------------------------------------------------- Ray session and actor pool
+
+
+def preflight(options: RayOptions) -> None:
+    """Before a job opens its store: Ray is installed, and the cluster address answers."""
+    _import_ray()
+    _probe(options.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BadInput("--engine ray: Ray is not installed; pip install 'phrasefuse[ray]' (or use --engine local)") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """The connected `ray` module; a Ray started here is shut down on exit (one already
+    initialised by the caller, e.g. tests, is left running)."""
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        _probe(address or os.environ.get("RAY_ADDRESS"))
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError) as e:
+            raise BadInput(f"--ray-address {address or '$RAY_ADDRESS'}: cannot connect to Ray "
+                           f"({str(e).splitlines()[0][:160]}); check the address or unset it") from None
+        started = True
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # execution plans and "progress bars disabled"
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the job's own summary line is the report
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds on an unreachable HOST:PORT (Ray itself retries for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form only Ray knows: let it judge
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BadInput(f"--ray-address {address}: nothing answers there ({e.strerror or e}); start the cluster "
+                       f"('ray start --head') or fix the address") from None
+
+
+def actor_pool(ray, device: str, actors: int | None) -> tuple[dict, str, int]:
+    """(map_batches resource arguments, device for the actors, threads per actor): one actor
+    per GPU when the cluster has GPUs (and `device` allows), else one per CPU but one (kept for
+    the driver and Ray's read tasks), each with an equal share of the CPUs."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if actors is not None and actors < 1:
+        raise BadInput(f"--ray-actors {actors}: must be at least 1")
+    if device == "cuda" and not gpus:
+        raise BadInput("--device cuda: the Ray cluster has no GPU; use --device auto or cpu")
+    if device != "cpu" and gpus:
+        n = actors or gpus
+        return {"compute": ray.data.ActorPoolStrategy(size=n), "num_gpus": 1, "num_cpus": 1}, "cuda", 1
+    spare = max(1, cpus - 1)
+    n = actors or spare
+    threads = max(1, spare // n)
+    return {"compute": ray.data.ActorPoolStrategy(size=n), "num_cpus": threads}, "cpu", threads
+
+
+def arrow_blocks(ray, table: pa.Table, rows: int):
+    """A Ray Dataset of `table` in blocks of `rows` rows (each block goes to one actor call or a few)."""
+    return ray.data.from_arrow([table.slice(start, rows) for start in range(0, table.num_rows, rows)])
+
+
+def check_identity(loaded: dict, expected: dict, spec: str) -> None:
+    """In an actor: a node with other weights (another package version, another file) must not mix its vectors in."""
+    if encoder_identity(loaded) != encoder_identity(expected):
+        raise RuntimeError(f"{spec}: a Ray worker loaded weights {loaded.get('weights_sha256', '')[:12]} "
+                           f"(dim {loaded.get('dim')}), the driver {expected.get('weights_sha256', '')[:12]} "
+                           f"(dim {expected.get('dim')}); install the same model on every node")
+
+
+def set_threads(threads: int) -> None:
+    """In an actor: torch's intra-op threads, its share of the node's CPUs."""
+    import torch
+
+    torch.set_num_threads(threads)

@@ -1,0 +1,38 @@
+"""`Report`: what `phrasefuse inspect` prints about a folder (a store, an index, a head).
+
+Its own module, below the folders that describe themselves with it (`index.folder`,
+`fuse.artifact`) and below `inspect`, which picks the folder's kind: so none of them
+imports another to share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Report:
+    kind: str
+    path: str
+    fields: dict
+    problems: list[str] = field(default_factory=list)
+    verified: bool = False
+    quarantined: list[dict] = field(default_factory=list)  # files moved to STORE/quarantine/ now
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, **self.fields,
+                **({"verified": True, "problems": self.problems} if self.verified else {}),
+                **({"quarantined": self.quarantined} if self.quarantined else {})}
+
+    def text(self) -> str:
+        width = max(len(k) for k in self.fields)
+        lines = [f"{self.kind}: {self.path}"] + [f"  {k.ljust(width)}  {v}" for k, v in self.fields.items()]
+        if self.verified:
+            lines.append(f"  {'verify'.ljust(width)}  " + ("ok" if not self.problems else f"{len(self.problems)} problem(s)"))
+            lines += [f"    - {p}" for p in self.problems]
+        for q in self.quarantined:
+            rows = f"{q['rows']} rows" if q["rows"] is not None else "rows unknown"
+            lines.append(f"  quarantined {q['file']} ({rows}) -> {q['moved_to']}: {'; '.join(q['problems'])}")
+        if self.quarantined:
+            lines.append("  re-run the command that wrote this store to redo the quarantined rows")
+        return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""WORK/report.html (`write_report`): the page and its plots, from the outputs of a run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.report import BASELINE, plots
+from phrasefuse.store import make_folder, write_atomic
+
+THUMB = 128  # gallery thumbnail size (pixels)
+
+
+def write_report(config, layout, heads: list) -> list[Path]:
+    """Write the plots and report.html for a run (`config`, `layout`: `phrasefuse.run`'s) whose
+    heads are `heads` (the baseline among them); returns [report.html, *plots]."""
+    from phrasefuse.fuse.artifact import read_head_meta
+
+    plot_dir = layout.work / "plots"
+    make_folder(plot_dir, "work folder")
+    written: list[Path] = []
+    sections: list[str] = []
+
+    ablation = _read_json(layout.ablation / "ablation.json")
+    if ablation:
+        sections.append(_ablation_html(ablation, plot_dir, written))
+    metas = {h.name: read_head_meta(layout.head(h.name)) for h in heads if layout.head(h.name).exists()}
+    if metas:
+        sections.append(_heads_html(metas))
+    zeroshot = _read_json(layout.zeroshot)
+    if zeroshot:
+        sections.append(_zeroshot_html(zeroshot))
+    sections += _best_head_html(config, layout, metas, plot_dir, written)
+
+    page = _page(f"phrasefuse report: {config.path.name}", sections, config)
+    write_atomic(layout.report, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return [layout.report, *written]
+
+
+def _ablation_html(ablation: dict, plot_dir: Path, written: list[Path]) -> str:
+    """The ablation section: its tables and bars, and the few-shot curves (plots appended to `written`)."""
+    full = [t for t in ablation["tables"] if not t["shots"]]
+    shot_tables = [t for t in ablation["tables"] if t["shots"]]
+    body = ""
+    for t in full:
+        path = plot_dir / "ablation.png"
+        write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp))
+        written.append(path)
+        body += _table_html(t, ablation["test_rows"]) + _img(path, "ablation bar chart")
+    if shot_tables:
+        path = plot_dir / "few_shot.png"
+        write_atomic(path, lambda tmp: plots.few_shot_curves(shot_tables, tmp))
+        written.append(path)
+        body += "<h3>Few-shot</h3>" + _img(path, "few-shot curves") + "".join(
+            _table_html(t, ablation["test_rows"]) for t in shot_tables)
+    return f"<h2>Ablation: {html.escape(ablation['head'])} head</h2>{body}"
+
+
+def _zeroshot_html(zeroshot: dict) -> str:
+    m = zeroshot["metrics"]
+    return ("<h2>Zero-shot label prior</h2><p>Generated phrases scored against the embedded label "
+            f"{html.escape(zeroshot['label_texts'])}, with no labelled image: "
+            f"<b>{_pct(m.get('top1', m.get('mAP')))}</b> {'top-1' if 'top1' in m else 'mAP'} on the "
+            f"{html.escape(zeroshot['split'])} split ({zeroshot['rows']} rows, "
+            f"{100 * zeroshot['coverage']:.0f}% with phrases; chance {_pct(zeroshot.get('chance_top1'))}).</p>")
+
+
+def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[Path]) -> list[str]:
+    """The best fused head's sections: its confusion matrix (single-label) and the gallery against the baseline."""
+    from phrasefuse.manifests import read_manifest
+
+    manifest = read_manifest(config.data.manifest)
+    fused = [n for n in metas if n != BASELINE]
+    best = max(fused, key=lambda n: _test_score(metas[n]), default=None)
+    if best is None or not layout.predictions(best).is_file():
+        return []
+    sections = []
+    test = _test_rows(manifest)
+    best_pred = _predictions(layout.predictions(best), test["id"])
+    if not metas[best].get("task") == "multilabel":
+        vocab = list(metas[best]["labels"])
+        index = {v: i for i, v in enumerate(vocab)}
+        true = np.array([index.get(v, -1) for v in test["label"].to_pylist()])
+        pred = np.array([index.get(v, -1) for v in best_pred["label"].to_pylist()])
+        matrix = plots.confusion_matrix(true, pred, len(vocab))
+        path = plot_dir / "confusion.png"
+        write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, f"{best} head, test split"))
+        written.append(path)
+        sections.append(f"<h2>Confusion matrix: best head ({html.escape(best)})</h2>" + _img(path, "confusion"))
+    if config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
+        base_pred = _predictions(layout.predictions(BASELINE), test["id"])
+        sections.append(_gallery_html(config, layout, test, base_pred, best_pred, best, config.report.gallery))
+    return sections
+
+
+# ---------------------------------------------------------------- data
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _test_score(meta: dict) -> float:
+    m = ((meta.get("metrics") or {}).get("test") or {}).get("saved") or {}
+    return float(m.get("top1", m.get("mAP", -1.0)))
+
+
+def _test_rows(manifest) -> pa.Table:
+    t = manifest.table
+    return t.filter(pc.equal(t["split"], "test"))
+
+
+def _predictions(path: Path, ids: pa.Array) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return table.take(pc.index_in(ids, value_set=table["id"]))
+
+
+# ---------------------------------------------------------------- html
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<p><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></p>'
+
+
+def _table_html(table: dict, test_rows: int) -> str:
+    cols = table["columns"]
+    head = "".join(f"<th>{plots.NAMES.get(c, c)}</th>" for c in cols)
+    rows = []
+    for r in table["rows"]:
+        cells = "".join(f"<td>{100 * r[c]['mean']:.1f} ± {100 * r[c]['std']:.1f}</td>" for c in cols)
+        gain = ""
+        if "gain" in r:
+            g = r["gain"]["mean"]
+            gain = f"<span class='{'up' if g > 0 else 'down' if g < 0 else ''}'>{100 * g:+.1f}</span> ± " \
+                   f"{100 * r['gain']['std']:.1f}"
+        rows.append(f"<tr><td>{html.escape(r['features'])}</td>{cells}<td>{gain}</td></tr>")
+    return (f"<h3>{html.escape(table['regime'])} ({table['seeds']} seed(s), mean ± std over seeds; test split, "
+            f"{test_rows} rows)</h3><table><tr><th>features</th>{head}<th>Δ vs image only</th></tr>"
+            + "".join(rows) + f"</table><p class='note'>{html.escape(table['note'])}</p>")
+
+
+def _heads_html(metas: dict) -> str:
+    rows = []
+    for name, meta in metas.items():
+        test = (meta.get("metrics") or {}).get("test") or {}
+        val = (meta.get("metrics") or {}).get("val") or {}
+        key = "top1" if "top1" in (test.get("saved") or {}) else "mAP"
+        cells = [_pct((val.get("saved") or {}).get(key)), _pct((val.get("image_only") or {}).get(key)),
+                 _pct((test.get("saved") or {}).get(key)), _pct((test.get("image_only") or {}).get(key))]
+        features = ", ".join(f"{f['name']}" + (f" ×{f['trust']:.2f}" if f.get("role") != "image" and
+                                                 f.get("trust") is not None else "") for f in meta["features"])
+        reason = (meta.get("selection") or {}).get("reason", "")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(meta['kind'])}</td>"
+                    f"<td>{html.escape(features)}</td>" + "".join(f"<td>{c}</td>" for c in cells)
+                    + f"<td class='note'>{html.escape(reason)}</td></tr>")
+    return ("<h2>Heads</h2><table><tr><th>head</th><th>kind</th><th>features (text trust)</th><th>val saved</th>"
+            "<th>val image-only</th><th>test saved</th><th>test image-only</th><th>why this one was saved</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _thumbnail(path: str) -> str:
+    """A small JPEG of the image at `path`, inline; a file that is not a sane image (a bomb, a FIFO,
+    a folder, too large, corrupt) shows as unreadable: the report never fails on one picture."""
+    from phrasefuse.extract.images import decode_errors, open_image, read_item
+
+    data, _ = read_item(path)
+    if data is None:
+        return "<div class='noimg'>image unreadable</div>"
+    try:
+        with decode_errors():
+            im = open_image(data)
+            im.draft("RGB", (THUMB, THUMB))
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+    except (ValueError, MemoryError):
+        return "<div class='noimg'>image unreadable</div>"
+    return f"<img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}' alt=''>"
+
+
+def _gallery_html(config, layout, test: pa.Table, base: pa.Table, fused: pa.Table, fused_name: str,
+                  count: int) -> str:
+    from phrasefuse.store import EmbeddingStore
+
+    truth = test["label"].to_pylist() if "label" in test.column_names else \
+        [", ".join(v or []) for v in test["labels"].to_pylist()]
+
+    def shown(pred: pa.Table) -> list[str]:
+        if "label" in pred.column_names:
+            return [f"{l} ({100 * p:.0f}%)" if l is not None else "?" for l, p in
+                    zip(pred["label"].to_pylist(), pred["probability"].to_pylist())]
+        return [", ".join(v or []) for v in pred["labels"].to_pylist()]
+
+    def bare(pred: pa.Table) -> list:
+        return pred["label"].to_pylist() if "label" in pred.column_names else \
+            [", ".join(v or []) for v in pred["labels"].to_pylist()]
+
+    base_ok = np.array([a == b for a, b in zip(bare(base), truth)])
+    fused_ok = np.array([a == b for a, b in zip(bare(fused), truth)])
+    groups = [("fixed by text", ~base_ok & fused_ok), ("broken by text", base_ok & ~fused_ok),
+              ("both wrong", ~base_ok & ~fused_ok), ("both right", base_ok & fused_ok)]
+    quota = [count // 2, count // 4, count // 8, count]
+    chosen: list[tuple[str, int]] = []
+    for (name, mask), q in zip(groups, quota):
+        for i in np.flatnonzero(mask)[: min(q, count - len(chosen))]:
+            chosen.append((name, int(i)))
+
+    phrases, scores = {}, {}
+    store = EmbeddingStore(layout.phrases_store)
+    if config.phrases and store.exists():
+        ids = pa.array([test["id"][i].as_py() for _, i in chosen], pa.string())
+        table = store.read_table(["id", "phrases", "scores"])
+        table = table.take(pc.index_in(ids, value_set=table["id"]))
+        for ident, ph, sc in zip(ids.to_pylist(), table["phrases"].to_pylist(), table["scores"].to_pylist()):
+            phrases[ident], scores[ident] = ph or [], sc or []
+    text_cols = [c for c in config.data.text_columns if c in test.column_names]
+    base_text, fused_text = shown(base), shown(fused)
+    cards = []
+    for group, i in chosen:
+        ident = test["id"][i].as_py()
+        meta_text = "".join(
+            f"<div class='meta'><b>{html.escape(c)}</b>: {html.escape(_cell(test[c][i].as_py()))}</div>"
+            for c in text_cols)
+        ph = "".join(f"<li>{html.escape(p)} <span class='score'>{s:.2f}</span></li>"
+                     for p, s in zip(phrases.get(ident, []), scores.get(ident, [])))
+        cls = group.split()[0]
+        cards.append(
+            f"<div class='card {cls}'>{_thumbnail(test['image'][i].as_py())}"
+            f"<div class='id'>{html.escape(ident)} · <i>{group}</i></div>"
+            f"<div><b>true</b>: {html.escape(truth[i])}</div>"
+            f"<div class='{'ok' if base_ok[i] else 'bad'}'><b>image only</b>: {html.escape(base_text[i])}</div>"
+            f"<div class='{'ok' if fused_ok[i] else 'bad'}'><b>{html.escape(fused_name)}</b>: "
+            f"{html.escape(fused_text[i])}</div>{meta_text}"
+            + (f"<div class='meta'><b>generated phrases</b><ul>{ph}</ul></div>" if ph else "") + "</div>")
+    counts = ", ".join(f"{name}: {int(mask.sum())}" for name, mask in groups)
+    return (f"<h2>Gallery: test images, image-only head vs {html.escape(fused_name)}</h2>"
+            f"<p>Test split: {counts}. Shown: up to {count} (text's fixes first, then what it broke).</p>"
+            f"<div class='gallery'>{''.join(cards)}</div>")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    text = str(value)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:1.5em} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.6em} h3{font-size:1.05em}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+th{background:#f4f4f4} .up{color:#1a7f37;font-weight:600} .down{color:#c0392b;font-weight:600}
+.note{color:#666;font-size:.85em} img{max-width:100%}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:.8em;background:#fff}
+.card img{display:block;margin:0 auto 6px;border-radius:4px} .card.fixed{border-color:#2a9d8f;border-width:2px}
+.card.broken{border-color:#e76f51;border-width:2px} .ok{color:#1a7f37} .bad{color:#c0392b}
+.id{color:#888;font-size:.9em} .meta{color:#444;margin-top:3px} .meta ul{margin:2px 0 0 14px;padding:0}
+.score{color:#888} .noimg{height:64px;background:#eee;text-align:center;line-height:64px}
+"""
+
+
+def _page(title: str, sections: list[str], config) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p class='note'>Manifest {html.escape(str(config.data.manifest))}; work folder "
+            f"{html.escape(str(config.work))}; image encoder {html.escape(config.encoders.image)}, text encoder "
+            f"{html.escape(config.encoders.text)}.</p>" + "".join(sections) + "</body></html>")

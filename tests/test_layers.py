@@ -1,0 +1,142 @@
+"""The package's layers: no import cycle between phrasefuse's top-level modules and subpackages.
+
+The imports are read from the source (ast), including those inside functions, which Python
+resolves late but which still tie two modules together. Each unit may import only units in
+a layer below it (or its own layer when the two do not import each other); a new arrow that
+points up, or closes a cycle, fails with the file and line that adds it.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import phrasefuse
+
+PACKAGE = Path(phrasefuse.__file__).parent
+
+# Bottom to top. A unit imports only units of lower layers (or of its own layer, without a cycle).
+LAYERS = [
+    ["errors", "__init__"],  # `phrasefuse/__init__.py`: the version (store records it)
+    ["store", "folder_report"],  # the on-disk format; the report type `inspect` prints
+    ["manifests", "engine"],  # reading tables; how a batch job runs (local or Ray)
+    ["extract"],  # encoders and the extract jobs
+    ["index"],  # pairs, prototypes, the FAISS index, phrases (uses extract's encoders)
+    ["fuse", "synthetic", "interop"],  # heads on cached embeddings; generated data; other tools' files
+    ["inspect", "report"],  # describe any folder; the run's HTML report
+    ["run"],  # a whole config, stage by stage
+    ["demo"],
+    ["cli"],
+    ["__main__"],
+]
+
+# Edges inside a unit are not checked here. Inside `fuse`, `ablate` imports the `fuse train`
+# command module (train.py) for its library parts: a zig-zag that issue 15's fuse wing removes
+# (train.py becomes the command only; its parts move to data / select / metrics).
+
+
+def _unit_of(module: str) -> str:
+    """phrasefuse.index.folder -> index; phrasefuse -> __init__."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> tuple[str, str]:
+    """(module, package its relative imports start from)."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+        return ".".join(parts), ".".join(parts)
+    return ".".join(parts), ".".join(parts[:-1])
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _imported(node: ast.AST, package: str) -> list[str]:
+    """The phrasefuse modules an import statement loads (`from a import b`: a.b when b is a module)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    return [source] + [f"{source}.{a.name}" for a in node.names if _is_module(f"{source}.{a.name}")]
+
+
+def import_edges() -> dict[tuple[str, str], list[str]]:
+    """(unit, unit it imports) -> where ('path:line'), for every import in the package."""
+    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module, package = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            for target in _imported(node, package):
+                if target == "phrasefuse" or target.startswith("phrasefuse."):
+                    a, b = _unit_of(module), _unit_of(target)
+                    if a != b:
+                        edges[a, b].append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return edges
+
+
+def cycles(edges) -> list[list[str]]:
+    """Each strongly connected set of units with more than one member (Tarjan)."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in edges:
+        graph[a].add(b)
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_scan_sees_imports_inside_functions():
+    edges = import_edges()
+    # cli imports the jobs inside its command functions only (keeps --help instant).
+    assert any("phrasefuse/cli.py" in where for where in edges["cli", "extract"])
+    assert ("extract", "engine") in edges and ("index", "engine") in edges
+
+
+def test_no_import_cycle_between_units():
+    edges = import_edges()
+    found = cycles(edges)
+    assert not found, "import cycles: " + "; ".join(
+        " <-> ".join(group) + " (" + ", ".join(f"{a}->{b} at {edges[a, b][0]}" for a in group for b in group
+                                         if (a, b) in edges) + ")" for group in found)
+
+
+def test_every_import_points_down_the_layers():
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    units = {_unit_of(_module_name(p)[0]) for p in PACKAGE.rglob("*.py")}
+    assert units <= set(layer), f"units missing from LAYERS: {sorted(units - set(layer))}"
+    upward = [f"{a} -> {b} ({', '.join(where)})" for (a, b), where in sorted(import_edges().items())
+              if layer[b] > layer[a]]
+    assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
