@@ -102,7 +102,8 @@ class ImageLimits:
                             ("max_aspect_ratio", max_aspect_ratio)):
             if value is not None and not (isinstance(value, (int, float)) and value == value and value >= 1
                                           and value < 1e12):
-                raise ValueError(f"{name} {value}: must be a number of at least 1")
+                shown = f"{value:g}" if isinstance(value, (int, float)) else repr(value)
+                raise ValueError(f"{name} {shown}: must be a number of at least 1")
         d = cls()
         return cls(max_bytes=int(max_image_mb * 2**20) if max_image_mb else d.max_bytes,
                    max_pixels=int(max_image_megapixels * 1e6) if max_image_megapixels else d.max_pixels,

@@ -22,9 +22,15 @@ from tests.faults.test_tampered_heads import write_data
 
 
 def run_main(capsys, *args) -> tuple[int, list[str]]:
-    """(exit status, stderr lines) of `phrasefuse ARGS` run in this process."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
+    """(exit status, stderr lines) of `phrasefuse ARGS` run in this process (its signal handlers,
+    which `cli.main` installs, are put back after)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([str(a) for a in args])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     err = capsys.readouterr().err
     return exit_info.value.code, [ln for ln in err.splitlines() if ln.startswith("phrasefuse:")]
 

@@ -20,7 +20,6 @@ from PIL import Image
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract.images import DEFAULT_LIMITS, ImageLimits, decode, decode_errors, read_item
-from tests.conftest import run_cli
 
 
 def png_header_only(w: int, h: int) -> bytes:
@@ -129,15 +128,17 @@ def test_extract_makes_error_rows_of_every_hostile_file_and_keeps_the_good_ones(
         assert all(errors["reason"])
 
 
-def test_extract_cli_limits_are_options(tmp_path, tiny_clip_spec, shapes_dataset):
+def test_extract_cli_limits_are_options(tmp_path, tiny_clip_spec, shapes_dataset, capsys):
+    from tests.faults.test_exit_status import run_main
+
     image = sorted(shapes_dataset.parent.glob("images/*.jpg"))[0]
     pq.write_table(pa.table({"id": ["a"], "image": [str(image)]}), tmp_path / "m.parquet")
-    proc = run_cli("extract", "images", tmp_path / "m.parquet", "--out", tmp_path / "st", "--model", tiny_clip_spec,
-                   "--allow-outside-paths", "--max-aspect-ratio", "1", "--workers", "0")
-    assert proc.returncode == 0, proc.stderr
+    base = ["extract", "images", tmp_path / "m.parquet", "--out", tmp_path / "st", "--model", tiny_clip_spec,
+            "--allow-outside-paths", "--workers", "0"]
+    assert run_main(capsys, *base, "--max-aspect-ratio", "1")[0] == 0
+    status, lines = run_main(capsys, *base, "--max-image-mb", "0")
+    assert status == 2 and lines == ["phrasefuse: error: --max-image-mb 0: must be a number of at least 1"]
     assert "too elongated" in pq.read_table(tmp_path / "st" / "errors.parquet")["reason"][0].as_py()
-    proc = run_cli("extract", "images", tmp_path / "m.parquet", "--out", tmp_path / "st2", "--max-image-mb", "0")
-    assert proc.returncode == 2 and "--max-image-mb 0" in proc.stderr
 
 
 @pytest.fixture(scope="module")
