@@ -187,3 +187,16 @@ def test_decode_errors_turn_memory_errors_into_reasons():
     with pytest.raises(ValueError, match="out of memory"):
         with decode_errors():
             raise MemoryError
+
+
+def test_nul_bytes_in_folder_or_file_names_pass_the_outside_paths_check_and_become_error_rows(tmp_path):
+    from phrasefuse.manifests import read_manifest
+
+    (tmp_path / "ok.png").write_bytes(png(8, 8))
+    pq.write_table(pa.table({"id": ["good", "folder", "file"], "image": ["ok.png", "su\0b/x.png", "ok.png\0.png"]}),
+                   tmp_path / "m.parquet")
+    paths = read_manifest(tmp_path / "m.parquet", require_image=True).table["image"].to_pylist()  # no ValueError
+    assert read_item(paths[0])[0] is not None
+    for path in paths[1:]:
+        data, reason = read_item(path)
+        assert data is None and "not a valid path" in reason
