@@ -127,6 +127,7 @@ def write_config(tmp_path: Path, manifest: Path, extra_data: str = "", heads: st
     ('text_columns = ["query-image"]', "", "", "data.text_columns"),
     ('label_col = "nope"', "", "", "data.label_col"),
     ("", '[[heads]]\nname = "h"\nkind = "mlp"\nalign_descriptions = -0.5', "", "heads[0].align_descriptions"),
+    ("", '[[heads]]\nname = "h"\nkind = "lgbm"\nalign_descriptions = 0.5', "", "heads[0].align_descriptions"),
     ("", '[[heads]]\nname = "h"\nkind = "linear"\nseed = 18446744073709551617', "", "heads[0].seed"),
     ("", "", "max_aspect_ratio = 0", "encoders.max_aspect_ratio"),
     ("", "", 'max_image_mb = "big"', "encoders.max_image_mb"),
