@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from phrasefuse import __version__
 from phrasefuse.errors import BadInput
+from phrasefuse.faultpoints import fault_point
 
 FORMAT = "phrasefuse-store"
 FORMAT_VERSION = 1
@@ -67,14 +68,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     which is fsync'ed and renamed over `path`; the folder is fsync'ed after."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    kind = "shard" if SHARD_RE.match(path.name) else path.name  # names the fault points (tests only)
     try:
         write(str(tmp))
+        fault_point(f"{kind}-tmp-written")
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        fault_point(f"{kind}-synced")
         os.replace(tmp, path)
+        fault_point(f"{kind}-renamed")
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -141,6 +146,7 @@ def atomic_folder(out: str | os.PathLike, fmt: str, what: str) -> Iterator[Path]
                        f"another --out") from None
     try:
         yield tmp
+        fault_point("folder-built")
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,12 +169,14 @@ def _swap_in(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
+        fault_point("folder-old-moved")
     try:
         os.rename(tmp, out)
     except BaseException:
         if old is not None:
             os.rename(old, out)
         raise
+    fault_point("folder-renamed")
     _fsync_dir(out.parent)  # the rename itself is durable
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -618,6 +626,7 @@ class StoreWriter:
         self._buffered += len(emb)
         while self._buffered >= self.shard_size:
             self._write_shard(self.shard_size)
+        fault_point("rows-buffered")
 
     def add_errors(self, ids: Iterable[str], reasons: Iterable[str]) -> None:
         ids, reasons = list(ids), list(reasons)
@@ -646,6 +655,7 @@ class StoreWriter:
         # Ids embedded now leave errors.parquet with the same shard that stores them.
         if self._old_errors.num_rows or self._errors_dirty:
             self._write_errors()
+        fault_point("shard-written")
 
     def _write_errors(self) -> None:
         # Old errors stay unless their id was embedded now or failed again (new reason wins).

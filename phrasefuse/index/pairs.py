@@ -52,7 +52,7 @@ class Pairs:
     phrases: pa.Array  # string, distinct, sorted
     phrase: np.ndarray  # (pairs,) int64 index into `phrases`
     image_row: np.ndarray  # (pairs,) int64 row of the image in the store's id array
-    weight: np.ndarray  # (pairs,) float32, > 0
+    weight: np.ndarray  # (pairs,) float64, > 0
     counts: PairCounts
     weighted: bool = False  # the table's weight column was used
     missing_example: str | None = None  # one image_id absent from the store, for messages
@@ -120,7 +120,7 @@ def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: boo
         phrases=phrases,
         phrase=pc.index_in(used["phrase"], value_set=phrases).to_numpy().astype(np.int64),
         image_row=found.filter(pa.array(usable)).to_numpy().astype(np.int64),
-        weight=weight[usable].astype(np.float32),
+        weight=weight[usable].astype(np.float64),  # float32 would round a weight such as 1e-300 to 0
         counts=counts,
         weighted=weighted,
         missing_example=missing_example,

@@ -36,15 +36,15 @@ def segment_sums(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, 
     return sums
 
 
-def per_segment_scaled(segment: np.ndarray, weights: np.ndarray, n_segments: int) -> np.ndarray:
-    """Weights divided (in float64) by the largest weight of their segment: a mean's direction does
-    not change, and weights like 1e300 or 1e-300 (inf or 0 in float32) keep their ratios instead of
-    turning a phrase's prototype into NaN or zero (a phrase then silently lost)."""
-    w = np.asarray(weights, dtype=np.float64)
-    top = np.zeros(n_segments, np.float64)
-    np.maximum.at(top, segment, w)
-    scale = top[segment]
-    return np.divide(w, scale, out=np.zeros_like(w), where=scale > 0).astype(np.float32)
+def scaled_per_segment(weights: np.ndarray, segment: np.ndarray, n_segments: int) -> np.ndarray:
+    """Each weight over the largest of its segment (float64 in, float32-safe out). The prototype is
+    a normalised weighted sum, so its direction does not change; but positive weights as small as
+    1e-300 no longer round to 0 in float32 and cancel their phrase."""
+    weights = np.asarray(weights, dtype=np.float64)
+    segment = np.asarray(segment, dtype=np.int64)
+    largest = np.zeros(n_segments)
+    np.maximum.at(largest, segment, weights)
+    return weights / np.where(largest > 0, largest, 1.0)[segment]
 
 
 def prototypes(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, n_segments: int,
@@ -54,7 +54,7 @@ def prototypes(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, n_
     `embeddings` are L2-normalised first (a float16 store comes back unit-norm in float32).
     ok is False for a segment with no pairs, or whose images cancel out (zero sum)."""
     if weights is not None:
-        weights = per_segment_scaled(segment, weights, n_segments)
+        weights = scaled_per_segment(weights, segment, n_segments)
     sums = segment_sums(segment, rows, l2_normalize(embeddings), n_segments, weights)
     ok = np.linalg.norm(sums, axis=1) > 1e-6
     return l2_normalize(sums), ok

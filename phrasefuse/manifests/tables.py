@@ -45,6 +45,14 @@ def expand(pattern: str | os.PathLike) -> list[Path]:
     return [path]
 
 
+def _connect():
+    """A DuckDB connection that never prints: its progress bar (shown when a query runs over 2 s, e.g.
+    on a loaded machine) would go to stdout, which `--json` keeps for the one JSON document."""
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
 def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
     """All files of `pattern` as one Arrow table, with `_file` and `_row` columns.
 
@@ -54,7 +62,7 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
     tables = []
     for path in expand(pattern):
         reader = _reader(path, what)
-        con = duckdb.connect()
+        con = _connect()
         try:
             table = _select(con, reader, path).to_arrow_table()
         except duckdb.Error as e:
@@ -127,7 +135,7 @@ def table_columns(pattern: str | os.PathLike, what: str = "table") -> list[str]:
     """The union of the column names of the files of `pattern` (no data read)."""
     names: dict[str, None] = {}
     for path in expand(pattern):
-        con = duckdb.connect()
+        con = _connect()
         try:
             names.update(dict.fromkeys(con.sql(f"SELECT * FROM {_reader(path, what)}",
                                                params={"path": str(path)}).columns))
@@ -143,7 +151,7 @@ def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: in
     streamed from DuckDB: a table larger than memory is never loaded whole. A batch holds only the
     columns its file has (files may differ)."""
     for path in expand(pattern):
-        con = duckdb.connect()
+        con = _connect()
         try:
             stream = _select(con, _reader(path, what), path).to_arrow_reader(batch_rows)
             row = 0
@@ -167,7 +175,7 @@ def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: in
 
 def sql(query: str, **tables: pa.Table | pa.Array) -> pa.Table:
     """Run a DuckDB query over Arrow tables named by keyword (no copies in, Arrow out)."""
-    con = duckdb.connect()
+    con = _connect()
     try:
         for name, t in tables.items():
             con.register(name, pa.table({"value": t}) if isinstance(t, (pa.Array, pa.ChunkedArray)) else t)
