@@ -87,6 +87,53 @@ def prepare(manifest_path: str | os.PathLike, feature_args: Sequence[str], label
     return Prepared(manifest, features, roles, blocks, labels, rows, col)
 
 
+MIN_VAL_ROWS_PER_LABEL = 5  # below this, a validation choice rests on a handful of rows: said out loud
+
+
+def _labels_of(labels: Labels, rows: np.ndarray) -> np.ndarray:
+    """Rows per label among `rows` (multi-class: the known labels; multi-label: positives)."""
+    y = labels.y[rows]
+    if labels.multilabel:
+        return (y > 0.5).sum(axis=0).astype(np.int64)
+    return np.bincount(y[y >= 0], minlength=labels.num_classes)
+
+
+def _examples(vocab: Sequence[str], counts: np.ndarray, which: np.ndarray) -> str:
+    shown = ", ".join(f"'{vocab[c]}': {int(counts[c])}" for c in np.flatnonzero(which)[:3])
+    return shown + (", ..." if which.sum() > 3 else "")
+
+
+def data_warnings(labels: Labels, rows: dict[str, np.ndarray], splits: Sequence[str] = ("val", "test"),
+                  check_val: bool = True) -> list[str]:
+    """One line per statistical caveat of the splits: labels unseen in train (counted as
+    errors), and a val split with fewer than MIN_VAL_ROWS_PER_LABEL rows of some label."""
+    out = []
+    for split in splits:
+        n_unknown = int((labels.unknown[rows[split]] > 0).sum()) if len(rows[split]) else 0
+        if n_unknown:
+            out.append(f"{n_unknown} of {len(rows[split])} {split} rows carry a label the train split lacks; the "
+                       f"head cannot predict it, so those rows count as errors")
+    if check_val and len(rows["val"]):
+        counts = _labels_of(labels, rows["val"])
+        few = counts < MIN_VAL_ROWS_PER_LABEL
+        if few.any():
+            out.append(f"the val split has fewer than {MIN_VAL_ROWS_PER_LABEL} rows of {int(few.sum())} of "
+                       f"{labels.num_classes} labels ({_examples(labels.vocab, counts, few)}): choices made on it "
+                       f"(text trust, label prior weight, early stopping) rest on few rows")
+    return out
+
+
+def shots_warning(labels: Labels, train_rows: np.ndarray, k: int) -> str | None:
+    """A line when some label has fewer than K train rows (--shots K then gives fewer)."""
+    counts = _labels_of(labels, train_rows)
+    short = counts < k
+    if not short.any():
+        return None
+    return (f"--shots {k}: {int(short.sum())} of {labels.num_classes} labels have fewer than {k} train rows "
+            f"({_examples(labels.vocab, counts, short)}); they get all they have, and the table reports the real "
+            f"mean shots per label")
+
+
 # ---------------------------------------------------------------- fit and choose
 
 
@@ -213,11 +260,12 @@ class TrainReport:
     selection: dict
     seconds: float
     fitted: FittedHead | None = None  # the saved head, in memory (not part of the report)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"head": self.out, "kind": self.kind, "task": self.task, "labels": self.labels, "rows": self.rows,
                 "features": self.features, "saved": self.saved, "reason": self.reason, "metrics": self.metrics,
-                "selection": self.selection, "seconds": round(self.seconds, 2)}
+                "selection": self.selection, "warnings": self.warnings, "seconds": round(self.seconds, 2)}
 
     def text(self) -> str:
         rows = " / ".join(f"{n} {k}" for k, n in self.rows.items())
@@ -246,6 +294,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
     _check_options(kind, threshold, max_labels, align_descriptions, tune_rows)
     prep = prepare(manifest, feature_args, label_col, multilabel)
     task, labels, rows = prep.task, prep.labels, prep.rows
+    warnings = data_warnings(labels, rows)
     if label_prior and task.multilabel:
         raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
     descriptions = read_descriptions(label_descriptions) if label_descriptions else None
@@ -331,12 +380,13 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
             "label_col": prep.label_col, "features": feature_meta, "architecture": outcome.saved.architecture(),
             "hyperparameters": hp, "seed": seed, "decision": decision, "prior": prior_meta, "alignment": align_meta,
             "selection": selection, "metrics": metrics, "manifest": str(manifest),
-            "rows": {k: int(len(v)) for k, v in rows.items()}, "train_seconds": round(seconds, 2)}
+            "rows": {k: int(len(v)) for k, v in rows.items()}, "warnings": warnings,
+            "train_seconds": round(seconds, 2)}
     save_head(out, meta, tensors, files)
     return TrainReport(str(out), kind, meta["task"], len(task.vocab), meta["rows"],
                        [{k: f[k] for k in ("name", "role", "trust", "coverage")} for f in considered],
                        outcome.choice, outcome.reason, metrics, selection, time.perf_counter() - start,
-                       outcome.saved)
+                       outcome.saved, warnings)
 
 
 def _check_options(kind: str, threshold: float, max_labels: int | None, align: float,
