@@ -39,6 +39,10 @@ from phrasefuse.fuse.select import (DEFAULT_TEXT_SCALE, Scheme, Trial, Tuner, ch
 from phrasefuse.manifests import Manifest, read_manifest
 
 DEFAULT_THRESHOLD = 0.3  # the tagging study's global threshold
+TEXT_RULE = ("candidates ordered simplest first (image-only, then growing text trust); the simplest whose validation "
+             "top-1 (or per-image AP) is within one paired standard error of the best is saved")
+PRIOR_RULE = ("weights 0, 1, 2, 5, 10, 20, 50, 100 scored by val top-1 on the saved head; the smallest within one "
+              "paired standard error of the best is kept (0: the prior is left out)")
 
 
 # ---------------------------------------------------------------- data
@@ -143,7 +147,7 @@ class Outcome:
 
     saved: FittedHead
     saved_blocks: list[int]
-    choice: str  # "fused" | "image-only" | "single" | "untested" (fused, nothing to score it on)
+    choice: str  # "fused" | "image-only" | "single"
     reason: str
     fused: FittedHead | None = None
     fused_blocks: list[int] = field(default_factory=list)
@@ -171,12 +175,11 @@ def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: 
                        saved_config=config)
     base = {img: 1.0}
     tuning: list[dict] = []
-    if not scheme.folds:  # nothing can be scored: default trust, nothing to choose
-        fused_cfg = {img: 1.0, **{t: (1.0 if kind == "mlp" else DEFAULT_TEXT_SCALE) for t in texts}}
-        fused, image_only = full.final(fused_cfg), full.final(base)
-        return Outcome(fused, sorted(fused_cfg), "untested", f"{scheme.describe()}: the fused head is kept untested",
-                       fused, sorted(fused_cfg), image_only, [img], scheme=scheme.describe(), tuner=full,
-                       saved_config=fused_cfg)
+    if not scheme.folds:  # nothing can be scored: no untested default may change predictions
+        image_only = full.final(base)
+        return Outcome(image_only, [img], "image-only",
+                       f"{scheme.describe()}: text cannot be validated, so it is left out", None, [], image_only,
+                       [img], scheme=scheme.describe(), tuner=full, saved_config=base)
     if kind == "mlp":  # trust is learned (gates, modality dropout)
         fused_cfg = {img: 1.0, **{t: 1.0 for t in texts}}
     else:
@@ -261,11 +264,13 @@ class TrainReport:
     seconds: float
     fitted: FittedHead | None = None  # the saved head, in memory (not part of the report)
     warnings: list[str] = field(default_factory=list)
+    prior: dict | None = None  # the label prior's store, weight and the scores it was chosen on
 
     def as_dict(self) -> dict:
         return {"head": self.out, "kind": self.kind, "task": self.task, "labels": self.labels, "rows": self.rows,
                 "features": self.features, "saved": self.saved, "reason": self.reason, "metrics": self.metrics,
-                "selection": self.selection, "warnings": self.warnings, "seconds": round(self.seconds, 2)}
+                "selection": self.selection, "prior": self.prior, "warnings": self.warnings,
+                "seconds": round(self.seconds, 2)}
 
     def text(self) -> str:
         rows = " / ".join(f"{n} {k}" for k, n in self.rows.items())
@@ -279,6 +284,11 @@ class TrainReport:
         trust = ", ".join(f"{f['name']} {f['trust']:.2f}" for f in self.features if f.get("trust") is not None
                           and f["role"] != "image")
         lines.append(f"  saved: {self.saved} ({self.reason})" + (f"; text trust: {trust}" if trust else ""))
+        if self.prior:
+            scores = ", ".join(f"{g['weight']:g}: {100 * g['val_top1']:.1f}" for g in self.prior["grid"])
+            lines.append(f"  label prior: {self.prior['store']['name']} ({self.prior['texts']}), weight "
+                         f"{self.prior['weight']:g}" + (" (left out)" if self.prior["weight"] == 0 else "") +
+                         f"; val top-1 by weight: {scores}")
         lines.append(f"  -> {self.out} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -327,7 +337,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
         weight, grid = tune_prior_weight(probs_of(outcome.saved, outcome.saved_blocks, "val"), cos[rows["val"]],
                                          labels.y[rows["val"]])
         prior_meta = {"store": feature_record(prior_feature), "weight": weight, "grid": grid,
-                      "texts": "descriptions" if descriptions else "label names"}
+                      "texts": "descriptions" if descriptions else "label names", "rule": PRIOR_RULE}
         prior_tensors = {"prior.labels": label_emb.astype(np.float32)}
 
     def saved_probs(split: str) -> np.ndarray:
@@ -370,7 +380,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
                              if outcome.fused is not None and j in outcome.fused_blocks else 0.0),
                    "coverage": float(prep.blocks.present[train_rows, j].mean())}
                   for j, f in enumerate(prep.features)]
-    selection = {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme,
+    selection = {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme, "rule": TEXT_RULE,
                  "tuning_rows": int(len(tune)), "validation": outcome.validation, "trust_tuning": tuning_log,
                  "features_considered": considered}
     tensors, files = outcome.saved.state()
@@ -386,7 +396,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
     return TrainReport(str(out), kind, meta["task"], len(task.vocab), meta["rows"],
                        [{k: f[k] for k in ("name", "role", "trust", "coverage")} for f in considered],
                        outcome.choice, outcome.reason, metrics, selection, time.perf_counter() - start,
-                       outcome.saved, warnings)
+                       outcome.saved, warnings, prior_meta)
 
 
 def _check_options(kind: str, threshold: float, max_labels: int | None, align: float,

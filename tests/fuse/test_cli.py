@@ -82,11 +82,32 @@ def test_multilabel_mlp_and_ablate(shapes_dataset, stores, tmp_path):
                              "--out", tmp_path / "ablation", "--json"))
     assert [t["regime"] for t in table["tables"]] == ["1-shot", "3-shot"]
     assert [r["features"] for r in table["tables"][1]["rows"]] == ["img (image only)", "title", "img + title"]
-    assert "nothing tuned" in table["tables"][0]["note"] and "cross-validation" in table["tables"][1]["note"]
+    assert "cross-validation" in table["tables"][1]["note"]
     assert len(table["tables"][1]["rows"][0]["runs"]) == 2
+    # 1 shot: nothing can validate text, so no seed keeps it (the row is the image-only head)
+    one_shot = table["tables"][0]["rows"]
+    assert one_shot[2]["text_kept"] == 0 and one_shot[2]["top1"] == one_shot[0]["top1"]
     markdown = (tmp_path / "ablation" / "ablation.md").read_text()
-    assert "| img + title |" in markdown and "the val split is not used" in markdown
+    assert "| img + title |" in markdown
     assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["tables"] == table["tables"]
+    # the val split is not used by the few-shot tables: scrambling its labels changes nothing
+    from phrasefuse.fuse.ablate import ablate
+    from phrasefuse.fuse.data import split_rows
+    from phrasefuse.manifests import read_manifest
+
+    manifest = pq.read_table(shapes_dataset)
+    labels = manifest["label"].to_pylist()
+    val = split_rows(read_manifest(shapes_dataset))["val"].tolist()  # a hash of the id: scrambling keeps it
+    rolled = [labels[val[(j + 1) % len(val)]] for j in range(len(val))]
+    assert rolled != [labels[i] for i in val]
+    for i, label in zip(val, rolled):
+        labels[i] = label
+    pq.write_table(manifest.set_column(manifest.column_names.index("label"), "label", pa.array(labels)),
+                   tmp_path / "scrambled.parquet")
+    features = [str(stores / "img"), str(stores / "title")]
+    runs = [ablate(m, features, "linear", shots=[1, 3], seeds=2).data["tables"]
+            for m in (shapes_dataset, tmp_path / "scrambled.parquet")]
+    assert runs[0] == runs[1] == table["tables"]
 
 
 def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
