@@ -45,12 +45,19 @@ def refused(proc, *words: str) -> None:
 
 def test_train_eval_predict_inspect(shapes_dataset, stores, tmp_path):
     head = tmp_path / "head"
-    report = one_json(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img",
-                              "--feature", stores / "title", "--head", "linear", "--out", head, "--seed", "1",
-                              "--json"))
+    proc = run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img",
+                   "--feature", stores / "title", "--head", "linear", "--out", head, "--seed", "1", "--json")
+    report = one_json(proc)
     assert report["kind"] == "linear" and report["rows"] == {"train": 47, "val": 7, "test": 6}
-    assert report["saved"] in ("fused", "image-only") and report["reason"]
-    assert set(report["metrics"]["val"]) >= {"saved", "image_only"}
+    # 7 val rows cannot show the (random tiny CLIP) title to be clearly better: image-only is saved, and said
+    assert report["saved"] == "image-only" and report["reason"] == "every text feature's trust was tuned to 0 " \
+        "on validation"
+    assert report["metrics"]["val"]["saved"] == report["metrics"]["val"]["image_only"]
+    assert [f["name"] for f in json.loads((head / "meta.json").read_text())["features"]] == ["img"]
+    # ... and the thin val split is one warning line on stderr (stdout stays one JSON document)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("phrasefuse: warning: ")]
+    assert len(warnings) == 1 and "the val split has fewer than 5 rows of 6 of 6 labels" in warnings[0]
+    assert report["warnings"] == [warnings[0].removeprefix("phrasefuse: warning: ")]
     assert sorted(p.name for p in head.iterdir()) == ["meta.json", "weights.safetensors"]
 
     evaluation = one_json(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--json"))
@@ -133,8 +140,23 @@ def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
     one_json(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--head", "linear",
                      "--label-prior", stores / "title-minilm", "--out", head, "--json"))
     meta = json.loads((head / "meta.json").read_text())
-    assert meta["prior"]["weight"] in [g["weight"] for g in meta["prior"]["grid"]]
+    grid = {g["weight"]: g["val_top1"] for g in meta["prior"]["grid"]}
+    # the titles' prior is informative: a weight > 0, and a gain on val over the head without it
+    assert meta["prior"]["weight"] > 0 and grid[meta["prior"]["weight"]] > grid[0.0], grid
+    assert meta["prior"]["rule"].startswith("weights 0, 1, 2")
     assert one_json(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--json"))["rows"] == 6
+    # a prior of the same encoder made of noise vectors gets weight 0
+    from phrasefuse.fuse.train import train_head
+    from phrasefuse.store import EmbeddingStore
+
+    minilm = EmbeddingStore(stores / "title-minilm")
+    ids = pq.read_table(shapes_dataset)["id"].to_pylist()
+    noise = np.random.default_rng(0).standard_normal((len(ids), minilm.meta["dim"])).astype(np.float32)
+    write_store(tmp_path / "noise-prior", "text", ids, noise, minilm.meta["encoder"])
+    report = train_head(shapes_dataset, [str(stores / "img")], tmp_path / "noise-head", kind="linear",
+                        label_prior=str(tmp_path / "noise-prior"))
+    assert report.prior["weight"] == 0.0, report.prior["grid"]
+    assert "weight 0 (left out)" in report.text()
 
 
 def test_bad_inputs_exit_2_with_one_line(shapes_dataset, stores, tmp_path):
