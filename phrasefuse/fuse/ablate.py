@@ -8,8 +8,10 @@ and the paired gain over image-only.
 Honest few-shot: with K shots per class nothing (text trust, early stopping, the
 image-only fallback) is chosen on more than those K examples per class: choices are made
 by cross-validation within the shots (select.cross_validation) and the val split is never
-read. With K = 1 no fold can hold out an example of every class: defaults are used. The
-notes under each table say which.
+read. With K = 1 no fold can hold out an example of every class: no untested default may change
+predictions, so text features are left out, and the label prior is calibrated by its likelihood on
+the shots (which it never trained on) and kept only when that is clearly positive. The notes
+under each table say which.
 """
 
 from __future__ import annotations

@@ -113,58 +113,77 @@ def apply_prior(probs: np.ndarray, cos: np.ndarray, weight: float) -> np.ndarray
 
 # ---------------------------------------------------------------- calibrating the prior on labelled rows
 
-# The prior's sharpness: a fine log grid from almost flat to almost one-hot (cosines lie in [-1, 1]).
+# The prior's weight: a fine log grid from almost flat to almost one-hot (cosines lie in [-1, 1]).
 CALIBRATION_WEIGHTS = tuple(float(w) for w in np.r_[0.0, np.geomspace(0.1, 1000.0, 81)])
 CLEAR_SE = 2.0  # "clearly positive": the held-out gain must exceed this many standard errors
 
 
 @dataclass
 class PriorFit:
-    """The label prior calibrated on labelled rows it never trained on (the prior trains on nothing).
+    """The label prior's weight, fitted by likelihood on labelled rows that neither the prior nor
+    the probabilities it multiplies were trained on, and the evidence for keeping it.
 
-    weight  the weight kept: the maximum-likelihood sharpness of softmax(weight * cos), or 0
-    gain    mean leave-one-out log-likelihood gain over the uniform guess, nats per row (each
-            row scored with the weight fitted on the other rows), and its standard error
+    fitted  the maximum-likelihood weight of softmax(log p + w * cos) on those rows
+    gain    mean leave-one-out log-likelihood gain over weight 0 (each row scored with the
+            weight fitted on the other rows), nats per row, and its standard error
+    top1    mean top-1 change on those rows with the fitted weight (may not be negative)
+    weight  the weight kept: `fitted` when the gain is clearly positive, else 0
     """
 
     weight: float
     fitted: float
     gain: float
     se: float
-    rows: int
     top1: float
+    rows: int
+    base: str
     rule: str
 
     def as_dict(self) -> dict:
         return {"weight": self.weight, "fitted_weight": self.fitted, "heldout_gain_nats": self.gain,
-                "heldout_gain_se": self.se, "rows": self.rows, "prior_top1": self.top1, "rule": self.rule}
+                "heldout_gain_se": self.se, "top1_change": self.top1, "rows": self.rows, "against": self.base,
+                "rule": self.rule}
 
 
-def prior_log_likelihood(cos: np.ndarray, y: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """(len(weights), n): log softmax(w * cos)[y] of each row under each weight."""
-    w = np.asarray(weights, np.float64)[:, None, None]
-    z = w * cos[None].astype(np.float64)
-    z -= z.max(axis=2, keepdims=True)
-    return z[:, np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=2))
+def product_log_likelihood(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray,
+                           weights: Sequence[float]) -> np.ndarray:
+    """(len(weights), n): log softmax(log_base + w * cos)[y] of each row under each weight."""
+    rows = np.arange(len(y))
+    out = np.empty((len(weights), len(y)))
+    for g, w in enumerate(weights):  # a loop over ~80 weights; each step is whole-array
+        z = log_base + w * cos.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        out[g] = z[rows, y] - np.log(np.exp(z).sum(axis=1))
+    return out
 
 
-def calibrate_prior(cos: np.ndarray, y: np.ndarray, n_se: float = CLEAR_SE) -> PriorFit:
-    """The prior's weight by likelihood on the labelled rows `y` (rows of an unseen label, -1,
-    are left out), kept only when its leave-one-out gain over the uniform guess is clearly
-    positive: more than `n_se` standard errors above 0. Otherwise weight 0 (image-only)."""
+def calibrate_prior(cos: np.ndarray, y: np.ndarray, probs: np.ndarray | None = None,
+                    n_se: float = CLEAR_SE) -> PriorFit:
+    """The label prior's weight on labelled rows `y` (rows of an unseen label, -1, left out).
+
+    `probs`: the head's probabilities for those rows, from a head that did not train on them
+    (out-of-fold or validation); None when there is none (1 shot per class): the prior is then
+    weighed against the uniform guess. The weight is the likelihood fit of softmax(log probs +
+    w * cos); it is kept only when its leave-one-out gain over weight 0 exceeds `n_se` standard
+    errors and it does not lower top-1 on these rows; otherwise 0 (the prior is left out)."""
     known = y >= 0
-    cos, y = cos[known], y[known]
-    n, n_classes = len(y), cos.shape[1] if cos.ndim == 2 else 0
+    cos, y = cos[known].astype(np.float64), y[known]
+    n, n_classes = len(y), cos.shape[1]
+    against = "the uniform guess (no held-out head probabilities)" if probs is None else "the head alone"
+    log_base = np.zeros_like(cos) if probs is None else np.log(np.clip(probs[known].astype(np.float64), 1e-12, None))
     if n < 2 or n_classes < 2:
-        return PriorFit(0.0, 0.0, 0.0, 0.0, n, float("nan"), "fewer than 2 labelled rows: prior left out")
-    ll = prior_log_likelihood(cos, y, CALIBRATION_WEIGHTS)
+        return PriorFit(0.0, 0.0, 0.0, 0.0, 0.0, n, against, "fewer than 2 labelled rows: prior left out")
+    ll = product_log_likelihood(log_base, cos, y, CALIBRATION_WEIGHTS)
     total = ll.sum(axis=1)
     fitted = CALIBRATION_WEIGHTS[int(np.argmax(total))]
     loo = ll[np.argmax(total[:, None] - ll, axis=0), np.arange(n)]  # weight fitted without row i, scored on i
-    gain = loo + np.log(n_classes)
+    gain = loo - ll[0]
     mean, se = float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(n))
-    top1 = float(np.mean(np.argmax(cos, axis=1) == y))
-    kept = mean - n_se * se > 0 and fitted > 0
-    rule = (f"weight by likelihood on {n} labelled rows the prior never trained on; kept only if its held-out "
-            f"gain over uniform ({mean:+.3f} nats/row, standard error {se:.3f}) exceeds {n_se:g} standard errors")
-    return PriorFit(float(fitted) if kept else 0.0, float(fitted), mean, se, n, top1, rule)
+    before = np.argmax(log_base + 1e-9 * cos, axis=1) == y if probs is not None else np.full(n, 1.0 / n_classes)
+    after = np.argmax(log_base + fitted * cos, axis=1) == y
+    top1 = float(np.mean(after) - np.mean(before))
+    kept = fitted > 0 and mean - n_se * se > 0 and top1 >= 0
+    rule = (f"weight by likelihood on {n} labelled rows neither it nor the head trained on, against {against}; "
+            f"kept only if its held-out gain ({mean:+.3f} nats/row, standard error {se:.3f}) exceeds {n_se:g} "
+            f"standard errors and top-1 on those rows does not drop ({100 * top1:+.1f} pt)")
+    return PriorFit(float(fitted) if kept else 0.0, float(fitted), mean, se, top1, n, against, rule)

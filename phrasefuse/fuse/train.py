@@ -34,7 +34,7 @@ from phrasefuse.fuse.heads import Align, FittedHead, Task, head_params
 from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, cosine_scores, embed_for_store, embed_texts,
                                        label_texts, read_descriptions)
 from phrasefuse.fuse.metrics import example_scores, multiclass_metrics, multilabel_metrics, summary
-from phrasefuse.fuse.select import (DEFAULT_TEXT_SCALE, Scheme, Trial, Tuner, choose, holdout,
+from phrasefuse.fuse.select import (Scheme, Trial, Tuner, choose, holdout,
                                     stratified_subsample, tune_trust)
 from phrasefuse.manifests import Manifest, read_manifest
 
