@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=["linear", "mlp", "lgbm"], choices=["linear", "mlp", "lgbm"])
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 2, 5, 20])
     ap.add_argument("--no-full", action="store_true", help="Skip the full-data table.")
+    ap.add_argument("--table-only", action="store_true",
+                    help="Only the table, from the ablations already in --work (e.g. heads run in parallel).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -126,6 +128,9 @@ def main() -> None:
           f"(chance {100 * zeroshot['chance_top1']:.1f})", flush=True)
     results = {}
     for head in args.heads:
+        if args.table_only:
+            results[head] = json.loads((args.work / f"ablate-{head}" / "ablation.json").read_text(encoding="utf-8"))
+            continue
         shots = [k for k in args.shots if head != "lgbm" or k >= LGBM_MIN_SHOTS]
         t = time.perf_counter()
         results[head] = ablate(manifest, paths, head, shots, not args.no_full, args.seeds, args.work)
@@ -138,8 +143,9 @@ def main() -> None:
     warnings = sorted({w for r in results.values() for w in r.get("warnings", [])})
     if warnings:
         text += "\n" + "\n".join(f"warning: {w}" for w in warnings) + "\n"
-    (args.work / "real.md").write_text(text, encoding="utf-8")
-    (args.work / "real.json").write_text(json.dumps({"zeroshot": zeroshot, "ablations": results}, indent=1),
+    name = "real" if args.table_only or len(args.heads) > 1 else f"real-{args.heads[0]}"
+    (args.work / f"{name}.md").write_text(text, encoding="utf-8")
+    (args.work / f"{name}.json").write_text(json.dumps({"zeroshot": zeroshot, "ablations": results}, indent=1),
                                          encoding="utf-8")
     print(text)
 

@@ -9,9 +9,8 @@ Honest few-shot: with K shots per class nothing (text trust, early stopping, the
 image-only fallback) is chosen on more than those K examples per class: choices are made
 by cross-validation within the shots (select.cross_validation) and the val split is never
 read. With K = 1 no fold can hold out an example of every class: no untested default may change
-predictions, so text features are left out, and the label prior is calibrated by its likelihood on
-the shots (which it never trained on) and kept only when that is clearly positive. The notes
-under each table say which.
+predictions, so text features and the label prior are left out (image-only). The notes under
+each table say which.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import numpy as np
 from phrasefuse.errors import BadInput
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.fuse.heads import head_params
-from phrasefuse.fuse.labeltext import PriorFit, apply_prior, calibrate_prior
+from phrasefuse.fuse.labeltext import apply_prior
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
 from phrasefuse.fuse.train import Prepared, data_warnings, evaluate_probs, fit_and_choose, prepare, shots_warning
@@ -101,19 +100,19 @@ def prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> 
     return cosine_scores(prep.blocks.arrays[j], prep.blocks.present[:, j], label_emb)
 
 
-def prior_weight(outcome, cos: np.ndarray, y: np.ndarray, pool: np.ndarray) -> tuple[float, dict]:
-    """The label prior's weight and how it was chosen: on the saved head's out-of-fold (or
-    validation) probabilities when something can be scored; with 1 shot per class, by the
-    prior's own likelihood on the shots (it never trains on them), kept only when clearly
-    positive (labeltext.calibrate_prior)."""
-    from phrasefuse.fuse.train import tune_prior_weight
+def prior_weight(outcome, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight and how it was chosen (train.choose_prior_weight), on the saved
+    head's out-of-fold (or validation) probabilities; with 1 shot per class there are none and
+    the prior is left out."""
+    from phrasefuse.fuse.train import choose_prior_weight
 
-    trial = outcome.tuner.trial(outcome.saved_config) if outcome.tuner is not None else None
+    trial = outcome.tuner.trial(outcome.saved_config) if outcome.tuner is not None and outcome.tuner.scheme.folds \
+        else None
     if trial is None or trial.probs is None:
-        fit: PriorFit = calibrate_prior(cos[pool], y[pool])
-        return fit.weight, {"scheme": "likelihood on the shots", **fit.as_dict()}
-    weight, grid = tune_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
-    return weight, {"scheme": outcome.scheme, "grid": grid}
+        weight, record = choose_prior_weight(None, cos[:0], y[:0])
+        return weight, {"scheme": "nothing held out (1 shot): left out", **record}
+    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
+    return weight, {"scheme": outcome.scheme, **record}
 
 
 @dataclass
@@ -176,14 +175,17 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
                 scheme, tuning = cross_validation(pool, y, task.multilabel, k, s), None
             scheme_name = scheme.describe()
             train_rows_used.append(len(scheme.pool))
+            fitted: dict[tuple, object] = {}  # a row with the label prior reuses the head of the row without it
             for label, which in subsets:
-                outcome = fit_and_choose(kind, prep.blocks.select(which), y, task, [prep.roles[j] for j in which],
-                                         hp, s, scheme, tuning)
+                if tuple(which) not in fitted:
+                    fitted[tuple(which)] = fit_and_choose(kind, prep.blocks.select(which), y, task,
+                                                          [prep.roles[j] for j in which], hp, s, scheme, tuning)
+                outcome = fitted[tuple(which)]
                 kept = [which[j] for j in outcome.saved_blocks]
                 probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
                 run = {"seed": s, "choice": outcome.choice}
                 if label.endswith(f"label prior ({label_prior})"):
-                    run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y, scheme.pool)
+                    run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y)
                     probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
                 run["metrics"] = summary(evaluate_probs(probs, test_labels))
                 runs[label].append(run)
@@ -228,18 +230,19 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
     n_labels = prep.labels.num_classes
     mean_shots = float(np.mean(train_rows)) / n_labels if n_labels else 0.0
     if k is None:
-        note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping, the label prior's "
-                f"weight and the image-only fallback chosen on the val split ({len(prep.rows['val'])} rows); test "
-                f"split reported.")
+        note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping and the image-only "
+                f"fallback chosen on the val split ({len(prep.rows['val'])} rows), the label prior's weight by "
+                f"likelihood on it (kept only when a likelihood-ratio test is significant at 5%); test split "
+                f"reported.")
     elif k == 1:
         note = ("1 labelled example per class (drawn per seed): no fold can hold out an example of every class, so "
-                "text features are left out (image-only) and the label prior's weight is its maximum-likelihood "
-                "sharpness on the shots (which it never trains on), kept only when its held-out gain over uniform "
-                "exceeds two standard errors; the val split is not used.")
+                "nothing can show that text or the label prior helps the head: both are left out (image-only); the "
+                "val split is not used.")
     else:
         note = (f"{k} labelled examples per class (drawn per seed; {int(np.mean(train_rows))} rows on average); text "
-                f"trust, early stopping, the label prior's weight and the image-only fallback chosen by "
-                f"{scheme_name}; the val split is not used.")
+                f"trust, early stopping and the image-only fallback chosen by {scheme_name}, the label prior's "
+                f"weight by likelihood on the out-of-fold probabilities (kept only when a likelihood-ratio test is "
+                f"significant at 5%); the val split is not used.")
     if k is not None and mean_shots < k - 1e-9:
         note += (f" Some labels have fewer than {k} train rows: {mean_shots:.1f} shots per label on average, "
                  f"not {k}.")

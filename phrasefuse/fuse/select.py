@@ -7,8 +7,8 @@ A *scheme* says where a choice is scored:
               head is refit on all the shots for the mean number of steps the folds used
               (so nothing is tuned on more than the K labelled examples per class);
   none        1 shot per class: no fold can hold out an example of every class, so nothing
-              that needs scoring is used: text features are left out (image-only), and the
-              label prior is calibrated on the shots it never trained on (ablate.prior_weight).
+              that needs scoring is used: text features and the label prior are left out
+              (image-only).
 
 The rule (`choose`): candidates come ordered simplest first (image-only, then text with
 growing trust); the simplest one whose score is within one paired standard error of

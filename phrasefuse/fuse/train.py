@@ -31,7 +31,7 @@ from phrasefuse.fuse.data import (Blocks, Feature, Labels, build_vocab, encode_l
                                   is_multilabel, label_column, label_values, load_blocks, require_rows,
                                   resolve_features, split_rows)
 from phrasefuse.fuse.heads import Align, FittedHead, Task, head_params
-from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, cosine_scores, embed_for_store, embed_texts,
+from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, calibrate_prior, cosine_scores, embed_for_store, embed_texts,
                                        label_texts, read_descriptions)
 from phrasefuse.fuse.metrics import example_scores, multiclass_metrics, multilabel_metrics, summary
 from phrasefuse.fuse.select import (Scheme, Trial, Tuner, choose, holdout,
@@ -41,8 +41,6 @@ from phrasefuse.manifests import Manifest, read_manifest
 DEFAULT_THRESHOLD = 0.3  # the tagging study's global threshold
 TEXT_RULE = ("candidates ordered simplest first (image-only, then growing text trust); the simplest whose validation "
              "top-1 (or per-image AP) is within one paired standard error of the best is saved")
-PRIOR_RULE = ("weights 0, 1, 2, 5, 10, 20, 50, 100 scored by val top-1 on the saved head; the smallest within one "
-              "paired standard error of the best is kept (0: the prior is left out)")
 
 
 # ---------------------------------------------------------------- data
@@ -240,10 +238,22 @@ def tune_thresholds(probs: np.ndarray, y: np.ndarray, default: float) -> np.ndar
     return np.where(positive.any(axis=0), best, np.float32(default)).astype(np.float32)
 
 
-def tune_prior_weight(probs_val: np.ndarray, cos_val: np.ndarray, y_val: np.ndarray) -> tuple[float, list[dict]]:
-    trials = [Trial({}, example_scores(apply_prior(probs_val, cos_val, w), y_val, False), []) for w in PRIOR_WEIGHTS]
-    pick = choose(trials)
-    return float(PRIOR_WEIGHTS[pick]), [{"weight": w, "val_top1": t.mean} for w, t in zip(PRIOR_WEIGHTS, trials)]
+def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight on held-out rows (labeltext.calibrate_prior), and the record
+    behind it: the fit, the rule, and each candidate weight's held-out top-1 and log-likelihood."""
+    fit = calibrate_prior(probs, cos, y)
+    record = fit.as_dict()
+    known = y >= 0
+    if probs is not None and known.any():
+        candidates = sorted({*PRIOR_WEIGHTS, fit.fitted})
+        p, c, yk = probs[known], cos[known], y[known]
+        record["grid"] = [{"weight": float(w), "val_top1": float(np.mean(np.argmax(apply_prior(p, c, w), 1) == yk)),
+                           "val_log_likelihood": float(np.mean(np.log(np.clip(
+                               apply_prior(p, c, w)[np.arange(len(yk)), yk], 1e-12, None))))}
+                          for w in candidates]
+    else:
+        record["grid"] = []
+    return fit.weight, record
 
 
 # ---------------------------------------------------------------- the command
@@ -285,10 +295,11 @@ class TrainReport:
                           and f["role"] != "image")
         lines.append(f"  saved: {self.saved} ({self.reason})" + (f"; text trust: {trust}" if trust else ""))
         if self.prior:
-            scores = ", ".join(f"{g['weight']:g}: {100 * g['val_top1']:.1f}" for g in self.prior["grid"])
+            scores = ", ".join(f"{g['weight']:.3g}: {100 * g['val_top1']:.1f}" for g in self.prior["grid"])
             lines.append(f"  label prior: {self.prior['store']['name']} ({self.prior['texts']}), weight "
-                         f"{self.prior['weight']:g}" + (" (left out)" if self.prior["weight"] == 0 else "") +
+                         f"{self.prior['weight']:.3g}" + (" (left out)" if self.prior["weight"] == 0 else "") +
                          f"; val top-1 by weight: {scores}")
+            lines.append(f"    rule: {self.prior['rule']}")
         lines.append(f"  -> {self.out} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -334,10 +345,10 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
         label_emb, _ = embed_for_store(texts, prior_feature.store)
         pb = load_blocks([prior_feature], prep.manifest.ids, prep.manifest.source)
         cos = cosine_scores(pb.arrays[0], pb.present[:, 0], label_emb)
-        weight, grid = tune_prior_weight(probs_of(outcome.saved, outcome.saved_blocks, "val"), cos[rows["val"]],
-                                         labels.y[rows["val"]])
-        prior_meta = {"store": feature_record(prior_feature), "weight": weight, "grid": grid,
-                      "texts": "descriptions" if descriptions else "label names", "rule": PRIOR_RULE}
+        weight, record = choose_prior_weight(probs_of(outcome.saved, outcome.saved_blocks, "val"),
+                                             cos[rows["val"]], labels.y[rows["val"]])
+        prior_meta = {"store": feature_record(prior_feature), "texts": "descriptions" if descriptions else "label names",
+                      **record, "weight": weight}
         prior_tensors = {"prior.labels": label_emb.astype(np.float32)}
 
     def saved_probs(split: str) -> np.ndarray:
@@ -359,6 +370,9 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
             continue
         split_labels = labels.take(rows[split])
         entry = {"saved": summary(evaluate_probs(saved_probs(split), split_labels, thr, max_labels))}
+        if prior_meta:  # the saved head without its label prior
+            entry["without_prior"] = summary(evaluate_probs(probs_of(outcome.saved, outcome.saved_blocks, split),
+                                                            split_labels, thr, max_labels))
         if outcome.fused is not None:
             entry["fused"] = summary(evaluate_probs(probs_of(outcome.fused, outcome.fused_blocks, split),
                                                     split_labels, thr, max_labels))

@@ -143,20 +143,8 @@ def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
     grid = {g["weight"]: g["val_top1"] for g in meta["prior"]["grid"]}
     # the titles' prior is informative: a weight > 0, and a gain on val over the head without it
     assert meta["prior"]["weight"] > 0 and grid[meta["prior"]["weight"]] > grid[0.0], grid
-    assert meta["prior"]["rule"].startswith("weights 0, 1, 2")
+    assert "shuffled across the rows" in meta["prior"]["rule"] and meta["prior"]["likelihood_ratio"] > 3.841
     assert one_json(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--json"))["rows"] == 6
-    # a prior of the same encoder made of noise vectors gets weight 0
-    from phrasefuse.fuse.train import train_head
-    from phrasefuse.store import EmbeddingStore
-
-    minilm = EmbeddingStore(stores / "title-minilm")
-    ids = pq.read_table(shapes_dataset)["id"].to_pylist()
-    noise = np.random.default_rng(0).standard_normal((len(ids), minilm.meta["dim"])).astype(np.float32)
-    write_store(tmp_path / "noise-prior", "text", ids, noise, minilm.meta["encoder"])
-    report = train_head(shapes_dataset, [str(stores / "img")], tmp_path / "noise-head", kind="linear",
-                        label_prior=str(tmp_path / "noise-prior"))
-    assert report.prior["weight"] == 0.0, report.prior["grid"]
-    assert "weight 0 (left out)" in report.text()
 
 
 def test_bad_inputs_exit_2_with_one_line(shapes_dataset, stores, tmp_path):

@@ -255,3 +255,29 @@ def test_warnings_for_a_thin_val_split(tmp_path):
     assert json.loads((tmp_path / "h" / "meta.json").read_text())["warnings"] == report.warnings
     full = train_head(data.manifest, [data.image], tmp_path / "h2", kind="linear")
     assert full.warnings == []
+
+
+def test_an_informative_label_prior_is_kept_and_a_noise_prior_left_out(tmp_path, tiny_clip_spec):
+    """Prior vectors near their row's label-name embedding (informative) or random (noise), in the
+    text space of a real (tiny random) encoder: only the first earns a weight."""
+    from phrasefuse.fuse.labeltext import embed_texts
+
+    data = write_synthetic(tmp_path / "d", n=1200, image_signal=0.22, text_signal=0.0)
+    label_emb, identity = embed_texts([f"c{c}" for c in range(6)], tiny_clip_spec)
+    ids = read_manifest(data.manifest).ids.to_pylist()
+    rng = np.random.default_rng(0)
+    dim = label_emb.shape[1]
+    near = label_emb[data.labels] + 0.25 * rng.standard_normal((len(ids), dim)).astype(np.float32)
+    write_store(tmp_path / "near", "text", ids, near, identity)
+    good = train_head(data.manifest, [data.image], tmp_path / "good", kind="linear", label_prior=str(tmp_path / "near"))
+    assert good.prior["weight"] > 0, good.prior["rule"]
+    assert top1(good) > top1(good, "without_prior") + 0.03
+    assert "label prior: near (label names), weight" in good.text()
+    for seed in (0, 1, 2):
+        noise = np.random.default_rng(seed).standard_normal((len(ids), dim)).astype(np.float32)
+        write_store(tmp_path / f"noise{seed}", "text", ids, noise, identity)
+        bad = train_head(data.manifest, [data.image], tmp_path / f"bad{seed}", kind="linear", seed=seed,
+                         label_prior=str(tmp_path / f"noise{seed}"))
+        assert bad.prior["weight"] == 0.0, bad.prior["rule"]
+        assert bad.metrics["test"]["saved"] == bad.metrics["test"]["without_prior"]
+        assert "(left out)" in bad.text()
