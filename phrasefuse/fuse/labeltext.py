@@ -128,10 +128,11 @@ class PriorFit:
     """The label prior's weight, fitted by likelihood on held-out rows: rows that neither the
     prior (it trains on nothing) nor the head whose probabilities it multiplies trained on.
 
-    fitted  the maximum-likelihood weight w of softmax(log p + w * cos) on those rows
-    lr      the likelihood-ratio statistic 2 * (log L(fitted) - log L(0))
+    fitted  the maximum-likelihood w / a of softmax(a * log p + w * cos) on those rows, i.e. the
+            weight on the head's own log-probabilities (apply_prior)
+    lr      the likelihood-ratio statistic 2 * (log L(a, w) - max_a log L(a, 0))
     top1    top-1 change on those rows with the fitted weight
-    weight  the weight kept: `fitted` when lr exceeds LR_CRITICAL and top1 >= 0, else 0
+    weight  the weight kept: `fitted` when the test passes (calibrate_prior), else 0
     """
 
     weight: float
