@@ -271,7 +271,8 @@ def render_markdown(data: dict) -> str:
                 kept += ("; " if kept else "") + f"prior weight {weights} ({row['prior_chosen_by']})"
             out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
         chooser = ("the val split" if table["shots"] is None else
-                   "nothing (1 shot: text is never kept)" if table["shots"] == 1 else "cross-validation within the shots")
+                   "nothing (1 shot: text is never kept)" if table["shots"] == 1 else
+                   "cross-validation within the shots")
         out += ["", table["note"], "",
                 f"'text kept': seeds in which the fused head beat image-only, as scored by {chooser}, by more than "
                 "one standard error (otherwise the row is the image-only head that `fuse train` would save).", ""]

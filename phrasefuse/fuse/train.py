@@ -31,9 +31,9 @@ from phrasefuse.fuse.data import (Blocks, Feature, Labels, build_vocab, encode_l
                                   is_multilabel, label_column, label_values, load_blocks, require_rows,
                                   resolve_features, split_rows)
 from phrasefuse.fuse.heads import Align, FittedHead, Task, head_params
-from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, calibrate_prior, cosine_scores, embed_for_store, embed_texts,
-                                       label_texts, read_descriptions)
-from phrasefuse.fuse.metrics import example_scores, multiclass_metrics, multilabel_metrics, summary
+from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, calibrate_prior, cosine_scores, embed_for_store,
+                                       embed_texts, label_texts, read_descriptions)
+from phrasefuse.fuse.metrics import multiclass_metrics, multilabel_metrics, summary
 from phrasefuse.fuse.select import (Scheme, Trial, Tuner, choose, holdout,
                                     stratified_subsample, tune_trust)
 from phrasefuse.manifests import Manifest, read_manifest
@@ -347,8 +347,8 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
         cos = cosine_scores(pb.arrays[0], pb.present[:, 0], label_emb)
         weight, record = choose_prior_weight(probs_of(outcome.saved, outcome.saved_blocks, "val"),
                                              cos[rows["val"]], labels.y[rows["val"]])
-        prior_meta = {"store": feature_record(prior_feature), "texts": "descriptions" if descriptions else "label names",
-                      **record, "weight": weight}
+        prior_meta = {"store": feature_record(prior_feature),
+                      "texts": "descriptions" if descriptions else "label names", **record, "weight": weight}
         prior_tensors = {"prior.labels": label_emb.astype(np.float32)}
 
     def saved_probs(split: str) -> np.ndarray:
