@@ -290,7 +290,7 @@ class TrainReport:
         for split in ("val", "test"):
             for name, m in (self.metrics.get(split) or {}).items():
                 if m:
-                    lines.append(f"  {split:<4} {name:<10} {format_metrics(m)}")
+                    lines.append(f"  {split:<4} {name:<13} {format_metrics(m)}")
         trust = ", ".join(f"{f['name']} {f['trust']:.2f}" for f in self.features if f.get("trust") is not None
                           and f["role"] != "image")
         lines.append(f"  saved: {self.saved} ({self.reason})" + (f"; text trust: {trust}" if trust else ""))
