@@ -33,8 +33,9 @@ $(VENV)/.gpu $(VENV)/.cpu:
 	rm -f $(VENV)/.gpu $(VENV)/.cpu
 	touch $@
 
+# One worker per core (pytest-xdist); a file's tests stay on one worker, so its fixtures are built once.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 demo: install
 	$(VENV)/bin/phrasefuse demo --work work/demo
