@@ -45,6 +45,19 @@ class Dtype(str, Enum):
 
 
 SHARD_SIZE_HELP = "Rows per shard; a killed job loses at most the shard it was filling."
+MANIFEST_HELP = ("Dataset manifest: a table (Parquet, CSV/TSV, JSON Lines, or a quoted glob), a folder of images "
+                 "(CLASS/ subfolders give the label), WebDataset tars ('shards/{00000..00099}.tar'), or Parquet "
+                 "with image bytes.")
+ID_COL_HELP = "Column holding the row ids (default 'id'; tars: the sample key)."
+IMAGE_COL_HELP = ("Column holding image paths or bytes (binary, or a struct {bytes, path}) (default 'image'; "
+                  "tars: the image member's extension).")
+MAP_LABEL_COL_HELP = "Column (tars: .json field or member extension) read as the label (default 'label'; tars: .cls)."
+
+
+def _source(manifest: str, id_col: Optional[str], image_col: Optional[str], label_col: Optional[str] = None):
+    from phrasefuse.manifests import source_with
+
+    return source_with(manifest, id_col, image_col, label_col)
 
 
 class Engine(str, Enum):
@@ -67,8 +80,11 @@ def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):
 
 @extract_app.command("images")
 def extract_images(
-    manifest: str = typer.Argument(..., metavar="MANIFEST", help="Dataset manifest (Parquet, CSV, JSON Lines, or a quoted glob) with 'id' and 'image'."),
+    manifest: str = typer.Argument(..., metavar="MANIFEST", help=MANIFEST_HELP),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed)."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=MAP_LABEL_COL_HELP),
     model: str = typer.Option(DEFAULT_IMAGE_MODEL, "--model", help="Encoder spec: open_clip:ARCH@PRETRAINED, timm:ARCH@WEIGHTS, or the built-in default."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: min(cores, 4); 0 decodes in the main process)."),
@@ -90,7 +106,7 @@ def extract_images(
     """
     from phrasefuse.extract.jobs import extract_images as run
 
-    summary = run(manifest, out, model=model, batch_size=batch_size, workers=workers, device=device.value,
+    summary = run(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
                   limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
                   engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
@@ -98,8 +114,11 @@ def extract_images(
 
 @extract_app.command("texts")
 def extract_texts(
-    manifest: str = typer.Argument(..., metavar="MANIFEST", help="Dataset manifest with 'id' and the text column."),
-    col: str = typer.Option(..., "--col", help="Text column (title, description, tags...; lists are joined)."),
+    manifest: str = typer.Argument(..., metavar="MANIFEST", help=MANIFEST_HELP),
+    col: str = typer.Option(..., "--col", help="Text column (title, description, tags...; lists are joined; tars: txt or a .json field)."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=MAP_LABEL_COL_HELP),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed)."),
     model: str = typer.Option(DEFAULT_TEXT_MODEL, "--model", help="Encoder spec: sentence-transformers:NAME_OR_PATH, open_clip:ARCH@PRETRAINED, or the built-in default."),
     batch_size: int = typer.Option(256, "--batch-size", help="Texts per model call."),
@@ -119,7 +138,8 @@ def extract_texts(
     """
     from phrasefuse.extract.jobs import extract_texts as run
 
-    summary = run(manifest, col, out, model=model, batch_size=batch_size, device=device.value, limit=limit,
+    summary = run(_source(manifest, id_col, image_col, label_col), col, out, model=model, batch_size=batch_size,
+                  device=device.value, limit=limit,
                   shard_size=shard_size, dtype=dtype.value, engine=engine.value,
                   ray=_ray_options(engine, ray_address, ray_actors))
     _print(summary.as_dict() if as_json else summary.line(), as_json)

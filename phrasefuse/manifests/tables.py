@@ -45,8 +45,9 @@ def expand(pattern: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
-    """All files of `pattern` as one Arrow table, with `_file` and `_row` columns.
+def read_table(pattern: str | os.PathLike, what: str = "table", exclude: tuple[str, ...] = ()) -> pa.Table:
+    """All files of `pattern` as one Arrow table, with `_file` and `_row` columns, without the
+    columns `exclude` names (never read: Parquet image bytes stay on disk).
 
     Files may differ in columns (missing ones become null); a column whose types
     cannot be unified across files is an error naming both files.
@@ -56,7 +57,12 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
         reader = _reader(path, what)
         con = duckdb.connect()
         try:
-            table = con.sql(f"SELECT * FROM {reader}", params={"path": str(path)}).to_arrow_table()
+            relation = con.sql(f"SELECT * FROM {reader}", params={"path": str(path)})
+            dropped = [c for c in exclude if c in relation.columns]
+            if dropped:
+                names = ", ".join('"' + c.replace('"', '""') + '"' for c in dropped)
+                relation = con.sql(f"SELECT * EXCLUDE ({names}) FROM {reader}", params={"path": str(path)})
+            table = relation.to_arrow_table()
         except duckdb.Error as e:
             raise _cannot_read(path, what, e) from None
         finally:
