@@ -163,6 +163,8 @@ LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column m
 @fuse_app.command("train")
 def fuse_train(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with id, labels and (optionally) split."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
     head: HeadKind = typer.Option(..., "--head", help="Which head (linear: logistic regression; mlp: torch; lgbm: LightGBM)."),
     out: Path = typer.Option(..., "--out", help="Head folder (written whole; an existing head is replaced)."),
@@ -182,7 +184,7 @@ def fuse_train(
     """Train a head on --feature stores; report it beside the image-only head; save the better one."""
     from phrasefuse.fuse.train import train_head
 
-    report = train_head(manifest, feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
+    report = train_head(_source(manifest, id_col, image_col), feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
                         threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
                         label_descriptions=label_descriptions, align_descriptions=align_descriptions,
                         text_model=text_model, label_prior=label_prior, tune_rows=tune_rows)
@@ -193,6 +195,8 @@ def fuse_train(
 def fuse_eval(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
     manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
     feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="Label column (default: the head's)."),
@@ -201,13 +205,15 @@ def fuse_eval(
     """Top-1/top-5/macro-F1/per-class accuracy, or mAP and micro P/R/F1 (multi-label), on one split."""
     from phrasefuse.fuse.evaluate import eval_text, evaluate
 
-    report = evaluate(head, manifest, split=split, feature_args=feature, label_col=label_col)
+    report = evaluate(head, _source(manifest, id_col, image_col), split=split, feature_args=feature, label_col=label_col)
     _print(report if as_json else eval_text(report), as_json)
 
 
 @fuse_app.command("ablate")
 def fuse_ablate(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with labels and splits."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
     head: HeadKind = typer.Option(..., "--head", help="Which head (linear: logistic regression; mlp: torch; lgbm: LightGBM)."),
     shots: Optional[list[str]] = typer.Option(None, "--shots", metavar="K", help="K labelled examples per class (repeatable, or 1,5,10); default: all training data."),
@@ -233,7 +239,7 @@ def fuse_ablate(
             except ValueError:
                 raise BadInput(f"--shots {value}: expected whole numbers (e.g. --shots 1 --shots 5, or 1,5)") from None
     rows = [r.split("+") for r in row] if row else None
-    report = ablate(manifest, feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
+    report = ablate(_source(manifest, id_col, image_col), feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
                     multilabel=multilabel, out=out, rows=rows, full=with_full or None, label_prior=label_prior,
                     label_descriptions=label_descriptions)
     _print(report.as_dict() if as_json else ablation_text(report), as_json)
@@ -242,6 +248,8 @@ def fuse_ablate(
 @fuse_app.command("zeroshot")
 def fuse_zeroshot(
     manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     phrases: str = typer.Option(..., "--phrases", help="Phrases (or any text) store; its encoder embeds the label texts."),
     label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table (label, description); default: label names."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
@@ -252,7 +260,7 @@ def fuse_zeroshot(
     """Classify with no labelled image: cos(text feature, label text embedding) as class scores."""
     from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
 
-    report = zeroshot(manifest, phrases, label_descriptions=label_descriptions, split=split, label_col=label_col,
+    report = zeroshot(_source(manifest, id_col, image_col), phrases, label_descriptions=label_descriptions, split=split, label_col=label_col,
                       multilabel=multilabel)
     _print(report if as_json else zeroshot_text(report), as_json)
 

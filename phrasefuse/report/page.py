@@ -76,7 +76,7 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
     """The best fused head's sections: its confusion matrix (single-label) and the gallery against the baseline."""
     from phrasefuse.manifests import read_manifest
 
-    manifest = read_manifest(config.data.manifest)
+    manifest = read_manifest(config.data.source)
     fused = [n for n in metas if n != BASELINE]
     best = max(fused, key=lambda n: _test_score(metas[n]), default=None)
     if best is None or not layout.predictions(best).is_file():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
+from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
 from phrasefuse.run.config import IMAGE, PHRASES, Config, Head, load_config
 from phrasefuse.store import EmbeddingStore, write_json_atomic
@@ -92,8 +93,12 @@ class Layout:
 
 
 def files_fingerprint(pattern: str | os.PathLike) -> str:
-    """sha256 over the bytes of every file a path or glob names (manifests, pairs tables)."""
-    paths = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [str(pattern)]
+    """sha256 over the bytes of every file a path, glob or brace range names (manifests, tar shards,
+    pairs tables); for a folder of images, the names, sizes and modification times of its files."""
+    if os.path.isdir(pattern):
+        return _tree_fingerprint(Path(pattern))
+    paths = [p for name in expand_braces(str(pattern))
+             for p in (sorted(glob.glob(name)) if glob.has_magic(name) else [name])]
     h = hashlib.sha256()
     for p in paths:
         h.update(p.encode())
@@ -111,6 +116,10 @@ def folder_fingerprint(path: Path) -> str | None:
     None when it has no meta.json (not there, or incomplete)."""
     if not (path / "meta.json").is_file():
         return None
+    return _tree_fingerprint(path)
+
+
+def _tree_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
@@ -211,7 +220,7 @@ def zeroshot_stage(config: Config, layout: Layout, state: RunState, labels: dict
     def zeroshot_job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
 
-        report = zeroshot(config.data.manifest, layout.store(PHRASES),
+        report = zeroshot(config.data.source, layout.store(PHRASES),
                           str(descriptions) if descriptions else None, label_col=config.data.label_col,
                           multilabel=config.data.multilabel)
         write_json_atomic(layout.zeroshot, report)
@@ -229,7 +238,7 @@ def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict
     def ablation_job() -> tuple[str, dict]:
         from phrasefuse.fuse.ablate import ablate
 
-        report = ablate(config.data.manifest, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
+        report = ablate(config.data.source, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
                         label_col=config.data.label_col, multilabel=config.data.multilabel,
                         out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True,
                         label_prior=ab.label_prior,
@@ -264,7 +273,8 @@ def check_inputs(config: Config) -> None:
     if config.phrases:
         named += [("phrases.pairs", config.phrases.pairs), ("phrases.images", config.phrases.images)]
     for key, path in named:
-        if path is not None and not (glob.glob(str(path)) if glob.has_magic(str(path)) else path.exists()):
+        if path is not None and not all(glob.glob(name) if glob.has_magic(name) else os.path.exists(name)
+                                        for name in expand_braces(str(path))):
             raise BadInput(f"{config.path}: key '{key}': {path} does not exist; fix the path (relative to the "
                            f"config file's folder)")
 
@@ -280,13 +290,13 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
     out = layout.store(IMAGE)
     yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
                                          "allow_outside_paths": config.data.allow_outside_paths},
-                    lambda: folder_fingerprint(out), lambda: image_job(config.data.manifest, out))
+                    lambda: folder_fingerprint(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:
         out_t = layout.store(col)
         yield state.run(f"extract {col}", {"manifest": manifest_fp, "column": col, "model": enc.text},
                         lambda out_t=out_t: folder_fingerprint(out_t),
                         lambda col=col, out_t=out_t: _summary(extract_texts(
-                            config.data.manifest, col, out_t, model=enc.text, device=enc.device, progress=progress)))
+                            config.data.source, col, out_t, model=enc.text, device=enc.device, progress=progress)))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
         yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image},
@@ -346,12 +356,12 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
         from phrasefuse.fuse.evaluate import predict
         from phrasefuse.fuse.train import train_head
 
-        report = train_head(config.data.manifest, features_of(head.features), out, kind=head.kind, seed=head.seed,
+        report = train_head(config.data.source, features_of(head.features), out, kind=head.kind, seed=head.seed,
                             label_col=config.data.label_col, multilabel=config.data.multilabel,
                             label_descriptions=str(descriptions) if descriptions else None,
                             align_descriptions=head.align_descriptions, text_model=config.encoders.text,
                             label_prior=str(layout.store(head.label_prior)) if head.label_prior else None)
-        p = predict(out, config.data.manifest, predictions)
+        p = predict(out, config.data.source, predictions)
         d = report.as_dict()
         test = (d["metrics"].get("test") or {}).get("saved") or {}
         return (report.text().replace("fuse train:", f"head {head.name}:", 1) + "\n  " + p.line()), \
