@@ -268,17 +268,39 @@ def fuse_zeroshot(
 @app.command("predict")
 def predict(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
-    manifest: str = typer.Option(..., "--manifest", help="Manifest whose ids are in the head's feature stores."),
-    out: Path = typer.Option(..., "--out", help="Predictions Parquet file (written whole)."),
+    inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT", help="Image files, folders, or any MANIFEST (tables, WebDataset tars, Parquet with image bytes)."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="Instead of INPUT: a manifest whose ids are in the head's feature stores (with --out)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Predictions file: .parquet, .csv or .jsonl (written whole)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels (with probabilities) per row."),
-    feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+    feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="--manifest: read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
+    index: Optional[str] = typer.Option(None, "--index", help="INPUT: the phrase index, when it has moved from where the head recorded it."),
+    model: Optional[str] = typer.Option(None, "--model", help="INPUT: the image encoder spec, when the recorded one has moved (same weights)."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Predict every row: top-k labels with probabilities, missing features, and the phrases behind them."""
-    from phrasefuse.fuse.evaluate import predict as run
+    """Classify INPUT images (their features computed as the head records: image encoder, text
+    columns, phrases through the index; images already in a recorded store are not re-embedded):
+    per image the label, its probability, the top-k and the phrases behind it. With --manifest:
+    every row of a manifest whose features are in stores, into --out."""
+    if manifest is not None:
+        from phrasefuse.fuse.evaluate import predict as run
 
-    summary = run(head, manifest, out, top_k=top_k, feature_args=feature)
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+        if inputs:
+            raise BadInput("predict: give INPUT images or --manifest, not both")
+        if out is None:
+            raise BadInput("predict --manifest: --out is required (the predictions file)")
+        summary = run(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature)
+        _print(summary.as_dict() if as_json else summary.line(), as_json)
+        return
+    if not inputs:
+        raise BadInput("predict: give INPUT images (files, folders, manifests) or --manifest M --out P")
+    from phrasefuse.fuse.evaluate import predict_new
+
+    result = predict_new(head, inputs, top_k=top_k, out=out, index=index, model=model, device=device.value,
+                         id_col=id_col, image_col=image_col)
+    _print(result.as_list() if as_json else result.text(), as_json)
 
 
 # ---------------------------------------------------------------- index (phrasefuse/index/)
