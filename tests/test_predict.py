@@ -87,8 +87,7 @@ def test_moved_index_is_refused_then_found_with_index(trained, shapes_dataset, t
     try:
         bad = run_cli("predict", trained / "head", image)
         assert bad.returncode == 2 and str(trained / "index") in bad.stderr and "--index" in bad.stderr
-        ok = run_cli("predict", trained / "head", image, "--index", moved, "--json", check=True)
-        assert json.loads(ok.stdout)[0]["phrases"]
+        assert predict_new(trained / "head", [image], index=str(moved)).as_list()[0]["phrases"]
         # another index (another build) is refused, naming it
         other = tmp_path / "other"
         from phrasefuse.index.build import build_index

@@ -91,6 +91,8 @@ def compute(head, manifest: Manifest, *, index: str | None = None, model: str | 
         raise BadInput(f"{head.path}: the head has phrases but no image feature to look them up from; "
                        f"use 'predict HEAD --manifest M --out P' with its stores")
     n = len(manifest)
+    # indexes first: a moved one is refused before any model loads
+    indexes = {r["name"]: open_index(r, index, head.path) for r in records if r["provenance"]["kind"] == "phrases"}
     image_emb, image_ok, errors = (embed_images(manifest, image_rec, model, device) if needs_image
                                    else (None, np.ones(n, bool), pa.nulls(n, pa.string())))
     made: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -104,7 +106,7 @@ def compute(head, manifest: Manifest, *, index: str | None = None, model: str | 
         elif kind == "text":
             made[r["name"]] = embed_column(manifest, r, device)
         else:
-            emb, ok, phrases[r["name"]] = phrase_feature(image_emb, image_ok, r, index, device, head.path)
+            emb, ok, phrases[r["name"]] = phrase_feature(image_emb, image_ok, r, indexes[r["name"]], device)
             made[r["name"]] = (emb, ok)
     names = [r["name"] for r in head.meta["features"]]
     blocks = Blocks([made[name][0] for name in names], np.stack([made[name][1] for name in names], axis=1))
@@ -214,14 +216,13 @@ def open_index(record: dict, override: str | None, head_path: Path):
     return index
 
 
-def phrase_feature(image_emb: np.ndarray, image_ok: np.ndarray, record: dict, override: str | None, device: str,
-                   head_path: Path) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+def phrase_feature(image_emb: np.ndarray, image_ok: np.ndarray, record: dict, index,
+                   device: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     """(vectors, present, phrases per row): as `phrases` makes them, for the rows with an image vector."""
     from phrasefuse.extract.encoders import load_text_encoder
     from phrasefuse.index.phrases import PhraseSearch
 
     prov = record["provenance"]
-    index = open_index(record, override, head_path)
     text_encoder = _encoder(load_text_encoder, prov["text_model"], prov["identity"], device,
                             f"phrases feature '{record['name']}':", "the text model the phrases store was made with")
     n = len(image_ok)
