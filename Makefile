@@ -12,10 +12,14 @@ install: $(VENV)/.installed
 
 # Re-installs only when the project's dependencies change.
 $(VENV)/.installed: pyproject.toml
+	@echo "make install: creating the virtual environment $(VENV) (once)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "make install: upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "make install: installing phrasefuse and its dependencies into $(VENV) (torch, open_clip, FAISS, LightGBM, Ray...: about 3 minutes the first time)"
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $@
+	@echo "make install: done; the CLI is $(VENV)/bin/phrasefuse (or 'source $(VENV)/bin/activate', then 'phrasefuse')"
 
 test: install
 	$(PY) -m pytest -q

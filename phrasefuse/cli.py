@@ -28,6 +28,21 @@ from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET
 
 app = typer.Typer(help=__doc__.split("\n\nThis module")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from phrasefuse import __version__
+
+        typer.echo(f"phrasefuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Better image classifiers by adding text to images."""
 extract_app = typer.Typer(help="Embed every image or text of a manifest once, into an embedding store.",
                           no_args_is_help=True)
 app.add_typer(extract_app, name="extract")
@@ -503,9 +518,12 @@ def _print_stages(results, as_json: bool) -> None:
         if result.stage == "report" and result.summary.get("files"):
             work = Path(result.summary["files"][0]).parent
     table = work / "ablation" / "ablation.md" if work else None
-    if as_json:
+    if as_json:  # the same as the text: the stages, then the ablation table
+        ablation = work / "ablation" / "ablation.json" if work else None
         _print({"stages": stages, "work": str(work) if work else None,
-                "report": str(work / "report.html") if work else None}, True)
+                "report": str(work / "report.html") if work else None,
+                "ablation": json.loads(ablation.read_text(encoding="utf-8"))
+                if ablation is not None and ablation.is_file() else None}, True)
         return
     if table is not None and table.is_file():
         typer.echo("\n" + table.read_text(encoding="utf-8"))

@@ -63,7 +63,10 @@ class ExtractSummary:
                 f"{failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"rows_per_second": round(self.rows_per_second, 2)}
+        """As `line` counts them: `failed` the broken rows, `no_text` the rows without text
+        (`errors`: both, the rows of errors.parquet this run)."""
+        return asdict(self) | {"failed": self.failed - self.no_text, "errors": self.failed,
+                               "rows_per_second": round(self.rows_per_second, 2)}
 
 
 # ---------------------------------------------------------------- reader

@@ -327,7 +327,8 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, progress: boo
         store = EmbeddingStore(out)
         if store.exists() and (store.meta.get("phrases") or {}).get("build_id") != inputs["index"]:
             shutil.rmtree(out)  # phrases of an older index: derived data, regenerated whole
-        s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device)
+        s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device,
+                             progress=progress)
         return s.line(), s.as_dict()
 
     yield state.run("phrases", inputs, lambda: folder_fingerprint(out), phrases_job)

@@ -115,8 +115,8 @@ def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
     for name in ("extract image", "extract title", "extract query images"):
         summary = again[name]["summary"]
         assert summary["embedded"] == 0 and summary["reused"] == 0
-        assert summary["no_text"] == summary["failed"]  # texts missing from the manifest, retried each run
-        assert summary["present"] > 0 and summary["present"] + summary["failed"] == summary["rows"]
+        assert summary["no_text"] == summary["errors"] and summary["failed"] == 0  # texts missing, retried each run
+        assert summary["present"] > 0 and summary["present"] + summary["no_text"] == summary["rows"]
     # The index is rebuilt (its inputs can no longer be vouched for) and the phrases, derived from
     # it, are regenerated whole: a phrases store never mixes rows of two indexes.
     assert again["index"]["status"] == "ran" and again["phrases"]["summary"]["written"] == 60
