@@ -94,7 +94,11 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
         write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, f"{best} head, test split"))
         written.append(path)
         sections.append(f"<h2>Confusion matrix: best head ({html.escape(best)})</h2>" + _img(path, "confusion"))
-    if config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
+    if config.report.gallery and (metas[best].get("selection") or {}).get("saved") == "image-only":
+        sections.append(f"<h2>Gallery</h2><p>The saved {html.escape(best)} head is the image-only fallback (text "
+                        f"did not beat image-only on validation): it is the same model as the image-only head, so "
+                        f"text fixed and broke nothing; no gallery to compare.</p>")
+    elif config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
         base_pred = _predictions(layout.predictions(BASELINE), test["id"])
         sections.append(_gallery_html(config, layout, test, base_pred, best_pred, best, config.report.gallery))
     return sections
@@ -150,10 +154,22 @@ def _table_html(table: dict, test_rows: int) -> str:
             g = r["gain"]["mean"]
             gain = f"<span class='{'up' if g > 0 else 'down' if g < 0 else ''}'>{100 * g:+.1f}</span> ± " \
                    f"{100 * r['gain']['std']:.1f}"
-        rows.append(f"<tr><td>{html.escape(r['features'])}</td>{cells}<td>{gain}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(r['features'])}</td>{cells}<td>{gain}</td>"
+                    f"<td>{html.escape(_text_kept(r, table))}</td></tr>")
     return (f"<h3>{html.escape(table['regime'])} ({table['seeds']} seed(s), mean ± std over seeds; test split, "
-            f"{test_rows} rows)</h3><table><tr><th>features</th>{head}<th>Δ vs image only</th></tr>"
-            + "".join(rows) + f"</table><p class='note'>{html.escape(table['note'])}</p>")
+            f"{test_rows} rows)</h3><table><tr><th>features</th>{head}<th>Δ vs image only</th><th>text kept</th></tr>"
+            + "".join(rows) + f"</table><p class='note'>{html.escape(table['note'])} 'text kept': seeds in which "
+            f"the fused head beat image-only on validation by more than one standard error (otherwise the row is "
+            f"the image-only head that 'fuse train' would save).</p>")
+
+
+def _text_kept(row: dict, table: dict) -> str:
+    """The ablation Markdown's 'text kept' cell."""
+    kept = ("untested" if table.get("shots") == 1 else f"{row['text_kept']}/{table['seeds']} seeds") \
+        if "text_kept" in row else ""
+    if "prior_weights" in row:
+        kept += ("; " if kept else "") + "prior weight " + ", ".join(f"{w:g}" for w in row["prior_weights"])
+    return kept
 
 
 def _heads_html(metas: dict) -> str:
