@@ -96,3 +96,18 @@ def test_struct_image_column_and_split_aliases(tmp_path):
     assert m.image_bytes == "image" and m.table["split"].to_pylist() == ["train", "val", "val", "test", "train"]
     chunk = next(image_chunks(m.table, m.image_bytes))
     assert chunk["_bytes"].to_pylist()[0] == data.jpeg(3000) and chunk["_bytes"].to_pylist()[4] is None
+
+
+def test_tar_label_from_a_json_field_and_image_by_extension(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    with tarfile.open(root / "a.tar", "w") as tar:
+        for key, kind in (("k1", "cat"), ("k2", "dog")):
+            data.add_member(tar, f"{key}.png", data.jpeg(1))  # bytes are read, not judged by the name
+            data.add_member(tar, f"{key}.jpg", data.jpeg(2))
+            data.add_member(tar, f"{key}.json", f'{{"kind": "{kind}", "split": "validation"}}'.encode())
+    m = read_manifest(Source(str(root / "a.tar"), image_col="png", label_col="kind"))
+    assert m.table["label"].to_pylist() == ["cat", "dog"] and m.table["split"].to_pylist() == ["val", "val"]
+    with open(m.table["image"][0].as_py(), "rb") as f:
+        f.seek(m.table["_offset"][0].as_py())
+        assert f.read(m.table["_size"][0].as_py()) == data.jpeg(1)
