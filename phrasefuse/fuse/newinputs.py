@@ -63,10 +63,10 @@ def read_inputs(inputs: Sequence[str | os.PathLike], id_col: str | None = None,
         bytes_col = m.image_bytes
         parts.append(m.table)
     table = pa.concat_tables(parts, promote_options="permissive")
-    ids = table["id"].combine_chunks()
-    if len(pc.unique(ids)) != len(ids):
-        dup = pc.value_counts(ids).filter(pc.greater(pc.struct_field(pc.value_counts(ids), "counts"), 1))
-        raise BadInput(f"{' '.join(map(str, inputs))}: id '{dup[0]['values']}' comes twice; give each image once")
+    counts = pc.value_counts(table["id"].combine_chunks())
+    twice = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(twice):
+        raise BadInput(f"{' '.join(map(str, inputs))}: id '{twice[0]['values']}' comes twice; give each image once")
     return Manifest(" ".join(map(str, inputs)), table, bytes_col)
 
 
@@ -220,24 +220,24 @@ def phrase_feature(image_emb: np.ndarray, image_ok: np.ndarray, record: dict, in
                    device: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     """(vectors, present, phrases per row): as `phrases` makes them, for the rows with an image vector."""
     from phrasefuse.extract.encoders import load_text_encoder
-    from phrasefuse.index.phrases import PhraseSearch
+    from phrasefuse.index.phrases import PhraseSearch, list_column
 
     prov = record["provenance"]
     text_encoder = _encoder(load_text_encoder, prov["text_model"], prov["identity"], device,
                             f"phrases feature '{record['name']}':", "the text model the phrases store was made with")
     n = len(image_ok)
     out, ok = np.zeros((n, int(record["dim"])), np.float32), np.zeros(n, bool)
-    lists: list = [None] * n
     rows_with_image = np.flatnonzero(image_ok)
+    k = int(prov["k"])
+    rows = np.full((n, k), -1, np.int64)
     if len(rows_with_image):
-        search = PhraseSearch(index, text_encoder, k=int(prov["k"]), score_weighted=prov.get("weighting") == "score",
+        search = PhraseSearch(index, text_encoder, k=k, score_weighted=prov.get("weighting") == "score",
                               text_batch_size=256)
-        features, rows, _ = search(image_emb[rows_with_image])
-        found = rows >= 0
-        has = found.any(axis=1)
+        features, found_rows, _ = search(image_emb[rows_with_image])
+        rows[rows_with_image, :found_rows.shape[1]] = found_rows
+        has = (found_rows >= 0).any(axis=1)
         out[rows_with_image[has]] = features[has]
         ok[rows_with_image[has]] = True
-        phrases = index.phrases
-        for j, r, f in zip(rows_with_image, rows, found):
-            lists[j] = phrases.take(pa.array(r[f])).to_pylist()
-    return out, ok, pa.array(lists, pa.list_(pa.string()))
+    found = rows >= 0
+    lists = list_column(index.phrases.take(pa.array(rows[found])), found)
+    return out, ok, pc.if_else(pa.array(image_ok), lists, pa.nulls(n, lists.type))
