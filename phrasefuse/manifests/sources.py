@@ -121,6 +121,22 @@ def read_source(manifest: str | os.PathLike | Source) -> tuple[pa.Table, str | N
     return table, bytes_col
 
 
+def source_columns(manifest: str | os.PathLike | Source) -> list[str]:
+    """The column names a source's manifest has (after the mapping), reading as little as it can:
+    a table's schemas; a folder's layout; a tar's headers and small members."""
+    from phrasefuse.manifests.tables import table_columns
+
+    source = as_source(manifest)
+    if source_kind(source) != "table":
+        return [c for c in read_source(source)[0].column_names if not c.startswith("_")]
+    names = table_columns(source.path, what="manifest")
+    renames = {source.id_col: "id", source.image_col: "image"}
+    names = [renames.get(n, n) for n in names]
+    if source.label_col and source.label_col in names and "label" not in names:
+        names.append("label")
+    return names
+
+
 def map_columns(table: pa.Table, source: Source, rename: bool = True, rename_image: bool = True) -> pa.Table:
     """--id-col / --image-col rename a column to `id` / `image`; --label-col copies one to `label`
     (or `labels`, for a list), keeping the original for `fuse --label-col`. (Tars: --image-col is the
