@@ -21,7 +21,7 @@ from typing import Optional
 import click
 import typer
 
-from phrasefuse.errors import BadInput
+from phrasefuse.errors import BadInput, check_seed
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL
@@ -111,6 +111,9 @@ def extract_images(
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
+    max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Image files larger than this are error rows (default 256)."),
+    max_image_megapixels: Optional[float] = typer.Option(None, "--max-image-megapixels", help="Images with more pixels are error rows (default 89.5, Pillow's bomb limit)."),
+    max_aspect_ratio: Optional[float] = typer.Option(None, "--max-aspect-ratio", help="Images longer than this times their width (or wider) are error rows (default 50)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Embed the images of MANIFEST into the store --out.
@@ -123,8 +126,18 @@ def extract_images(
 
     summary = run(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
                   limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
-                  engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
+                  engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
+                  limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
+
+
+def _image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio):
+    from phrasefuse.extract.images import ImageLimits
+
+    try:
+        return ImageLimits.of(max_image_mb, max_image_megapixels, max_aspect_ratio)
+    except ValueError as e:
+        raise BadInput(f"--{str(e).replace('_', '-')}") from None
 
 
 @extract_app.command("texts")
@@ -199,6 +212,7 @@ def fuse_train(
     """Train a head on --feature stores; report it beside the image-only head; save the better one."""
     from phrasefuse.fuse.train import train_head
 
+    check_seed(seed)
     report = train_head(_source(manifest, id_col, image_col), feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
                         threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
                         label_descriptions=label_descriptions, align_descriptions=align_descriptions,
@@ -246,6 +260,7 @@ def fuse_ablate(
     """Train and test every sensible feature subset; print the table (also written as Markdown and JSON)."""
     from phrasefuse.fuse.ablate import ablate, ablation_text
 
+    check_seed(seed, count=max(1, seeds))
     ks = []
     for value in shots or []:
         for part in str(value).split(","):
@@ -357,6 +372,7 @@ def index_build(
     """
     from phrasefuse.index.build import build_index
 
+    check_seed(seed)
     summary = build_index(pairs, images, out, min_images=min_images, text_prototypes=text_prototypes,
                           kind=kind.value, memory=memory, use_weights=weights, target_recall=target_recall,
                           device=device.value, seed=seed)
@@ -558,7 +574,15 @@ class Interrupted(BaseException):
     value (losing what the job kept); a BaseException, so no `except Exception` swallows it."""
 
 
+_MAIN_PID = os.getpid()
+
+
 def _interrupt(signum, frame):  # SIGTERM stops like Ctrl-C: finished shards are kept
+    # A forked child (a decode worker, a multiprocessing helper) inherits this handler; Ctrl-C in a
+    # terminal signals the whole process group, and only the main process may stop the job (and say
+    # so once): a child ignores it and is shut down by its parent.
+    if os.getpid() != _MAIN_PID:
+        return
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -592,6 +616,8 @@ def _command() -> click.Command:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 done, 2 bad usage or input (one line on stderr), 1 anything else."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT stays ignored
         signal.signal(signal.SIGINT, _interrupt)

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import write_atomic
+from phrasefuse.store import make_folder, write_atomic
 
 DEFAULT_N = 1000
 QUERY_IMAGES = 800
@@ -30,7 +30,7 @@ def run_demo(work: str | os.PathLike, n: int = DEFAULT_N, progress: bool | None 
         raise BadInput(f"--n {n}: the demo needs at least {MIN_N} images (its 20-shot table needs 20 training "
                        f"images per class)")
     work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    make_folder(work, "--work")
     paths = generate_demo(work / "data", n=n, n_query=QUERY_IMAGES)
     yield (f"demo data: {n} labelled images of {len(DEMO_CLASSES)} classes (five look-alike pairs), "
            f"{QUERY_IMAGES} query-corpus images, pairs and label descriptions -> {paths['manifest'].parent}")

@@ -26,19 +26,25 @@ def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = F
         return report
     from phrasefuse.fuse.artifact import describe_head, is_head  # a head folder (fuse train)
 
-    if is_head(path):
-        return describe_head(path, verify=verify)
     from phrasefuse.index.folder import describe_index, is_index  # an index folder (index build)
 
-    if is_index(path):
-        return describe_index(path, verify=verify)
+    for is_kind, describe_kind in ((is_head, describe_head), (is_index, describe_index)):
+        if is_kind(path):
+            try:
+                return describe_kind(path, verify=verify)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # a hand-edited meta.json
+                raise BadInput(f"{path / 'meta.json'}: malformed ({type(e).__name__}: {str(e)[:120]}); restore it "
+                               f"or rebuild {path}") from None
     store = EmbeddingStore(path)
     if not store.exists():
         raise BadInput(f"{path}: not a phrasefuse store (no meta.json); pass a folder written by phrasefuse")
     meta = store.meta
-    errors = store.errors()
+    try:
+        errors = store.errors()
+    except BadInput:  # --verify names it among the problems
+        errors = None
     reasons = {}
-    for r in errors["reason"].to_pylist():
+    for r in ([] if errors is None else errors["reason"].to_pylist()):
         kind = r.split(":")[0].split("(")[0].strip()
         reasons[kind] = reasons.get(kind, 0) + 1
     fields = {
@@ -50,7 +56,7 @@ def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = F
         "source": ", ".join(f"{k}={v}" for k, v in meta.get("source", {}).items()),
         "rows": _rows(store),
         "shards": len(store.shard_paths()),
-        "errors": errors.num_rows if not reasons else f"{errors.num_rows} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})",
+        "errors": "unreadable errors.parquet" if errors is None else errors.num_rows if not reasons else f"{errors.num_rows} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})",
         "created": meta.get("created"),
     }
     report = Report("store", str(path), fields)

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
 from phrasefuse.store import (EmbeddingStore, StoreWriter, atomic_folder, embeddings_to_numpy, encoder_identity,
-                              l2_normalize, new_meta, write_atomic, write_json_atomic, write_parquet_atomic)
+                              new_meta, write_atomic, write_json_atomic, write_parquet_atomic)
 
 EXPORT_FORMAT = "phrasefuse-npy-export"
 EXPORT_VERSION = 1
@@ -144,7 +144,7 @@ def import_npy(folder: str | os.PathLike, out: str | os.PathLike, *, modality: s
                 todo = pc.invert(pc.is_in(chunk_ids, value_set=done)).to_numpy(zero_copy_only=False)
                 if not todo.any():
                     continue
-                vectors = l2_normalize(np.asarray(emb[offset:offset + shard_size])[todo])
+                vectors = unit_rows(np.asarray(emb[offset:offset + shard_size])[todo], pair.npy, offset)
                 writer.add(chunk_ids.filter(pa.array(todo)), keys.slice(offset, shard_size).filter(pa.array(todo)),
                            vectors)
                 summary.rows += len(vectors)
@@ -152,6 +152,23 @@ def import_npy(folder: str | os.PathLike, out: str | os.PathLike, *, modality: s
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def unit_rows(x: np.ndarray, source: Path, first_row: int = 0) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32. In float64 and after dividing by each row's largest
+    magnitude: finite float32 vectors whose squared norm overflows (x1e20) or underflows (x1e-25)
+    in float32 keep their direction instead of becoming zero. Checked after normalising."""
+    x64 = np.asarray(x, dtype=np.float64)
+    scale = np.abs(x64).max(axis=1, keepdims=True, initial=0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x64 = x64 / scale
+        x64 /= np.linalg.norm(x64, axis=1, keepdims=True)
+    out = x64.astype(np.float32)
+    bad = ~np.isfinite(out).all(axis=1) | (np.abs(np.linalg.norm(out, axis=1) - 1) > 1e-3)
+    if bad.any():
+        raise BadInput(f"{source}: row {first_row + int(np.argmax(bad))} cannot be normalised to unit length "
+                       f"(zero, NaN or infinite); fix or drop that row")
+    return out
 
 
 def _modality(folder: Path, modality: str | None) -> str:
@@ -219,7 +236,7 @@ def _check_arrays(pairs: list[_Pair]) -> tuple[int, np.dtype]:
             raise BadInput(f"{pair.npy}: dim {emb.shape[1]}, but {pairs[0].npy.name} has dim {dim}; "
                            f"one folder holds one encoder's vectors")
         for offset in range(0, len(emb), CHECK_ROWS):
-            chunk = np.asarray(emb[offset:offset + CHECK_ROWS], dtype=np.float32)
+            chunk = np.asarray(emb[offset:offset + CHECK_ROWS])  # its own dtype: float64 may exceed float32
             bad = ~np.isfinite(chunk).all(axis=1)
             if bad.any():
                 raise BadInput(f"{pair.npy}: row {offset + int(np.argmax(bad))} has NaN/inf values "
@@ -253,9 +270,10 @@ def _check_metadata(pairs: list[_Pair], id_col: str) -> pa.ChunkedArray:
             column = column.cast(pa.string())
         except pa.ArrowException:
             raise BadInput(f"{pair.metadata}: column '{id_col}' of type {column.type} is not usable as ids") from None
-        if column.null_count:
-            row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
-            raise BadInput(f"{pair.metadata}: row {row} has no '{id_col}'; every row needs an id")
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column.fill_null(""))), 0)
+        if pc.any(empty).as_py():  # as manifests: an empty (or all-space) id names nothing
+            row = int(np.argmax(empty.to_numpy(zero_copy_only=False)))
+            raise BadInput(f"{pair.metadata}: row {row} has no '{id_col}' (missing or empty); every row needs an id")
         ids.append(column)
     all_ids = pa.chunked_array([c for column in ids for c in column.chunks], pa.string())
     counts = pc.value_counts(all_ids)

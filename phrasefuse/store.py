@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from phrasefuse import __version__
 from phrasefuse.errors import BadInput
+from phrasefuse.faultpoints import fault_point
 
 FORMAT = "phrasefuse-store"
 FORMAT_VERSION = 1
@@ -55,6 +56,8 @@ IDENTITY_FIELDS = ("family", "name", "weights_sha256", "dim")
 # Write failures that are the user's environment, not a bug: full disk, quota, file-size
 # limit, read-only or forbidden folder (BadInput, exit 2).
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+# An output path taken by something else: a folder where a file goes, a file where a folder goes.
+OCCUPIED_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY})
 
 
 # ---------------------------------------------------------------- atomic files
@@ -65,14 +68,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     which is fsync'ed and renamed over `path`; the folder is fsync'ed after."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    kind = "shard" if SHARD_RE.match(path.name) else path.name  # names the fault points (tests only)
     try:
         write(str(tmp))
+        fault_point(f"{kind}-tmp-written")
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        fault_point(f"{kind}-synced")
         os.replace(tmp, path)
+        fault_point(f"{kind}-renamed")
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -80,8 +87,24 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             fix = ("free space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make the folder writable")
             raise BadInput(f"{path}: cannot write ({os.strerror(e.errno)}); {fix} or choose another output folder, "
                            f"then re-run (files already written are kept)") from None
+        if isinstance(e, OSError) and e.errno in OCCUPIED_ERRNOS:
+            raise BadInput(f"{path}: cannot write there ({os.strerror(e.errno)}: a folder, or a file where a "
+                           f"folder should be); choose another output path") from None
         raise
     _fsync_dir(path.parent)
+
+
+def make_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """mkdir -p `folder`; a read-only place, a full disk or a file in the way is a BadInput naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS | OCCUPIED_ERRNOS:
+            raise
+        raise BadInput(f"{what} {folder}: cannot create the folder ({e.strerror}); make the place writable or "
+                       f"choose another {what}") from None
+    return folder
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -108,17 +131,22 @@ def atomic_folder(out: str | os.PathLike, fmt: str, what: str) -> Iterator[Path]
     if the rename fails); on any error the temporary folder is removed and `out` is untouched.
     """
     out = Path(out)
+    recover_folder(out)  # a swap or delete killed half-way: the old folder back, leftovers gone
     if out.exists() and not (is_folder_of(out, fmt) or (out.is_dir() and not any(out.iterdir()))):
         raise BadInput(f"{out}: exists and is not a phrasefuse {what}; choose another --out (or remove it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     except OSError as e:
-        raise BadInput(f"{out.parent}: cannot create the folder ({e.strerror}); choose another --out") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        if e.errno not in ENVIRONMENT_ERRNOS and e.errno not in (errno.ENOTDIR, errno.EEXIST):
+            raise
+        raise BadInput(f"{out.parent}: cannot create the folder ({e.strerror}); make it writable or choose "
+                       f"another --out") from None
     try:
         yield tmp
+        fault_point("folder-built")
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,6 +155,7 @@ def atomic_folder(out: str | os.PathLike, fmt: str, what: str) -> Iterator[Path]
 
 def is_folder_of(path: str | os.PathLike, fmt: str) -> bool:
     """Whether `path` holds a meta.json of format `fmt`."""
+    recover_folder(Path(path))
     try:
         return json.loads((Path(path) / META).read_text(encoding="utf-8")).get("format") == fmt
     except (OSError, ValueError, AttributeError):
@@ -140,15 +169,84 @@ def _swap_in(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
+        fault_point("folder-old-moved")
     try:
         os.rename(tmp, out)
     except BaseException:
         if old is not None:
             os.rename(old, out)
         raise
+    fault_point("folder-renamed")
     _fsync_dir(out.parent)  # the rename itself is durable
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Hidden siblings of a folder `out` that `atomic_folder`, `_swap_in` and `remove_folder` make,
+# each named with the pid of the process that made it.
+LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's live process
+    return True
+
+
+def recover_folder(out: Path) -> None:
+    """Undo what a killed process left around the folder `out`: when `out` is missing and an
+    `.old-PID` copy of it remains (killed between the two renames of `_swap_in`), the old folder
+    is renamed back; other leftovers of dead processes (`.tmp-PID` half-built folders or files,
+    `.old-PID` and `.del-PID` folders being deleted) are removed. Leftovers of live processes are
+    left alone."""
+    out = Path(out)
+    if out.name:
+        recover_leftovers(out.parent, only=out.name)
+
+
+def recover_leftovers(folder: Path, only: str | None = None) -> None:
+    """`recover_folder` for every output in `folder` (or only the one named `only`): one listing."""
+    try:
+        entries = list(os.scandir(folder)) if Path(folder).is_dir() else []
+    except OSError:
+        return
+    leftovers = []
+    for entry in entries:
+        m = LEFTOVER_RE.match(entry.name)
+        if m and (only is None or m["name"] == only) and not _alive(int(m["pid"])):
+            leftovers.append((m["kind"] != "old", m["name"], Path(entry.path)))
+    try:
+        for _, name, p in sorted(leftovers):  # the .old copies first: a missing output comes back
+            out = Path(folder) / name
+            if p.name.startswith(f".{name}.old-") and not os.path.lexists(out) and (p / META).is_file():
+                os.rename(p, out)
+                _fsync_dir(out.parent)
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only place: readers still read what is there
+
+
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder (derived data) crash-safely: one rename takes it away whole, then the hidden
+    `.NAME.del-PID` copy is deleted; a kill meanwhile leaves no half-deleted folder at `path`
+    (`recover_folder` removes the copy later)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    trash = path.with_name(f".{path.name}.del-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -192,6 +290,8 @@ def read_meta_json(folder: str | os.PathLike, *, fmt: str, version: int, what: s
                    unreadable: str) -> dict:
     """The meta.json of a phrasefuse folder (store, index, head), checked for its format and version."""
     meta_path = Path(folder) / META
+    if not meta_path.is_file():
+        recover_folder(Path(folder))  # killed mid-swap: the previous folder is put back
     if not meta_path.is_file():
         raise BadInput(f"{folder}: not {not_a} (no {META}); {missing}")
     try:
@@ -242,6 +342,22 @@ def new_meta(*, modality: str, encoder: dict, dtype: str, preprocess: dict | Non
     return meta
 
 
+def _check_store_meta(path: Path, meta: dict) -> None:
+    """The fields every reader relies on, as a writer writes them (a tampered or hand-edited meta.json
+    is refused here, naming the field, rather than failing later in a library)."""
+    dim, dtype, encoder = meta.get("dim"), meta.get("dtype"), meta.get("encoder")
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= 1 << 20:
+        raise BadInput(f"{path}: field 'dim' is {dim!r}; expected a whole number (the vector size); restore "
+                       f"meta.json or re-create the store")
+    if dtype not in DTYPES:
+        raise BadInput(f"{path}: field 'dtype' is {dtype!r}; expected one of {', '.join(DTYPES)}; restore "
+                       f"meta.json or re-create the store")
+    if not isinstance(encoder, dict) or encoder.get("dim") != dim:
+        got = encoder.get("dim") if isinstance(encoder, dict) else encoder
+        raise BadInput(f"{path}: field 'encoder.dim' is {got!r} but 'dim' is {dim}; the vectors cannot be of "
+                       f"both sizes: restore meta.json or re-create the store")
+
+
 def encoder_identity(encoder: dict) -> dict:
     return {k: encoder.get(k) for k in IDENTITY_FIELDS}
 
@@ -280,6 +396,7 @@ class EmbeddingStore:
             meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="store",
                                   not_a="an embedding store", missing="create it with 'phrasefuse extract'",
                                   unreadable="restore it or re-create the store")
+            _check_store_meta(self.meta_path, meta)
             self._meta = meta
         return self._meta
 
@@ -408,9 +525,17 @@ class EmbeddingStore:
         return all_emb[pc.index_in(keys, value_set=all_keys).to_numpy()]
 
     def errors(self) -> pa.Table:
+        """The rows that could not be embedded (id, reason)."""
         if not self.errors_path.is_file():
             return pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-        return pq.read_table(self.errors_path)
+        try:
+            errors = pq.read_table(self.errors_path)
+            if not {"id", "reason"} <= set(errors.column_names):
+                raise ValueError("no 'id' and 'reason' columns")
+            return pa.table({"id": pc.cast(errors["id"], pa.string()), "reason": pc.cast(errors["reason"], pa.string())})
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise BadInput(f"{self.errors_path}: unreadable ({str(e).splitlines()[0][:120]}); delete it (the rows it "
+                           f"lists are simply tried again by the next run of the job)") from None
 
 
 # ---------------------------------------------------------------- writing
@@ -461,6 +586,7 @@ class StoreWriter:
                 write_json_atomic(store.meta_path, meta)
             for stale in path.glob(".*.tmp-*"):  # left by a killed job; we hold the lock
                 stale.unlink(missing_ok=True)
+            _drop_stale_errors(store)
             return cls(store, meta, shard_size, lock_fd)
         except BaseException:
             os.close(lock_fd)
@@ -500,6 +626,7 @@ class StoreWriter:
         self._buffered += len(emb)
         while self._buffered >= self.shard_size:
             self._write_shard(self.shard_size)
+        fault_point("rows-buffered")
 
     def add_errors(self, ids: Iterable[str], reasons: Iterable[str]) -> None:
         ids, reasons = list(ids), list(reasons)
@@ -528,6 +655,7 @@ class StoreWriter:
         # Ids embedded now leave errors.parquet with the same shard that stores them.
         if self._old_errors.num_rows or self._errors_dirty:
             self._write_errors()
+        fault_point("shard-written")
 
     def _write_errors(self) -> None:
         # Old errors stay unless their id was embedded now or failed again (new reason wins).
@@ -541,6 +669,22 @@ class StoreWriter:
         elif self.store.errors_path.exists():
             self.store.errors_path.unlink()
         self._errors_dirty = False
+
+
+def _drop_stale_errors(store: EmbeddingStore) -> None:
+    """errors.parquet without the ids that are in a shard: a job killed between writing a shard and
+    rewriting errors.parquet leaves them listed as failed. Called under the store lock."""
+    errors = store.errors()
+    if not errors.num_rows:
+        return
+    stored = store.ids_and_keys()["id"] if store.shard_paths() else pa.array([], pa.string())
+    kept = errors.filter(pc.invert(pc.is_in(errors["id"], value_set=stored)))
+    if kept.num_rows == errors.num_rows:
+        return
+    if kept.num_rows:
+        write_parquet_atomic(store.errors_path, kept)
+    else:
+        store.errors_path.unlink()
 
 
 def _acquire_lock(path: Path) -> int:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
+import stat
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -80,9 +82,60 @@ def _plain_jpeg(image: Image.Image, resize_shorter: int | None) -> bool:
     return image.getexif().get(ORIENTATION, 1) == 1
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-row memory bounds of the image readers (configurable: `extract images --max-image-mb
+    --max-image-megapixels --max-aspect-ratio`; in a run config [encoders] max_image_mb,
+    max_image_megapixels, max_aspect_ratio).
+    A file over them is an error row, never a job killed by memory: a 3 GB (sparse) file would be
+    read whole, a 1x20000 strip upscaled to the model's size on its short side (5 GB of pixels)."""
+
+    max_bytes: int = 256 * 2**20  # a 100 MP JPEG is ~30 MB; a 16-bit 60 MP TIFF ~360 MB
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own bomb threshold (89 MP)
+    max_aspect: float = 50.0  # wide panoramas are ~10:1; at 50:1 a 384-px model input is ~22 MB
+
+    @classmethod
+    def of(cls, max_image_mb: float | None = None, max_image_megapixels: float | None = None,
+           max_aspect_ratio: float | None = None) -> "ImageLimits":
+        """The limits from their user-facing units (None: the default); ValueError naming a bad one."""
+        for name, value in (("max_image_mb", max_image_mb), ("max_image_megapixels", max_image_megapixels),
+                            ("max_aspect_ratio", max_aspect_ratio)):
+            if value is not None and not (isinstance(value, (int, float)) and value == value and value >= 1
+                                          and value < 1e12):
+                shown = f"{value:g}" if isinstance(value, (int, float)) else repr(value)
+                raise ValueError(f"{name} {shown}: must be a number of at least 1")
+        d = cls()
+        return cls(max_bytes=int(max_image_mb * 2**20) if max_image_mb else d.max_bytes,
+                   max_pixels=int(max_image_megapixels * 1e6) if max_image_megapixels else d.max_pixels,
+                   max_aspect=float(max_aspect_ratio) if max_aspect_ratio else d.max_aspect)
+
+    def refuse(self, size: tuple[int, int]) -> str | None:
+        """Why an image of `size` (w, h) is over the limits; None when it is not."""
+        w, h = size
+        if w < 1 or h < 1:
+            return f"image has no pixels ({w}x{h})"
+        if w * h > self.max_pixels:
+            return (f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP is over the limit of "
+                    f"{self.max_pixels / 1e6:.0f} MP (max_image_megapixels)")
+        if max(w, h) / min(w, h) > self.max_aspect:
+            return (f"image too elongated: {w}x{h} is over the aspect-ratio limit of {self.max_aspect:g}:1 "
+                    f"(max_aspect_ratio)")
+        return None
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+class OverLimits(ValueError):
+    """An image over `ImageLimits` (the message is the reason recorded for its row)."""
+
+
 @contextmanager
-def _reasons():
+def decode_errors(limits: ImageLimits = DEFAULT_LIMITS):
     """Pillow's and libjpeg's failures -> ValueError(reason); decompression bombs are errors."""
+    if limits.max_pixels > DEFAULT_LIMITS.max_pixels and limits.max_pixels > (Image.MAX_IMAGE_PIXELS or 0) \
+            and Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # a cap the user raised: Pillow's bomb check follows it
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -91,24 +144,39 @@ def _reasons():
             raise ValueError(f"image too large: {str(e).split('.')[0]}") from None
         except Image.UnidentifiedImageError:
             raise ValueError("not an image (unknown format)") from None
+        except OverLimits:
+            raise
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ValueError(f"truncated or corrupt image ({str(e)[:120]})") from None
+        except MemoryError:
+            raise ValueError("image too large (out of memory decoding it)") from None
 
 
-def decode(data: bytes, resize_shorter: int | None = None) -> Image.Image:
+def open_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Bytes -> a lazily decoded PIL image whose size is within `limits` (header read only);
+    raises ValueError(reason). Call inside `decode_errors`."""
+    image = Image.open(io.BytesIO(data))
+    reason = limits.refuse(image.size)
+    if reason:
+        raise OverLimits(reason)
+    return image
+
+
+def decode(data: bytes, resize_shorter: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Bytes -> RGB image; raises ValueError(reason) on anything that is not a sane image."""
-    with _reasons():
-        return prepare(Image.open(io.BytesIO(data)), resize_shorter)
+    with decode_errors(limits):
+        return prepare(open_image(data, limits), resize_shorter)
 
 
-def decode_tensor(data: bytes, resize_shorter: int | None = None) -> torch.Tensor:
+def decode_tensor(data: bytes, resize_shorter: int | None = None,
+                  limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Bytes -> (3, H, W) uint8, the pixels of `decode` laid out height, width, channel in memory
     (channels-last: what the resize kernels and the model want). A plain JPEG (RGB or grey,
     upright, too small for draft decoding) goes straight from libjpeg-turbo into an array with
     simplejpeg, skipping Pillow's image object and its two copies: 3.0 -> 2.3 ms for a 640x480
     JPEG here, the same pixels. Anything else, or a JPEG simplejpeg refuses, goes through Pillow."""
-    with _reasons():
-        image = Image.open(io.BytesIO(data))  # reads the header only: format, mode, size, EXIF; bomb check
+    with decode_errors(limits):
+        image = open_image(data, limits)  # reads the header only: format, mode, size, EXIF; bomb check
         if _plain_jpeg(image, resize_shorter):
             try:
                 return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
@@ -122,28 +190,70 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def read_item(path: str | None) -> tuple[bytes | None, str | None]:
-    """(bytes, None) or (None, reason)."""
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def read_item(path: str | None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, reason). Only regular files (symlinks followed) of at most
+    `limits.max_bytes` are read: a FIFO would block forever, a device or a sparse file never end."""
     if not path:
         return None, "no image path"
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: opening a FIFO with no writer returns at once (and fstat then refuses it).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None, f"file not found: {path}"
-    except IsADirectoryError:
-        return None, f"is a folder, not an image: {path}"
+    except OSError as e:  # a socket cannot be opened at all: say what it is
+        kind = _special_kind(path)
+        return None, f"is {kind}, not an image file: {path}" if kind else f"cannot read {path}: {e.strerror}"
+    except (ValueError, TypeError, UnicodeError) as e:  # a NUL byte, unencodable characters
+        return None, f"not a valid path ({str(e)[:80]}): {path!r}"
+    try:
+        return _read_regular(fd, path, limits)
     except OSError as e:
         return None, f"cannot read {path}: {e.strerror}"
+    except MemoryError:
+        return None, f"cannot read {path}: out of memory"
+    finally:
+        os.close(fd)
+
+
+def _special_kind(path: str) -> str | None:
+    """What the file at `path` is when it is not a regular file (symlinks followed); None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else next((name for test, name in FILE_KINDS if test(mode)),
+                                                "not a regular file")
+
+
+def _read_regular(fd: int, path: str, limits: ImageLimits) -> tuple[bytes | None, str | None]:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in FILE_KINDS if test(st.st_mode)), "not a regular file")
+        return None, f"is {kind}, not an image file: {path}"
+    if st.st_size > limits.max_bytes:
+        return None, (f"file too large: {st.st_size / 2**20:.0f} MB is over the limit of "
+                      f"{limits.max_bytes / 2**20:.0f} MB (max_image_mb): {path}")
+    with os.fdopen(os.dup(fd), "rb") as f:
+        data = f.read(limits.max_bytes + 1)  # the file may have grown since fstat
+    if len(data) > limits.max_bytes:
+        return None, f"file too large: over the limit of {limits.max_bytes / 2**20:.0f} MB (max_image_mb): {path}"
     if not data:
         return None, f"empty file: {path}"
     return data, None
 
 
-def read_range(path: str, offset: int | None, size: int | None) -> tuple[bytes | None, str | None]:
+def read_range(path: str, offset: int | None, size: int | None,
+               limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
     """The `size` bytes at `offset` of `path` (a tar shard's image member): (bytes, None) or (None, reason)."""
     if offset is None or size is None:
         return None, f"no image member (.jpg, .jpeg, .png, .webp) in this sample of {path}"
+    if size > limits.max_bytes:
+        return None, (f"file too large: a {size / 2**20:.0f} MB tar member is over the limit of "
+                      f"{limits.max_bytes / 2**20:.0f} MB (max_image_mb): {path}")
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -157,13 +267,16 @@ def read_range(path: str, offset: int | None, size: int | None) -> tuple[bytes |
     return data, None
 
 
-def read_source(source) -> tuple[bytes | None, str | None]:
+def read_source(source, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
     """An item's bytes from what `image_sources` gives: a path, (shard, offset, size), or the bytes."""
     if isinstance(source, bytes):
+        if len(source) > limits.max_bytes:
+            return None, (f"file too large: {len(source) / 2**20:.0f} MB of image bytes is over the limit of "
+                          f"{limits.max_bytes / 2**20:.0f} MB (max_image_mb)")
         return (source, None) if source else (None, "no image bytes in this row")
     if isinstance(source, tuple):
-        return read_range(*source)
-    return read_item(source)
+        return read_range(*source, limits)
+    return read_item(source, limits)
 
 
 def image_sources(rows) -> list:
@@ -236,24 +349,29 @@ class ImageRows(torch.utils.data.Dataset):
     encoder's (`ImageEncoder.to_pixels`): a PixelPlan, or its transform."""
 
     def __init__(self, ids: list[str], paths: list, to_pixels: Callable,
-                 resize_shorter: int, known_keys: frozenset[str] = frozenset()):
+                 resize_shorter: int, known_keys: frozenset[str] = frozenset(),
+                 limits: ImageLimits = DEFAULT_LIMITS):
         self.ids, self.paths = ids, paths
         self.to_pixels, self.resize_shorter = to_pixels, resize_shorter
         self.known_keys = known_keys
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple:
-        """(id, key, pixels | None, reason | None)."""
-        data, reason = read_source(self.paths[i])
+        """(id, key, pixels | None, reason | None). Never raises: a bad row never stops the job."""
+        try:
+            data, reason = read_source(self.paths[i], self.limits)
+        except Exception as e:  # noqa: BLE001 - e.g. a path of another type than str
+            data, reason = None, f"cannot read {self.paths[i]!r} ({type(e).__name__}: {str(e)[:120]})"
         if data is None:
             return self.ids[i], None, None, reason
         key = content_key(data)
         if key in self.known_keys:
             return self.ids[i], key, None, None
         try:
-            pixels = image_pixels(data, self.to_pixels, self.resize_shorter)
+            pixels = image_pixels(data, self.to_pixels, self.resize_shorter, self.limits)
         except ValueError as e:
             return self.ids[i], key, None, str(e)
         except Exception as e:  # noqa: BLE001 - a bad row never stops the job
@@ -261,11 +379,12 @@ class ImageRows(torch.utils.data.Dataset):
         return self.ids[i], key, pixels, None
 
 
-def image_pixels(data: bytes, to_pixels: Callable, resize_shorter: int) -> torch.Tensor:
+def image_pixels(data: bytes, to_pixels: Callable, resize_shorter: int,
+                 limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Image bytes -> the model's input for one image, through an encoder's `to_pixels`."""
     if isinstance(to_pixels, PixelPlan):
-        return to_pixels(decode_tensor(data, resize_shorter))
-    return to_pixels(decode(data, resize_shorter))
+        return to_pixels(decode_tensor(data, resize_shorter, limits))
+    return to_pixels(decode(data, resize_shorter, limits))
 
 
 def stack(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -301,6 +420,10 @@ def worker_init(_: int, yield_to_model: bool = False) -> None:
     stalls all the others at the next barrier, so decoding at equal priority costs the model about
     twice its own CPU time (figures: bench/README.md)."""
     torch.set_num_threads(1)
+    # Ctrl-C in a terminal reaches the whole process group: the main process stops the job and
+    # shuts the workers down; a worker raising its own KeyboardInterrupt only prints tracebacks.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     if yield_to_model:
         if hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

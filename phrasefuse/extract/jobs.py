@@ -102,16 +102,16 @@ def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
 
 
 def image_job(todo: pa.Table, known_keys: pa.Array | pa.ChunkedArray, encoder, spec: str, *, batch_size: int,
-              workers: int | None, device: str) -> Job:
+              workers: int | None, device: str, limits=None) -> Job:
     """The image mapper for either engine: pending rows (id, image[, _offset, _size | _bytes]: a chunk of
     `manifests.image_chunks`) -> `mappers.ImageBatch`es."""
     from phrasefuse.extract import mappers
 
     known_keys = known_keys.combine_chunks() if isinstance(known_keys, pa.ChunkedArray) else known_keys
     return Job(pending=todo.num_rows > 0,
-               local=lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers),
+               local=lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers, limits),
                actor=mappers.ImageEmbedder,
-               actor_args={"spec": spec, "identity": encoder.identity, "known_keys": known_keys},
+               actor_args={"spec": spec, "identity": encoder.identity, "known_keys": known_keys, "limits": limits},
                read=lambda ray: arrow_blocks(ray, todo, batch_size * BLOCK_BATCHES),
                batch_size=batch_size, device=device, collect=mappers.image_batches_from_actors)
 
@@ -120,9 +120,10 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
                    batch_size: int = 64, workers: int | None = None, device: str = "auto",
                    limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
                    progress: bool | None = None, allow_outside_paths: bool = False, engine: str = "local",
-                   ray: RayOptions | None = None) -> ExtractSummary:
+                   ray: RayOptions | None = None, limits=None) -> ExtractSummary:
     """Embed the `image` column of a manifest into the store `out`. Image paths that resolve
-    outside the manifest's folder are refused unless `allow_outside_paths`."""
+    outside the manifest's folder are refused unless `allow_outside_paths`; images over `limits`
+    (`images.ImageLimits`: file size, pixels, aspect ratio; None: the defaults) are error rows."""
     from phrasefuse.extract.encoders import load_image_encoder
 
     _check_sizes(batch_size, shard_size, limit)
@@ -140,7 +141,7 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
         with progress_bar(todo.num_rows, "extract images", progress) as advance:
             for chunk in image_chunks(todo, rows.image_bytes):  # Parquet bytes: a few thousand rows at a time
                 job = image_job(chunk, known_keys, encoder, model, batch_size=batch_size, workers=workers,
-                                device=device)
+                                device=device, limits=limits)
                 new_keys = _write_image_batches(writer, runner.map(job), summary, advance, known)
                 known_keys = pa.concat_arrays([known_keys, pa.array(new_keys, pa.string())])
         summary.reused = _copy_known(writer, known)

@@ -41,16 +41,17 @@ class ImageBatch:
         return len(self.ids) + len(self.known) + len(self.errors)
 
 
-def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int, workers: int | None):
+def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int, workers: int | None,
+                 limits=None):
     """The local engine's reader: a DataLoader whose workers read, hash, decode and prepare the
     rows (id, image) for `encoder`; batches as `images.collate` makes them. Rows whose key is in
     `known_keys` are hashed, not decoded."""
     import torch
 
-    from phrasefuse.extract.images import ImageRows, collate, image_sources, worker_init
+    from phrasefuse.extract.images import DEFAULT_LIMITS, ImageRows, collate, image_sources, worker_init
 
     dataset = ImageRows(todo["id"].to_pylist(), image_sources(todo), encoder.to_pixels,
-                        encoder.resize_shorter, frozenset(known_keys.to_pylist()))
+                        encoder.resize_shorter, frozenset(known_keys.to_pylist()), limits or DEFAULT_LIMITS)
     workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
@@ -60,12 +61,12 @@ def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
 
 
 def embed_images_local(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
-                       workers: int | None) -> Iterator[ImageBatch]:
+                       workers: int | None, limits=None) -> Iterator[ImageBatch]:
     """The local mapper: `image_loader`'s workers prepare the images; the model runs here. An item
     whose key was embedded earlier in this run (same bytes, another id) is not run again."""
     import torch
 
-    loader = image_loader(todo, known_keys, encoder, batch_size, workers)
+    loader = image_loader(todo, known_keys, encoder, batch_size, workers, limits)
     embedded_keys: set[str] = set()
     for batch in loader:
         out = ImageBatch([], [], np.zeros((0, encoder.dim), np.float32), batch["known"], batch["errors"])
@@ -97,9 +98,11 @@ class ImageEmbedder:
     is the local engine's (`images.ImageRows`: read, hash, skip known keys, decode, transform),
     on `threads` threads; the model runs once per batch."""
 
-    def __init__(self, spec: str, device: str, identity: dict, known_keys: pa.Array, threads: int):
+    def __init__(self, spec: str, device: str, identity: dict, known_keys: pa.Array, threads: int, limits=None):
         from phrasefuse.extract.encoders import load_image_encoder
+        from phrasefuse.extract.images import DEFAULT_LIMITS
 
+        self.limits = limits or DEFAULT_LIMITS  # images.ImageLimits: rows over them are error rows
         set_threads(threads)
         self.encoder = load_image_encoder(spec, device)
         check_identity(self.encoder.identity, identity, spec)
@@ -110,7 +113,7 @@ class ImageEmbedder:
         from phrasefuse.extract.images import ImageRows, collate, image_sources
 
         rows = ImageRows(batch["id"].to_pylist(), image_sources(batch), self.encoder.to_pixels,
-                         self.encoder.resize_shorter, self.known_keys)
+                         self.encoder.resize_shorter, self.known_keys, self.limits)
         items = list((self.pool.map if self.pool else map)(rows.__getitem__, range(len(rows))))
         out = collate(items)
         n, known, errors = len(out["ids"]), out["known"], out["errors"]

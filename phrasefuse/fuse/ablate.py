@@ -29,7 +29,7 @@ from phrasefuse.fuse.labeltext import apply_prior
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
 from phrasefuse.fuse.train import Prepared, evaluate_probs, fit_and_choose, prepare
-from phrasefuse.store import write_atomic, write_json_atomic
+from phrasefuse.store import make_folder, write_atomic, write_json_atomic
 
 LABEL_PRIOR = "label-prior"  # in a row: add the label prior of the --label-prior feature
 DEFAULT_PRIOR_WEIGHT = 10.0  # when nothing can be tuned (1 shot per class); fixed a priori, mid-grid
@@ -191,8 +191,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
             "seconds": round(time.perf_counter() - start, 1)}
     markdown = render_markdown(data)
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_folder(out)
         write_json_atomic(folder / "ablation.json", data)
         write_atomic(folder / "ablation.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
         data["files"] = [str(folder / "ablation.md"), str(folder / "ablation.json")]

@@ -75,7 +75,8 @@ def save_head(out: str | os.PathLike, meta: dict, tensors: dict[str, np.ndarray]
         for name, text in files.items():
             write_atomic(tmp / name, lambda path, text=text: Path(path).write_text(text, encoding="utf-8"))
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
-                "files": sorted([WEIGHTS, *files]), "versions": library_versions(),
+                "files": sorted([WEIGHTS, *files]), "checksums": file_checksums(tmp, [WEIGHTS, *files]),
+                "versions": library_versions(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         # last: a folder with meta.json is complete
         write_json_atomic(tmp / META, json.loads(json.dumps(full, default=_json_default)))
@@ -184,19 +185,58 @@ def read_head_meta(path: str | os.PathLike) -> dict:
                           missing="pass a folder written by 'phrasefuse fuse train'", unreadable="re-train the head")
 
 
+def file_checksums(folder: Path, names: Sequence[str]) -> dict[str, str]:
+    """{file name: sha256 of its bytes}: meta.json records them; loading refuses a file that differs."""
+    import hashlib
+
+    sums = {}
+    for name in sorted(names):
+        h = hashlib.sha256()
+        with open(Path(folder) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        sums[name] = h.hexdigest()
+    return sums
+
+
+def _check_files(path: Path, meta: dict) -> None:
+    """Every file meta.json lists is a plain file name in the head folder, with the recorded checksum
+    (heads written before checksums were recorded are checked for their structure only)."""
+    names = meta.get("files")
+    if not isinstance(names, list) or WEIGHTS not in names or not all(
+            isinstance(n, str) and n == Path(n).name and not n.startswith(".") for n in names):
+        raise BadInput(f"{path / META}: field 'files' is {names!r}; expected the head's file names; re-train the head")
+    recorded = meta.get("checksums")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or set(recorded) != set(names):
+        raise BadInput(f"{path / META}: field 'checksums' does not list the head's files; re-train the head")
+    try:
+        have = file_checksums(path, names)
+    except OSError as e:
+        raise BadInput(f"{path}: head file unreadable ({e.strerror}: {e.filename}); re-train the head") from None
+    for name in names:
+        if have[name] != recorded[name]:
+            raise BadInput(f"{path / name}: its sha256 differs from the one meta.json recorded (the file was "
+                           f"changed or damaged); restore it or re-train the head")
+
+
 def load_head(path: str | os.PathLike) -> Head:
+    """The head at `path`, checked: files against meta.json's checksums, LightGBM trees for their
+    structure; anything wrong with a head folder is a BadInput naming the file (exit 2)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
     meta = read_head_meta(path)
+    _check_files(path, meta)
     try:
         tensors = load_file(str(path / WEIGHTS))
         files = {name: (path / name).read_text(encoding="utf-8") for name in meta["files"] if name != WEIGHTS}
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type on a damaged file
         raise BadInput(f"{path}: head files unreadable ({type(e).__name__}: {str(e)[:160]}); "
                        f"re-train the head") from None
-    task = Task(list(meta["labels"]), meta["task"] == "multilabel")
     try:
+        task = Task(list(meta["labels"]), meta["task"] == "multilabel")
         fitted = restore(meta["architecture"], task, tensors, files)
     except Exception as e:  # noqa: BLE001 - a tampered or truncated head is the user's input
         raise BadInput(f"{path}: head weights do not match meta.json ({type(e).__name__}: {str(e)[:160]}); "
@@ -253,6 +293,8 @@ def verify_head(path: str | os.PathLike) -> list[str]:
         head.prior_feature()
     except BadInput as e:
         problems.append(str(e))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a hand-edited feature record
+        problems.append(f"{Path(path) / META}: malformed feature record ({type(e).__name__}: {e}); re-train the head")
     return problems
 
 

@@ -122,6 +122,9 @@ def load_blocks(features: Sequence[Feature], ids: pa.Array, source: str, require
     arrays, present = [], []
     for f in features:
         emb, found = f.store.lookup(ids)
+        if require_overlap and len(ids) and not found.any() and f.store.num_rows() == 0:
+            raise BadInput(f"{f.path}: feature '{f.name}' has no vectors at all (e.g. a text column with no text "
+                           f"in any row: see its errors.parquet); drop this feature or fill the column")
         if require_overlap and len(ids) and not found.any():
             raise BadInput(f"{f.path}: none of its {f.store.num_rows()} ids is among the {len(ids)} rows of "
                            f"{source}; pass a store extracted from this manifest")

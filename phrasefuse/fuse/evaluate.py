@@ -19,7 +19,7 @@ from phrasefuse.fuse.data import (SPLITS, Feature, build_vocab, encode_labels, i
 from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_texts, read_descriptions
 from phrasefuse.fuse.metrics import decide, multiclass_metrics, multilabel_metrics
 from phrasefuse.manifests import Manifest, read_manifest
-from phrasefuse.store import write_parquet_atomic
+from phrasefuse.store import make_folder, write_parquet_atomic
 
 
 def split_selection(manifest: Manifest, split: str) -> np.ndarray:
@@ -157,10 +157,9 @@ def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
     from phrasefuse.store import write_atomic
 
     suffix = Path(out).suffix.lower()
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"--out {out}: cannot create its folder ({e.strerror}); choose another --out") from None
+    if Path(out).is_dir():
+        raise BadInput(f"--out {out}: is a folder; pass a file name (e.g. {Path(out) / 'predictions.parquet'})")
+    make_folder(Path(out).parent)
     if suffix not in (".csv", ".jsonl"):
         write_parquet_atomic(out, table)
     elif suffix == ".csv":

@@ -233,11 +233,16 @@ def restore(arch: dict, task: Task, tensors: dict[str, np.ndarray], files: dict[
     if head.kind == "lgbm":
         import lightgbm as lgb
 
+        from phrasefuse.fuse.lgbm_check import checked_model_text
+
+        def booster(name: str, n_classes: int | None):  # checked first: LightGBM trusts its model text
+            return lgb.Booster(model_str=checked_model_text(files[name], sum(head.widths), n_classes))
+
         if task.multilabel:
-            head.boosters = [lgb.Booster(model_str=files[f"lgbm-{c:05d}.txt"]) if f"lgbm-{c:05d}.txt" in files
+            head.boosters = [booster(f"lgbm-{c:05d}.txt", None) if f"lgbm-{c:05d}.txt" in files
                              else None for c in range(task.num_classes)]
         else:
-            head.boosters = [lgb.Booster(model_str=files["lgbm.txt"])]
+            head.boosters = [booster("lgbm.txt", task.num_classes)]
         return head
     import torch
 

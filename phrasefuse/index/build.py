@@ -93,7 +93,10 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
         sources.append(np.full(len(no_images), "text"))
         image_counts.append(np.zeros(len(no_images), np.int64))
         names.append(text_names)
-    elif len(no_images):
+    if (~ok).any():  # said, not silently lost: all-zero weights, or images that cancel out
+        notes.append(f"{int((~ok).sum())} phrases dropped: their images' weighted mean is zero (all weights 0, "
+                     f"or vectors that cancel out)")
+    if len(no_images) and not text_prototypes:
         notes.append(f"{len(no_images)} phrases have no image in the store"
                      + (" (--text-prototypes gives them one if the store's encoder is open_clip)"
                         if not text_prototypes else ""))

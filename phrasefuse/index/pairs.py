@@ -5,7 +5,8 @@ Cleaning never crashes on bad rows; it counts them (`PairCounts`):
     so "Milk  Can " and "milk can" are one query; a phrase empty after that is dropped;
   - a pair with an empty image_id names no image (its phrase may still get a text prototype);
   - a repeated (phrase, image_id) pair is kept once (the first; its weight wins);
-  - an image_id that is not in the image store is dropped, as is a pair of weight 0.
+  - an image_id that is not in the image store is dropped, as is a pair of weight 0; image_ids are
+    compared exactly with the store's ids (as manifests keep them: " a" is not "a").
 What is wrong with the table itself (missing columns, a weight that is not a number >= 0)
 is a BadInput naming the file and row.
 
@@ -51,7 +52,7 @@ class Pairs:
     phrases: pa.Array  # string, distinct, sorted
     phrase: np.ndarray  # (pairs,) int64 index into `phrases`
     image_row: np.ndarray  # (pairs,) int64 row of the image in the store's id array
-    weight: np.ndarray  # (pairs,) float32, > 0
+    weight: np.ndarray  # (pairs,) float64, > 0
     counts: PairCounts
     weighted: bool = False  # the table's weight column was used
     missing_example: str | None = None  # one image_id absent from the store, for messages
@@ -85,7 +86,9 @@ def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: boo
     for batch in iter_batches(pattern, what="pairs table"):
         n = batch.num_rows
         phrase = normalize_phrases(_as_text(batch, "query", pattern))
-        image_id = pc.utf8_trim_whitespace(_as_text(batch, "image_id", pattern).fill_null(""))
+        # Ids are compared exactly, as manifests keep them: " a" is not "a" (only a blank id is no id).
+        image_id = _as_text(batch, "image_id", pattern).fill_null("")
+        image_id = pc.if_else(pc.equal(pc.utf8_trim_whitespace(image_id), ""), "", image_id)
         weight = _weights(batch, pattern) if weighted else np.ones(n)
         empty = pc.equal(phrase, "").to_numpy(zero_copy_only=False)
         no_id = ~empty & pc.equal(image_id, "").to_numpy(zero_copy_only=False)
@@ -117,7 +120,7 @@ def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: boo
         phrases=phrases,
         phrase=pc.index_in(used["phrase"], value_set=phrases).to_numpy().astype(np.int64),
         image_row=found.filter(pa.array(usable)).to_numpy().astype(np.int64),
-        weight=weight[usable].astype(np.float32),
+        weight=weight[usable].astype(np.float64),  # float32 would round a weight such as 1e-300 to 0
         counts=counts,
         weighted=weighted,
         missing_example=missing_example,

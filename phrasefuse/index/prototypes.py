@@ -36,12 +36,25 @@ def segment_sums(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, 
     return sums
 
 
+def scaled_per_segment(weights: np.ndarray, segment: np.ndarray, n_segments: int) -> np.ndarray:
+    """Each weight over the largest of its segment (float64 in, float32-safe out). The prototype is
+    a normalised weighted sum, so its direction does not change; but positive weights as small as
+    1e-300 no longer round to 0 in float32 and cancel their phrase."""
+    weights = np.asarray(weights, dtype=np.float64)
+    segment = np.asarray(segment, dtype=np.int64)
+    largest = np.zeros(n_segments)
+    np.maximum.at(largest, segment, weights)
+    return weights / np.where(largest > 0, largest, 1.0)[segment]
+
+
 def prototypes(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, n_segments: int,
                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prototypes (n_segments, dim) float32 unit rows, ok (n_segments,) bool).
 
     `embeddings` are L2-normalised first (a float16 store comes back unit-norm in float32).
     ok is False for a segment with no pairs, or whose images cancel out (zero sum)."""
+    if weights is not None:
+        weights = scaled_per_segment(weights, segment, n_segments)
     sums = segment_sums(segment, rows, l2_normalize(embeddings), n_segments, weights)
     ok = np.linalg.norm(sums, axis=1) > 1e-6
     return l2_normalize(sums), ok

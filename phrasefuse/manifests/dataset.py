@@ -158,7 +158,10 @@ def _refuse_outside_paths(table: pa.Table, image: pa.Array, resolved: pa.Array) 
     for k in distinct.to_pylist():
         file, image_folder = k.split("\0", 1)
         root = roots.setdefault(file, os.path.realpath(os.path.dirname(os.path.abspath(file))))
-        inside.append(_inside(os.path.realpath(image_folder), root))
+        try:
+            inside.append(_inside(os.path.realpath(image_folder), root))
+        except ValueError:  # a NUL byte: no file can be opened there; reading it makes an error row
+            inside.append(True)
     ok = np.asarray(inside, dtype=bool)[pc.index_in(key, value_set=distinct).to_numpy()]
     # A file that is itself a symlink may point anywhere: one lstat per row (the job opens it anyway).
     present = pc.is_valid(resolved).to_numpy(zero_copy_only=False)

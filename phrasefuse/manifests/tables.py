@@ -45,6 +45,14 @@ def expand(pattern: str | os.PathLike) -> list[Path]:
     return [path]
 
 
+def _connect():
+    """A DuckDB connection that never prints: its progress bar (shown when a query runs over 2 s, e.g.
+    on a loaded machine) would go to stdout, which `--json` keeps for the one JSON document."""
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
 def read_table(pattern: str | os.PathLike, what: str = "table", exclude: tuple[str, ...] = ()) -> pa.Table:
     """All files of `pattern` as one Arrow table, with `_file` and `_row` columns, without the
     columns `exclude` names (never read: Parquet image bytes stay on disk).
@@ -55,18 +63,14 @@ def read_table(pattern: str | os.PathLike, what: str = "table", exclude: tuple[s
     tables = []
     for path in expand(pattern):
         reader = _reader(path, what)
-        con = duckdb.connect()
+        con = _connect()
         try:
-            relation = con.sql(f"SELECT * FROM {reader}", params={"path": str(path)})
-            dropped = [c for c in exclude if c in relation.columns]
-            if dropped:
-                names = ", ".join('"' + c.replace('"', '""') + '"' for c in dropped)
-                relation = con.sql(f"SELECT * EXCLUDE ({names}) FROM {reader}", params={"path": str(path)})
-            table = relation.to_arrow_table()
+            table = _select(con, reader, path, exclude).to_arrow_table()
         except duckdb.Error as e:
             raise _cannot_read(path, what, e) from None
         finally:
             con.close()
+        _refuse_reserved(path, table.column_names)
         n = table.num_rows
         table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(path)))
         table = table.append_column(ROW_COL, pa.array(range(1, n + 1), pa.int64()))
@@ -76,6 +80,48 @@ def read_table(pattern: str | os.PathLike, what: str = "table", exclude: tuple[s
     except pa.ArrowException as e:
         names = ", ".join(str(t[FILE_COL][0]) for t in tables if t.num_rows)
         raise BadInput(f"{pattern}: files disagree on column types ({e}); files: {names}") from None
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _select(con, reader: str, path: Path, exclude: tuple[str, ...] = ()):
+    """All rows of one file, without the columns `exclude` names (never read). A JSON column whose
+    values mix types (`"label": 1` in one row and `"label": "1"` in another) comes from DuckDB as raw
+    JSON text; its scalar values are read as their text instead (1, "1" -> "1"; true -> "true"; list
+    items likewise), and a column that mixes lists or objects with other values is refused, naming
+    it and the first such row."""
+    params = {"path": str(path)}
+    base = f"SELECT * FROM {reader}"
+    dropped = [c for c in exclude if c in con.sql(base, params=params).columns]
+    if dropped:
+        base = f"SELECT * EXCLUDE ({', '.join(map(_quoted, dropped))}) FROM {reader}"
+    rel = con.sql(base, params=params)
+    mixed = {name: str(t) for name, t in zip(rel.columns, rel.types) if str(t) in ("JSON", "JSON[]")}
+    if not mixed:
+        return rel
+    nested = "json_type(x) IN ('ARRAY', 'OBJECT')"
+    for name, kind in mixed.items():
+        col = _quoted(name)
+        test = (f"json_type({col}) IN ('ARRAY', 'OBJECT')" if kind == "JSON"
+                else f"list_bool_or(list_transform({col}, lambda x: {nested}))")
+        row = con.sql(f"SELECT min(r) FROM (SELECT row_number() OVER () AS r, {col} FROM ({base})) WHERE {test}",
+                      params=params).fetchall()[0][0]
+        if row is not None:
+            raise BadInput(f"{path}: row {row}: column '{name}' mixes lists or objects with other values; "
+                           f"give the column one type in every row (a string, or a list of strings)")
+    replace = ", ".join(f"{_quoted(n)}->>'$' AS {_quoted(n)}" if k == "JSON"
+                        else f"list_transform({_quoted(n)}, lambda x: x->>'$') AS {_quoted(n)}" for n, k in mixed.items())
+    return con.sql(f"SELECT * REPLACE ({replace}) FROM ({base})", params=params)
+
+
+def _refuse_reserved(path: Path, columns: list[str]) -> None:
+    """`_file` and `_row` are the columns phrasefuse adds (where a row came from)."""
+    for name in (FILE_COL, ROW_COL):
+        if name in columns:
+            raise BadInput(f"{path}: column '{name}' is reserved (phrasefuse adds it to name a row's file and "
+                           f"row); rename that column")
 
 
 def _reader(path: Path, what: str) -> str:
@@ -94,7 +140,7 @@ def table_columns(pattern: str | os.PathLike, what: str = "table") -> list[str]:
     """The union of the column names of the files of `pattern` (no data read)."""
     names: dict[str, None] = {}
     for path in expand(pattern):
-        con = duckdb.connect()
+        con = _connect()
         try:
             names.update(dict.fromkeys(con.sql(f"SELECT * FROM {_reader(path, what)}",
                                                params={"path": str(path)}).columns))
@@ -110,9 +156,9 @@ def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: in
     streamed from DuckDB: a table larger than memory is never loaded whole. A batch holds only the
     columns its file has (files may differ)."""
     for path in expand(pattern):
-        con = duckdb.connect()
+        con = _connect()
         try:
-            stream = con.sql(f"SELECT * FROM {_reader(path, what)}", params={"path": str(path)}).to_arrow_reader(batch_rows)
+            stream = _select(con, _reader(path, what), path).to_arrow_reader(batch_rows)
             row = 0
             while True:
                 try:
@@ -121,6 +167,7 @@ def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: in
                     break
                 n = batch.num_rows
                 table = pa.Table.from_batches([batch])
+                _refuse_reserved(path, table.column_names)
                 table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(path)))
                 table = table.append_column(ROW_COL, pa.array(np.arange(row + 1, row + n + 1), pa.int64()))
                 row += n
@@ -133,7 +180,7 @@ def iter_batches(pattern: str | os.PathLike, what: str = "table", batch_rows: in
 
 def sql(query: str, **tables: pa.Table | pa.Array) -> pa.Table:
     """Run a DuckDB query over Arrow tables named by keyword (no copies in, Arrow out)."""
-    con = duckdb.connect()
+    con = _connect()
     try:
         for name, t in tables.items():
             con.register(name, pa.table({"value": t}) if isinstance(t, (pa.Array, pa.ChunkedArray)) else t)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.report import BASELINE, plots
-from phrasefuse.store import write_atomic
+from phrasefuse.store import make_folder, write_atomic
 
 THUMB = 128  # gallery thumbnail size (pixels)
 
@@ -24,7 +24,7 @@ def write_report(config, layout, heads: list) -> list[Path]:
     from phrasefuse.fuse.artifact import read_head_meta
 
     plot_dir = layout.work / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(plot_dir, "work folder")
     written: list[Path] = []
     sections: list[str] = []
 
@@ -192,16 +192,22 @@ def _heads_html(metas: dict) -> str:
 
 
 def _thumbnail(path: str) -> str:
-    from PIL import Image
+    """A small JPEG of the image at `path`, inline; a file that is not a sane image (a bomb, a FIFO,
+    a folder, too large, corrupt) shows as unreadable: the report never fails on one picture."""
+    from phrasefuse.extract.images import decode_errors, open_image, read_item
 
+    data, _ = read_item(path)
+    if data is None:
+        return "<div class='noimg'>image unreadable</div>"
     try:
-        with Image.open(path) as im:
+        with decode_errors():
+            im = open_image(data)
             im.draft("RGB", (THUMB, THUMB))
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
-    except (OSError, ValueError):
+    except (ValueError, MemoryError):
         return "<div class='noimg'>image unreadable</div>"
     return f"<img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}' alt=''>"
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phrasefuse.errors import BadInput
+from phrasefuse.errors import MAX_SEED, BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.index import DEFAULT_PHRASES_K
 
+LIMIT_KEYS = ("max_image_mb", "max_image_megapixels", "max_aspect_ratio")  # [encoders]: images.ImageLimits
 IMAGE = "image"  # the feature name of the labelled images' store
 PHRASES = "phrases"  # the feature name of the generated phrases' store
+QUERY_IMAGE = "query-image"  # the store of the query corpus' images (run/pipeline.py Layout)
 LABEL_PRIOR = "label-prior"  # in an ablation row: the label prior of [ablation] label_prior (fuse/ablate.py)
 
 
@@ -49,6 +51,14 @@ class Encoders:
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None
+    max_image_mb: float | None = None  # images.ImageLimits; None: its default
+    max_image_megapixels: float | None = None
+    max_aspect_ratio: float | None = None
+
+    def image_limits(self):
+        from phrasefuse.extract.images import ImageLimits
+
+        return ImageLimits.of(self.max_image_mb, self.max_image_megapixels, self.max_aspect_ratio)
 
 
 @dataclass
@@ -143,19 +153,24 @@ def parse_config(raw: dict, path: Path) -> Config:
                 id_col=c.get(data_raw, "id_col", str, None, where="data"),
                 image_col=c.get(data_raw, "image_col", str, None, where="data"))
     for name in text_columns:
-        if name in (IMAGE, PHRASES) or not name.replace("_", "").replace("-", "").isalnum():
+        if name in (IMAGE, PHRASES, QUERY_IMAGE) or not name.replace("_", "").replace("-", "").isalnum():
             c.fail("data.text_columns", f"{name!r} cannot name a feature; use a column name of letters, digits, "
-                                        f"_ or - other than '{IMAGE}' and '{PHRASES}'")
+                                        f"_ or - other than '{IMAGE}', '{PHRASES}' and '{QUERY_IMAGE}'")
     if len(set(text_columns)) != len(text_columns):
         c.fail("data.text_columns", "lists a column twice; list each once")
 
     enc_raw = c.table(raw, "encoders")
-    c.known(enc_raw, "encoders", {"image", "text", "device", "batch_size", "workers"})
+    c.known(enc_raw, "encoders", {"image", "text", "device", "batch_size", "workers", *LIMIT_KEYS})
     encoders = Encoders(image=c.get(enc_raw, "image", str, DEFAULT_IMAGE_MODEL, where="encoders"),
                         text=c.get(enc_raw, "text", str, DEFAULT_TEXT_MODEL, where="encoders"),
                         device=c.choice(enc_raw, "device", ("auto", "cpu", "cuda"), "auto", where="encoders"),
                         batch_size=c.positive(enc_raw, "batch_size", 64, where="encoders"),
-                        workers=c.get(enc_raw, "workers", int, None, where="encoders"))
+                        workers=c.get(enc_raw, "workers", int, None, where="encoders"),
+                        **{k: c.get(enc_raw, k, (int, float), None, where="encoders") for k in LIMIT_KEYS})
+    try:
+        encoders.image_limits()
+    except ValueError as e:
+        c.fail(f"encoders.{str(e).split()[0]}", " ".join(str(e).split()[1:]))
 
     phrases = None
     if "phrases" in raw:
@@ -183,6 +198,10 @@ def parse_config(raw: dict, path: Path) -> Config:
                     label_prior=c.get(h, "label_prior", str, None, where=where),
                     align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)))
         c.features(head.features, features, f"{where}.features")
+        if not 0 <= head.seed <= MAX_SEED:
+            c.fail(f"{where}.seed", f"expected a whole number from 0 to {MAX_SEED}, got {head.seed}")
+        if not head.align_descriptions >= 0 or head.align_descriptions == float("inf"):
+            c.fail(f"{where}.align_descriptions", f"expected a finite weight of 0 or more, got {head.align_descriptions}")
         if head.label_prior is not None:
             c.features([head.label_prior], [n for n in features if n != IMAGE], f"{where}.label_prior")
         if not head.name.replace("_", "").replace("-", "").isalnum():

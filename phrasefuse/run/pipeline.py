@@ -20,7 +20,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from pathlib import Path
 from phrasefuse.errors import BadInput
 from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
-from phrasefuse.run.config import IMAGE, PHRASES, Config, Head, load_config
-from phrasefuse.store import EmbeddingStore, write_json_atomic
+from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
+from phrasefuse.store import EmbeddingStore, make_folder, recover_leftovers, remove_folder, write_json_atomic
 
 STATE = "run-state.json"
 
@@ -93,12 +92,12 @@ class Layout:
 
 
 def files_fingerprint(pattern: str | os.PathLike) -> str:
-    """sha256 over the bytes of every file a path, glob or brace range names (manifests, tar shards,
-    pairs tables); for a folder of images, the names, sizes and modification times of its files."""
+    """sha256 over the bytes of every file a path, glob (** recursive) or brace range names (manifests,
+    tar shards, pairs tables); for a folder of images, the names, sizes and modification times of its files."""
     if os.path.isdir(pattern):
         return _tree_fingerprint(Path(pattern))
     paths = [p for name in expand_braces(str(pattern))
-             for p in (sorted(glob.glob(name)) if glob.has_magic(name) else [name])]
+             for p in (sorted(glob.glob(name, recursive=True)) if glob.has_magic(name) else [name])]
     h = hashlib.sha256()
     for p in paths:
         h.update(p.encode())
@@ -188,7 +187,10 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     config = load_config(config_path)
     check_inputs(config)
     layout = Layout(config.work)
-    config.work.mkdir(parents=True, exist_ok=True)
+    make_folder(config.work, f"{config.path}: key 'work':")
+    for folder in (config.work, config.work / "stores", config.work / "heads", config.work / "predictions",
+                   layout.ablation, config.work / "plots"):
+        recover_leftovers(folder)  # of a killed earlier run: swaps undone, temporary files removed
     state = RunState(config.work)
     manifest_fp = files_fingerprint(config.data.manifest)
 
@@ -273,10 +275,25 @@ def check_inputs(config: Config) -> None:
     if config.phrases:
         named += [("phrases.pairs", config.phrases.pairs), ("phrases.images", config.phrases.images)]
     for key, path in named:
-        if path is not None and not all(glob.glob(name) if glob.has_magic(name) else os.path.exists(name)
-                                        for name in expand_braces(str(path))):
+        # recursive: a ** matches as the commands read it (manifests.tables.expand); braces: tar shards
+        if path is not None and not all(glob.glob(name, recursive=True) if glob.has_magic(name)
+                                        else os.path.exists(name) for name in expand_braces(str(path))):
             raise BadInput(f"{config.path}: key '{key}': {path} does not exist; fix the path (relative to the "
                            f"config file's folder)")
+    _check_columns(config)
+
+
+def _check_columns(config: Config) -> None:
+    """The manifest has the columns the config names (read from the files' schemas, before any work:
+    not after hours of extraction)."""
+    from phrasefuse.manifests.sources import source_columns
+
+    columns = source_columns(config.data.source)  # tables: their schemas; folders, tars: their layout
+    for key, name in [("data.text_columns", n) for n in config.data.text_columns] + \
+            ([("data.label_col", config.data.label_col)] if config.data.label_col else []):
+        if name not in columns:
+            raise BadInput(f"{config.path}: key '{key}': column '{name}' is not in the manifest "
+                           f"{config.data.manifest} (columns: {', '.join(columns)}); fix the name")
 
 
 def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp: str,
@@ -286,11 +303,12 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
     enc = config.encoders
     image_job = lambda manifest, out: _summary(extract_images(  # noqa: E731
         manifest, out, model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
-        progress=progress, allow_outside_paths=config.data.allow_outside_paths))
+        progress=progress, allow_outside_paths=config.data.allow_outside_paths, limits=enc.image_limits()))
+    limits = {k: getattr(enc, k) for k in LIMIT_KEYS if getattr(enc, k) is not None}
     out = layout.store(IMAGE)
     yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
-                                         "allow_outside_paths": config.data.allow_outside_paths},
-                    lambda: folder_fingerprint(out), lambda: image_job(config.data.source, out))
+                                         "allow_outside_paths": config.data.allow_outside_paths, **limits},
+                    lambda: _retrying(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:
         out_t = layout.store(col)
         yield state.run(f"extract {col}", {"manifest": manifest_fp, "column": col, "model": enc.text},
@@ -299,8 +317,14 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
                             config.data.source, col, out_t, model=enc.text, device=enc.device, progress=progress)))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
-        yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image},
-                        lambda: folder_fingerprint(layout.query_store), lambda: image_job(q, layout.query_store))
+        yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image, **limits},
+                        lambda: _retrying(layout.query_store), lambda: image_job(q, layout.query_store))
+
+
+def _retrying(store: Path) -> str | None:
+    """An image store's fingerprint; None (the stage runs) while it lists failed rows: a missing or
+    unreadable file may have been put back since, and `extract images` retries failed rows."""
+    return None if (store / "errors.parquet").is_file() else folder_fingerprint(store)
 
 
 def phrase_stages(config: Config, layout: Layout, state: RunState, progress: bool | None) -> Iterator[StageResult]:
@@ -325,13 +349,20 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, progress: boo
 
     def phrases_job() -> tuple[str, dict]:
         store = EmbeddingStore(out)
-        if store.exists() and (store.meta.get("phrases") or {}).get("build_id") != inputs["index"]:
-            shutil.rmtree(out)  # phrases of an older index: derived data, regenerated whole
+        if _stale_phrases(store, inputs["index"]):
+            remove_folder(out)  # derived data, regenerated whole; a kill meanwhile leaves no half of it
         s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device,
                              progress=progress)
         return s.line(), s.as_dict()
 
     yield state.run("phrases", inputs, lambda: folder_fingerprint(out), phrases_job)
+
+
+def _stale_phrases(store: EmbeddingStore, build_id: str | None) -> bool:
+    """Phrases of an older index, or a store a kill left without meta.json (derived: rebuilt whole)."""
+    if store.exists():
+        return (store.meta.get("phrases") or {}).get("build_id") != build_id
+    return store.path.is_dir()
 
 
 def heads_with_baseline(config: Config) -> list[Head]:

@@ -22,20 +22,37 @@ def gradient(w=64, h=48):
     return x
 
 
-@pytest.mark.parametrize("make", [
-    lambda: encoded(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"),
-    lambda: encoded(Image.new("RGBA", (40, 30), (255, 0, 0, 0)), "PNG"),
-    lambda: encoded(Image.new("LA", (40, 30), (10, 128)), "PNG"),
-    lambda: encoded(Image.new("P", (40, 30), 3), "PNG", transparency=3),
-    lambda: encoded(Image.fromarray(gradient().astype(np.uint16) * 257), "PNG"),
-    lambda: encoded(Image.new("1", (40, 30), 1), "PNG"),
-    lambda: encoded(Image.new("RGB", (40, 30), "red"), "GIF", save_all=True,
-                    append_images=[Image.new("RGB", (40, 30), "blue")]),
-    lambda: encoded(Image.new("RGB", (40, 30), "red"), "WEBP"),
+def solid(colour, w=40, h=30):
+    return np.broadcast_to(np.array(colour, np.uint8), (h, w, 3))
+
+
+def palette_image():
+    """A palette image whose every pixel is index 3, a red that the PNG marks transparent."""
+    image = Image.new("P", (40, 30), 3)
+    image.putpalette([0, 0, 0, 10, 10, 10, 20, 20, 20, 200, 0, 0])
+    return image
+
+
+# Each odd image and the RGB pixels it must decode to (the classic bugs: CMYK not inverted,
+# 16-bit clipped instead of scaled, alpha dropped instead of composited on white).
+@pytest.mark.parametrize("make, expected, tolerance", [
+    (lambda: encoded(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"), solid((255, 0, 0)), 3),  # no cyan: red
+    (lambda: encoded(Image.new("RGBA", (40, 30), (255, 0, 0, 0)), "PNG"), solid((255, 255, 255)), 0),  # clear: white
+    # grey 10 at alpha 128 over white: 10 * 128/255 + 255 * 127/255 = 132
+    (lambda: encoded(Image.new("LA", (40, 30), (10, 128)), "PNG"), solid((132, 132, 132)), 1),
+    (lambda: encoded(palette_image(), "PNG", transparency=3), solid((255, 255, 255)), 0),  # index 3: clear red
+    (lambda: encoded(Image.fromarray(gradient().astype(np.uint16) * 257), "PNG"),
+     np.repeat(gradient()[..., None], 3, axis=2), 1),  # 257 * v (16-bit) is v (8-bit)
+    (lambda: encoded(Image.new("1", (40, 30), 1), "PNG"), solid((255, 255, 255)), 0),
+    (lambda: encoded(Image.new("RGB", (40, 30), "red"), "GIF", save_all=True,
+                     append_images=[Image.new("RGB", (40, 30), "blue")]), solid((255, 0, 0)), 0),  # the 1st frame
+    (lambda: encoded(Image.new("RGB", (40, 30), "red"), "WEBP"), solid((255, 0, 0)), 8),  # lossy
 ], ids=["cmyk-jpeg", "rgba", "la", "palette-transparency", "16-bit", "1-bit", "animated-gif", "webp"])
-def test_odd_images_decode_to_rgb(make):
+def test_odd_images_decode_to_the_right_rgb_pixels(make, expected, tolerance):
     image = decode(make())
-    assert image.mode == "RGB" and image.size in {(40, 30), (64, 48)}
+    assert image.mode == "RGB" and image.size == expected.shape[1::-1]
+    difference = np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16))
+    assert difference.max() <= tolerance, (np.asarray(image)[0, :3], expected[0, :3])
 
 
 def test_transparent_pixels_become_white():
@@ -187,6 +204,9 @@ def test_stack_keeps_channels_last_and_values():
 def test_image_pixels_takes_the_plan_or_else_the_transform(builtin_transform):
     data = encoded(photo(300, 200), "JPEG")
     plan = PixelPlan.from_transform(builtin_transform)
-    assert image_pixels(data, plan, 256).dtype == torch.uint8
+    pixels = image_pixels(data, plan, 256)
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, plan(decode_tensor(data, 256)))
+    # ...and those pixels, normalised, are the transform's own input within two grey levels
+    assert (plan.normalise(pixels[None])[0] - builtin_transform(decode(data, 256))).abs().max() <= 2 * 2 / 255 + 1e-4
     as_floats = image_pixels(data, builtin_transform, 256)  # a transform without a plan runs as it is
     assert torch.equal(as_floats, builtin_transform(decode(data, 256)))

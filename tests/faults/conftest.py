@@ -1,40 +1,83 @@
-"""Helpers of the fault-injection suite: the real CLI as a process we can kill, store checks,
-and a small filesystem we can fill up or make read-only."""
+"""Helpers of the fault-injection suite: the real CLI as a process that kills itself or pauses at an
+exact fault point (phrasefuse/faultpoints.py), store checks, and a small filesystem we can fill
+up or make read-only."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from phrasefuse.faultpoints import ENV as FAULT_ENV
+from phrasefuse.faultpoints import MARK_ENV
 from phrasefuse.store import EmbeddingStore, verify_store
+
+TIMEOUT = 600  # seconds; generous: only a hung job ever reaches it (the machine may be loaded)
 
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "phrasefuse", *map(str, args)]
 
 
-def start_cli(*args, **kwargs) -> subprocess.Popen:
-    """The real `phrasefuse` CLI as a background process (to kill or interrupt)."""
+def cli_env(fault: str | None = None, mark: Path | None = None) -> dict[str, str]:
+    """The environment of a CLI run; `fault` plants a fault point (phrasefuse/faultpoints.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, MARK_ENV)}
+    env["HF_HUB_OFFLINE"] = "1"
+    if fault:
+        env[FAULT_ENV] = fault
+    if mark:
+        env[MARK_ENV] = str(mark)
+    return env
+
+
+def start_cli(*args, fault: str | None = None, mark: Path | None = None, sigint: bool = False,
+              **kwargs) -> subprocess.Popen:
+    """The real `phrasefuse` CLI as a background process (to kill or interrupt). `sigint`: Ctrl-C
+    acts as in a terminal (a job started in the background inherits an ignored SIGINT)."""
+    if sigint:
+        kwargs["preexec_fn"] = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     return subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
+                            env=cli_env(fault, mark), **kwargs)
 
 
-def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    """Poll `condition` until true; fail if `proc` ends first or the timeout passes."""
-    deadline = time.time() + timeout
+def kill_at(point: str, *args) -> subprocess.Popen:
+    """Run the real CLI until it SIGKILLs itself at fault point `point` (`NAME@N`); fail if it
+    ends any other way (the point was not reached, or reached in another order)."""
+    proc = start_cli(*args, fault=f"{point}:kill")
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL, f"{point}: the job exited {proc.returncode} instead:\n{stderr}"
+    return proc
+
+
+def pause_at(point: str, *args, mark_dir: Path, **kwargs) -> subprocess.Popen:
+    """Start the real CLI and return once it is paused at fault point `point` (it sleeps there
+    until a signal's handler raises, or it is killed): the state it is in is known exactly."""
+    mark = mark_dir / f"paused-{point}"
+    proc = start_cli(*args, fault=f"{point}:pause", mark=mark, **kwargs)
+    wait_until(mark.exists, proc)
+    assert mark.read_text().split() == [point.partition("@")[0], str(proc.pid)]
+    return proc
+
+
+def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = TIMEOUT) -> None:
+    """Poll `condition` until true; fail if `proc` ends first or the timeout passes. Only for
+    conditions that stay true once reached (a fault point's mark): never a race with the job."""
+    deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the job ended (exit {proc.returncode}) before the fault could be injected:\n"
                                  f"{proc.stderr.read() if proc.stderr else ''}")
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the job")
-        time.sleep(0.005)
+        time.sleep(0.01)
 
 
 def shards(store: Path) -> list[Path]:
@@ -50,6 +93,19 @@ def assert_sound(store: Path, killed: bool = False) -> list[str]:
     assert len(ids) == len(set(ids))
     assert len(list(store.glob(".*.tmp-*"))) <= (1 if killed else 0)
     return ids
+
+
+def assert_interrupted(proc: subprocess.Popen, shard_rows: list[int], out: Path) -> None:
+    """Exit 130 and the one line saying what is kept; the shards hold `shard_rows` rows, the last
+    one the 1 to shard_size - 1 rows that were buffered at the signal (flushed whole)."""
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, stderr
+    line = error_lines(stderr)
+    assert len(line) == 1 and line[0].startswith("phrasefuse: interrupted;") and "Traceback" not in stderr, stderr
+    kept = re.search(r"(\d+) rows written by this run, (\d+) rows in (\d+) shards kept", line[0])
+    assert kept and tuple(map(int, kept.groups())) == (sum(shard_rows), sum(shard_rows), len(shard_rows)), line[0]
+    assert [pq.read_metadata(p).num_rows for p in shards(out)] == shard_rows
+    assert 1 <= shard_rows[-1] < shard_rows[0] and len(assert_sound(out)) == sum(shard_rows)
 
 
 def file_states(folder: Path) -> dict[str, tuple[int, int, int]]:

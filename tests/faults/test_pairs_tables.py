@@ -1,5 +1,6 @@
 """Pairs tables at `index build`: any generated table is built or refused with one clean line
-naming the file (never a traceback); millions of duplicate rows build in bounded memory."""
+naming the file (never a traceback); a valid one always builds, with the phrases it should have;
+millions of duplicate rows build in bounded memory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import csv
 import json
 import subprocess
 import sys
+import re
 import textwrap
+import unicodedata
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +72,42 @@ def write(path, fmt, columns, rows) -> bool:
     return True
 
 
+def expected_phrases(columns, rows, use_weights: bool) -> set[str] | None:
+    """The phrases the index must hold when the table surely keeps every rule, else None (no claim).
+    Surely valid: 'query' and 'image_id' columns of text, weights (when used) numbers >= 0, and at
+    least one usable pair (a phrase, a stored id, its first row's weight > 0). Conservative."""
+    if not rows or "query" not in columns or "image_id" not in columns:
+        return None
+    plain = re.compile(r" *[A-Za-z][A-Za-z ]*")  # text that no reader takes for a number or a date
+    weighted = use_weights and "weight" in columns
+    first: dict[tuple[str, str], float] = {}
+    for r in rows:
+        q, i = r["query"], r["image_id"]
+        if not (isinstance(q, str) and plain.fullmatch(q)) or i not in IDS:
+            return None
+        w = r["weight"] if weighted else 1
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+            return None
+        phrase = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", q).lower()).strip()
+        first.setdefault((phrase, i), w)
+    return {phrase for (phrase, _), w in first.items() if w > 0} or None
+
+
+@st.composite
+def valid_pairs_tables(draw):
+    """Valid tables: text phrases (with case and spacing noise) on stored ids, weights >= 0 (some 0),
+    repeated rows, columns in any order; at least one usable pair."""
+    words = st.lists(st.sampled_from(["cat", "Dog", "RED", "milk", "can"]), min_size=1, max_size=3)
+    phrase = st.tuples(st.sampled_from(["", " ", "  "]), words).map(lambda t: t[0] + "  ".join(t[1]))
+    columns = draw(st.permutations(["query", "image_id", "weight", "extra"]))
+    base = [{"query": draw(phrase), "image_id": draw(st.sampled_from(IDS)),
+             "weight": draw(st.one_of(st.integers(0, 5), st.just(0.0), st.floats(0, 1e6))), "extra": "x"}
+            for _ in range(draw(st.integers(1, 8)))]
+    base[0]["weight"] = 1
+    rows = [{c: r[c] for c in columns} for r in base * draw(st.integers(1, 3))]
+    return columns, rows
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(table=pairs_tables(), fmt=st.sampled_from(["csv", "jsonl", "parquet"]), use_weights=st.booleans())
 def test_any_pairs_table_builds_or_is_refused_cleanly(image_store, tmp_path_factory, table, fmt, use_weights):
@@ -87,6 +126,7 @@ def test_any_pairs_table_builds_or_is_refused_cleanly(image_store, tmp_path_fact
         event(f"refused: {str(e).split('; ')[0].split(': ')[-1][:40]}")
         assert str(path) in str(e) and "\n" not in str(e)
         assert not (folder / "index").exists()  # nothing half-written
+        assert expected_phrases(columns, rows, use_weights) is None, f"a valid table was refused: {e}"
         return
     event("built")
     phrases = PhraseIndex(folder / "index").table["phrase"].to_pylist()
@@ -94,6 +134,25 @@ def test_any_pairs_table_builds_or_is_refused_cleanly(image_store, tmp_path_fact
     assert all(phrases) and normalize_phrases(pa.array(phrases, pa.string())).to_pylist() == phrases  # normalised
     pairs = summary.pairs
     assert pairs["pairs_read"] == len(rows) and pairs["pairs_used"] <= len(set(map(str, rows)))
+    expected = expected_phrases(columns, rows, use_weights)
+    assert expected is None or set(phrases) == expected
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=valid_pairs_tables(), fmt=st.sampled_from(["csv", "jsonl", "parquet"]), use_weights=st.booleans())
+def test_a_valid_pairs_table_builds_with_the_phrases_it_names(image_store, tmp_path_factory, table, fmt, use_weights):
+    from phrasefuse.index.build import build_index
+    from phrasefuse.index.folder import PhraseIndex
+
+    columns, rows = table
+    expected = expected_phrases(columns, rows, use_weights)
+    assert expected  # the oracle of the test above agrees that it is valid
+    folder = tmp_path_factory.mktemp("v")
+    path = folder / f"pairs.{fmt}"
+    assert write(path, fmt, columns, rows)
+    summary = build_index(path, image_store, folder / "index", use_weights=use_weights)
+    assert set(PhraseIndex(folder / "index").table["phrase"].to_pylist()) == expected
+    assert summary.pairs["pairs_read"] == len(rows)
 
 
 RSS_PROBE = textwrap.dedent("""
@@ -107,14 +166,14 @@ RSS_PROBE = textwrap.dedent("""
 """)
 
 
-def build_peak_rss_mb(pairs, store, out) -> int:
-    """Run `phrasefuse index build` in a fresh process; its exit code must be 0; its peak RSS in MB."""
+def build_peak_rss_mb(pairs, store, out) -> tuple[int, dict]:
+    """Run `phrasefuse index build` in a fresh process; its exit code must be 0; (its peak RSS in MB,
+    the pair counts of its JSON summary)."""
     proc = subprocess.run([sys.executable, "-c", RSS_PROBE, "index", "build", "--pairs", str(pairs), "--images",
                            str(store), "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
     code, peak = proc.stderr.split()[-2:]
     assert code == "0", proc.stderr
-    assert json.loads(proc.stdout)["pairs"]["duplicate"] >= 0
-    return int(peak)
+    return int(peak), json.loads(proc.stdout)["pairs"]
 
 
 def test_two_million_duplicate_pairs_build_in_bounded_memory(image_store, tmp_path):
@@ -123,13 +182,16 @@ def test_two_million_duplicate_pairs_build_in_bounded_memory(image_store, tmp_pa
     small, large = tmp_path / "small.parquet", tmp_path / "large.parquet"
     pq.write_table(pa.concat_tables([distinct] * 200), small)  # 20,000 rows
     pq.write_table(pa.concat_tables([distinct] * 20_000), large, row_group_size=100_000)  # 2,000,000 rows
-    base = build_peak_rss_mb(small, image_store, tmp_path / "i1")
-    peak = build_peak_rss_mb(large, image_store, tmp_path / "i2")
+    distinct_pairs = len({(i % 7, i % 12) for i in range(100)})
+    base, small_counts = build_peak_rss_mb(small, image_store, tmp_path / "i1")
+    peak, large_counts = build_peak_rss_mb(large, image_store, tmp_path / "i2")
+    # Every row but the first of each distinct pair is counted a duplicate, in the summary too.
+    assert (small_counts["duplicate"], small_counts["pairs_used"]) == (20_000 - distinct_pairs, distinct_pairs)
+    assert (large_counts["duplicate"], large_counts["pairs_used"]) == (2_000_000 - distinct_pairs, distinct_pairs)
     # Loaded whole, 2 M rows take ~350 MB more than 20 k; streamed, what is held is the distinct pairs.
     print(f"peak RSS of index build: {base} MB (20 k rows), {peak} MB (2 M rows)")
     assert peak - base < 150, (base, peak)
     meta = json.loads((tmp_path / "i2" / "meta.json").read_text())
     assert meta["pairs"]["counts"]["pairs_read"] == 2_000_000
-    distinct_pairs = len({(i % 7, i % 12) for i in range(100)})
     assert meta["pairs"]["counts"]["pairs_used"] == distinct_pairs
     assert meta["pairs"]["counts"]["duplicate"] == 2_000_000 - distinct_pairs

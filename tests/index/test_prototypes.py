@@ -118,3 +118,15 @@ def test_built_index_holds_naive_prototypes_and_honours_min_images(tmp_path):
     stored = PhraseIndex(tmp_path / "index").faiss_index.reconstruct_n(0, 2)
     np.testing.assert_allclose(stored[0], naive_prototype(emb, [3, 4], [1.0, 1.0]), atol=1e-5)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_tiny_positive_weights_keep_their_phrase_and_their_proportions():
+    # Weights such as 1e-300 round to 0 in float32; scaled per phrase first, they keep their ratio.
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((2, 16)).astype(np.float32)
+    protos, ok = prototypes(np.array([0, 1, 1]), np.array([0, 0, 1]), emb, 2, np.array([1e-307, 3e-300, 1e-300]))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    expected = 3 * unit[0] + unit[1]
+    assert ok.all()
+    np.testing.assert_allclose(protos[0], unit[0], atol=1e-6)
+    np.testing.assert_allclose(protos[1], expected / np.linalg.norm(expected), atol=1e-6)

@@ -68,6 +68,29 @@ def stages(proc) -> dict[str, dict]:
     return {s["stage"]: s for s in json.loads(proc.stdout)["stages"]}
 
 
+def assert_predictions_and_zeroshot(folder: Path) -> None:
+    """WORK/predictions/<head>.parquet: every manifest row, ranked probabilities of known labels;
+    WORK/zeroshot.json: the label prior alone, on the test split."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(folder / "data" / "manifest.parquet")
+    labels = set(manifest["label"].to_pylist())
+    work = folder / "work"
+    for name in ("fused", "image-only"):
+        predictions = pq.read_table(work / "predictions" / f"{name}.parquet")
+        assert sorted(predictions["id"].to_pylist()) == sorted(manifest["id"].to_pylist())
+        assert set(predictions["label"].to_pylist()) <= labels
+        for top_labels, top_probs in zip(predictions["top_labels"].to_pylist(), predictions["top_probs"].to_pylist()):
+            assert set(top_labels) <= labels and top_probs == sorted(top_probs, reverse=True) and sum(top_probs) <= 1 + 1e-5
+        assert predictions.column_names[:5] == ["id", "label", "probability", "top_labels", "top_probs"]
+    zeroshot = json.loads((work / "zeroshot.json").read_text())
+    assert zeroshot["split"] == "test" and 0 < zeroshot["coverage"] <= 1
+    if "split" in manifest.column_names:
+        assert zeroshot["rows"] == pc.sum(pc.equal(manifest["split"], "test")).as_py()
+    assert 0 <= zeroshot["metrics"]["top1"] <= 1 and zeroshot["labels"] == len(labels)
+
+
 def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data, tiny_clip_spec):
     config = write_config(demo_data, tiny_clip_spec)
     proc = run_cli("run", config, "--json")
@@ -78,6 +101,7 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert all(s["status"] == "ran" for s in first.values())
     assert first["extract image"]["summary"]["embedded"] == 60
     assert first["extract query images"]["summary"]["embedded"] == 40
+    assert_predictions_and_zeroshot(demo_data)
 
     work = demo_data / "work"
     page = (work / "report.html").read_text(encoding="utf-8")
