@@ -1,7 +1,7 @@
 """Benchmark `extract images` against a plain PyTorch loop over the same images and model.
 
     .venv/bin/python bench/extract.py [--n 2048] [--size 640x480] [--model builtin:efficientnet-lite0]
-                                      [--repeat 3] [--no-plain] [--workers N]
+                                      [--repeat 3] [--no-plain] [--workers N] [--device cpu|cuda] [--json PATH]
 
 Prints images/s of:
   plain loop    PIL open + the encoder's transform + model, one process, batch 64, torch.no_grad
@@ -13,12 +13,15 @@ Prints images/s of:
 and the efficiency: extract / model only (each extract against the mean of the model-only
 measurements either side of it; the median over the repeats). On a CPU the model already uses
 every core, so preparing images cannot overlap it: the bound is then
-1 / (1/model + 1/prepare), printed as "serial bound".
+1 / (1/model + 1/prepare), printed as "serial bound". On CUDA (--device cuda) the plain loop
+moves each batch to the device, model only runs on tensors already there (under the encoder's
+autocast), and the images are prepared on the CPU beside the device. --json PATH writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -41,6 +44,8 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the generated images (kept between runs)")
     parser.add_argument("--repeat", type=int, default=3, help="extract runs (each into a fresh store)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop (the slowest line)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import torch
@@ -56,10 +61,11 @@ def main() -> None:
     manifest = generate_images(work / "data", args.n, seed=0, size=(w, h))
     rows = read_manifest(manifest, require_image=True).table  # image paths resolved, as the job reads them
     paths = rows["image"].to_pylist()
-    encoder = load_image_encoder(args.model, "cpu")
+    encoder = load_image_encoder(args.model, args.device)
+    device = encoder.device
     print(f"{args.n} JPEGs of {w}x{h}, model {args.model} (input {encoder.preprocess.get('input_size')}), "
           f"batch {args.batch_size}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, device {device}")
 
     # The plain loop a user would write: decode full size, transform, model; no workers, default layout.
     model = encoder.module
@@ -70,12 +76,14 @@ def main() -> None:
         with torch.no_grad():
             for i in range(0, len(paths), args.batch_size):
                 batch = [encoder.transform(Image.open(p).convert("RGB")) for p in paths[i:i + args.batch_size]]
-                torch.nn.functional.normalize(model(torch.stack(batch)), dim=-1)
+                torch.nn.functional.normalize(model(torch.stack(batch).to(device)), dim=-1).cpu()
         plain = args.n / (time.perf_counter() - start)
         print(f"plain loop   {plain:8.1f} images/s")
 
-    model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
     pixels = torch.stack([encoder.transform(Image.open(p).convert("RGB")) for p in paths[:args.batch_size]])
+    pixels = pixels.to(device)  # model only: the tensors already on the device
     encoder.encode(pixels)  # warm-up
     reps = max(1, args.n // args.batch_size)
 
@@ -86,7 +94,7 @@ def main() -> None:
         return reps * args.batch_size / (time.perf_counter() - start)
 
     speeds = [model_only()]
-    print(f"model only   {speeds[0]:8.1f} images/s (pre-decoded tensors, channels-last, inference_mode)")
+    print(f"model only   {speeds[0]:8.1f} images/s (pre-decoded tensors on {device}, inference_mode)")
     prepare = prepare_only(rows, encoder, args.batch_size, args.workers)
     print(f"prepare only {prepare:8.1f} images/s (read, hash, decode, resize, crop in the job's workers; no model)")
 
@@ -95,7 +103,7 @@ def main() -> None:
     for _ in range(args.repeat):
         shutil.rmtree(out, ignore_errors=True)
         summary = extract_images(manifest, out, model=args.model, batch_size=args.batch_size,
-                                 workers=args.workers, device="cpu", progress=False)
+                                 workers=args.workers, device=args.device, progress=False)
         assert summary.embedded == args.n, summary.line()
         extract = args.n / summary.seconds
         speeds.append(model_only())
@@ -108,6 +116,14 @@ def main() -> None:
         print(f"extract / plain loop  {extract / plain:.2f}x (last run)")
     print(f"serial bound {bound:8.1f} images/s = {bound / model_speed:.2f} of model only (mean {model_speed:.1f})")
     print(f"efficiency   {statistics.median(ratios):.2f} (median of {', '.join(f'{r:.2f}' for r in ratios)})")
+    if args.json:
+        figures = {"model": args.model, "device": str(device), "images": args.n, "batch_size": args.batch_size,
+                   "plain_loop_images_per_s": plain, "model_only_images_per_s": round(model_speed, 1),
+                   "prepare_only_images_per_s": round(prepare, 1), "extract_images_per_s": round(extract, 1),
+                   "efficiency": round(statistics.median(ratios), 3),
+                   "extract_over_plain_loop": round(extract / plain, 2) if plain else None,
+                   "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 def prepare_only(rows, encoder, batch_size: int, workers: int | None) -> float:

@@ -359,7 +359,7 @@ def index_build(
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget of the loaded index, e.g. 4G (default: half of this machine's RAM)."),
     weights: bool = typer.Option(True, "--weights/--no-weights", help="Weight each pair by the table's 'weight' column, when it has one."),
     target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, "--target-recall", help="recall@10 vs exact search that the search setting is tuned to reach."),
-    device: Device = typer.Option(Device.auto, "--device", help="For --text-prototypes."),
+    device: Device = typer.Option(Device.auto, "--device", help="The text tower of --text-prototypes, and FAISS: k-means training and tuning searches run on the GPU when FAISS sees one (the gpu extra); the index is saved in the CPU format either way."),
     seed: int = typer.Option(0, "--seed", help="Seed of training samples and recall queries."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
@@ -384,7 +384,7 @@ def index_lookup(
     index: Path = typer.Argument(..., metavar="INDEX", help="Index folder."),
     images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files."),
     k: int = typer.Option(DEFAULT_LOOKUP_K, "-k", help="Phrases per image."),
-    device: Device = typer.Option(Device.auto, "--device"),
+    device: Device = typer.Option(Device.auto, "--device", help="The image encoder and the FAISS search (on a GPU copy of the index when FAISS sees a GPU)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document: a list of {image, phrases, scores}."),
 ) -> None:
     """Print the top-k phrases (cosine scores) of IMAGE files, embedded with the index's own encoder."""
@@ -402,8 +402,9 @@ def phrases(
     k: int = typer.Option(DEFAULT_PHRASES_K, "-k", help="Phrases per image, averaged into the text feature."),
     text_model: str = typer.Option(DEFAULT_TEXT_MODEL, "--text-model", help="Encoder spec that embeds the phrases."),
     score_weighted: bool = typer.Option(False, "--score-weighted", help="Weight the phrase embeddings by their cosine scores instead of a plain mean."),
-    batch_size: int = typer.Option(10_000, "--batch-size", help="Images per FAISS search."),
-    device: Device = typer.Option(Device.auto, "--device"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per FAISS search (default: sized to the device; 10,000 on CPU)."),
+    text_batch_size: Optional[int] = typer.Option(None, "--text-batch-size", help="Phrases per text-model call (default: sized to the device; 256 on CPU)."),
+    device: Device = typer.Option(Device.auto, "--device", help="The FAISS search (on a GPU copy of the index when FAISS sees a GPU) and the text model."),
     shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Stored float type."),
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
@@ -418,7 +419,8 @@ def phrases(
     from phrasefuse.index.phrases import generate_phrases
 
     summary = generate_phrases(index, images, out, k=k, text_model=text_model, score_weighted=score_weighted,
-                               batch_size=batch_size, device=device.value, shard_size=shard_size, dtype=dtype.value,
+                               batch_size=batch_size, text_batch_size=text_batch_size, device=device.value,
+                               shard_size=shard_size, dtype=dtype.value,
                                engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 

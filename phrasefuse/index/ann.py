@@ -12,16 +12,23 @@ for the loaded index, first that fits:
   ivf-flat  when that does not fit but the raw vectors do: exact scores inside the probed cells;
   ivf-pq    when they do not fit: the largest product-quantisation code that fits.
   hnsw      only when forced (--kind hnsw): fast single queries, but on 2 CPU cores its
-            graph takes minutes per million 512-d vectors to build (bench/README.md).
+            graph takes minutes per million 512-d vectors to build (bench/README.md); FAISS has
+            no GPU version of it.
 The search setting (nprobe, efSearch) is then tuned on sample queries, the smallest that
 reaches the target recall@10 (+ TUNE_MARGIN) against exact search; recall@10 is reported on other,
 held-out queries. When no setting reaches the target faster than exact search (e.g.
 uniformly random vectors, which have no cluster structure), the automatic choice falls
 back to exact search.
+
+Devices (`faiss_device`): where FAISS reports a GPU (the `gpu` extra: faiss-gpu), k-means
+training runs there (the IVF's `clustering_index` is a GPU flat index) and searches run on a GPU
+copy of the index (`GpuSearcher`: `index_cpu_to_gpu`; ivf-sq8's exact re-ranking stays on the
+CPU copy of the vectors). The index itself is always built and saved in the CPU format.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -43,6 +50,9 @@ TUNE_MARGIN = 0.005  # tune a little above the target: held-out queries then mee
 REFINE_FACTOR = 4  # ivf-sq8: exact re-ranking of the best 4k candidates
 SPEEDUP_TO_KEEP = 2.0  # an approximate index must be this much faster than exact to be chosen
 ADD_CHUNK = 131_072
+GPU_KINDS = ("flat", "ivf-sq8", "ivf-flat", "ivf-pq")  # what faiss.index_cpu_to_gpu clones (not HNSW)
+GPU_MAX_SELECT = 2048  # FAISS GPU limit on k and nprobe (GPU_MAX_SELECTION_K)
+GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # GpuIndexIVFPQ code sizes (8-bit codes)
 
 
 # ---------------------------------------------------------------- threads, memory sizes
@@ -86,6 +96,105 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# ---------------------------------------------------------------- devices
+
+
+def faiss_gpus() -> tuple[bool, int]:
+    """(this FAISS build has GPU support, GPUs it sees). faiss-cpu: (False, 0)."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False, 0
+    return True, int(faiss.get_num_gpus())
+
+
+def choose_device(requested: str, gpu_support: bool, gpus: int) -> str:
+    """'cpu' or 'cuda' for FAISS, given --device (auto|cpu|cuda) and what FAISS reports.
+    auto never fails (CPU without a GPU); cuda without one is a one-line BadInput (exit 2)."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"--device {requested}: expected auto, cpu or cuda")
+    if requested == "cpu":
+        return "cpu"
+    if gpus > 0:
+        return "cuda"
+    if requested == "auto":
+        return "cpu"
+    if not gpu_support:
+        raise BadInput("--device cuda: this FAISS is the CPU-only build (faiss-cpu); install the gpu extra "
+                       "('make install GPU=1') or use --device auto")
+    raise BadInput("--device cuda: FAISS sees no GPU; use --device cpu or --device auto")
+
+
+def faiss_device(requested: str) -> str:
+    """--device as FAISS will run it: 'cpu' or 'cuda' (see `choose_device`)."""
+    return "cpu" if requested == "cpu" else choose_device(requested, *faiss_gpus())
+
+
+def gpu_refusal(kind: str, search_value: int | None = None, k: int = RECALL_K, pq: tuple[int, int] = (0, 0)) -> str | None:
+    """Why a `kind` index cannot be searched on a FAISS GPU with this setting (pq: ivf-pq's (m, nbits)),
+    or None when it can."""
+    if kind not in GPU_KINDS:
+        return f"FAISS has no GPU version of a {kind} index"
+    if kind == "ivf-pq" and (pq[0] not in GPU_PQ_BYTES or pq[1] != 8):
+        return f"FAISS's GPU IVF-PQ takes 8-bit codes of {', '.join(map(str, GPU_PQ_BYTES))} bytes, not PQ{pq[0]}x{pq[1]}"
+    width = k * (REFINE_FACTOR if kind == "ivf-sq8" else 1)
+    if width > GPU_MAX_SELECT or (search_value or 0) > GPU_MAX_SELECT:
+        return (f"FAISS GPU search is limited to {GPU_MAX_SELECT} candidates and probes "
+                f"(here k={width}, nprobe={search_value})")
+    return None
+
+
+def search_device(kind: str, requested: str, search_value: int | None = None, k: int = RECALL_K,
+                  pq: tuple[int, int] = (0, 0)) -> str:
+    """Where to search a `kind` index for --device `requested`: auto falls back to the CPU for what
+    the GPU cannot do; cuda refuses it (one line)."""
+    device = faiss_device(requested)
+    refusal = gpu_refusal(kind, search_value, k, pq) if device == "cuda" else None
+    if refusal and requested == "cuda":
+        raise BadInput(f"--device cuda: {refusal}; use --device cpu or --device auto")
+    return "cpu" if refusal else device
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_resources():
+    """One set of FAISS GPU resources (streams, cuBLAS handle, temporary memory) per process."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+class GpuCopy:
+    """A copy of a CPU index on GPU 0, for search only: the CPU index stays the one that is saved.
+    ivf-sq8 (IndexRefineFlat) puts its IVF on the GPU and re-ranks with the CPU's exact vectors."""
+
+    def __init__(self, index, kind: str):
+        import faiss
+
+        self.cpu, self.ntotal = index, index.ntotal  # keeps the CPU vectors alive (ivf-sq8 re-ranks with them)
+        options = faiss.GpuClonerOptions()
+        # float32 vectors on the device: the CPU's scores. For ivf-pq the flag means float16 lookup tables,
+        # which large codes need (GPU shared memory); its codes are approximate anyway.
+        options.useFloat16 = kind == "ivf-pq"
+        if kind == "ivf-sq8":
+            refine = faiss.downcast_index(index)
+            self.base = faiss.index_cpu_to_gpu(gpu_resources(), 0, refine.base_index, options)
+            self.index = faiss.IndexRefine(self.base, refine.refine_index)
+            self.index.k_factor = refine.k_factor
+        else:
+            self.index = self.base = faiss.index_cpu_to_gpu(gpu_resources(), 0, index, options)
+
+    def set_nprobe(self, value: int) -> None:
+        self.base.nprobe = int(value)
+
+    def search(self, queries: np.ndarray, k: int):
+        return self.index.search(queries, k)
+
+
+def on_device(index, kind: str, device: str):
+    """`index` itself on 'cpu'; a `GpuCopy` of it on 'cuda'."""
+    return GpuCopy(index, kind) if device == "cuda" else index
 
 
 # ---------------------------------------------------------------- the plan
@@ -224,21 +333,46 @@ def make_index(plan: Plan, seed: int = 0):
     return index
 
 
-def train_and_add(index, plan: Plan, vectors: np.ndarray, seed: int = 0) -> None:
-    """Train on a random sample (k-means wants ~64 points per cell; PQ ~64 per code), then add all."""
+def train_and_add(index, plan: Plan, vectors: np.ndarray, seed: int = 0, device: str = "cpu") -> None:
+    """Train on a random sample (k-means wants ~64 points per cell; PQ ~64 per code), then add all.
+    On 'cuda' the k-means assignments run on the GPU; the trained index is the same CPU index."""
     if not index.is_trained:
         size = max(TRAIN_POINTS_PER_LIST * plan.nlist, TRAIN_POINTS_PER_LIST * 2 ** plan.pq_nbits if plan.pq_nbits else 0)
         sample = np.random.default_rng(seed).choice(len(vectors), size=min(len(vectors), size), replace=False)
-        index.train(np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32))
+        sample = np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32)
+        if device == "cuda" and plan.kind.startswith("ivf"):
+            import faiss
+
+            train_with_clustering_index(index, sample, faiss.index_cpu_to_gpu(gpu_resources(), 0,
+                                                                              faiss.IndexFlatIP(plan.dim)))
+        else:
+            index.train(sample)
     for start in range(0, len(vectors), ADD_CHUNK):
         index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
+
+
+def train_with_clustering_index(index, sample: np.ndarray, clustering) -> None:
+    """Train an IVF index whose k-means assigns points with `clustering` (FAISS's hook for it; a GPU
+    flat index on 'cuda'), so the CPU index is trained in place; unset afterwards, so the saved
+    index points at nothing of the GPU."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    ivf.clustering_index = clustering
+    try:
+        index.train(sample)
+    finally:
+        ivf.clustering_index = None
 
 
 def set_search_value(index, plan: Plan, value: int | None) -> None:
     import faiss
 
     if plan.search_param and value:
-        faiss.ParameterSpace().set_index_parameter(index, plan.search_param, int(value))
+        if isinstance(index, GpuCopy):
+            index.set_nprobe(value)  # the only GPU search setting (no GPU HNSW)
+        else:
+            faiss.ParameterSpace().set_index_parameter(index, plan.search_param, int(value))
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,17 +429,19 @@ class IndexReport:
     build_seconds: float = 0.0
     structure: dict = field(default_factory=dict)  # nlist, pq_m, pq_nbits, hnsw_m
     tuning: list[TuneStep] = field(default_factory=list)
+    device: str = "cpu"  # where FAISS trained and searched while building (the saved index is CPU format)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind: str = "auto",
-                memory: int | None = None, target_recall: float = 0.95, seed: int = 0):
+                memory: int | None = None, target_recall: float = 0.95, seed: int = 0, device: str = "cpu"):
     """Build, train and tune an index over `vectors` (unit rows). Returns (faiss index, IndexReport).
 
     `queries` (unit rows, like the ones the index will serve) tune the search setting on one
-    half and measure recall@10 on the other, held-out half.
+    half and measure recall@10 on the other, held-out half. `device` auto|cpu|cuda: where FAISS
+    trains and searches while building (`search_device`); the returned index is a CPU index.
     """
     faiss_threads()
     start = time.perf_counter()
@@ -313,10 +449,11 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     n, dim = vectors.shape
     memory = default_memory() if memory is None else memory
     plan = plan_index(n, dim, memory, kind)
+    device = search_device(plan.kind, device, pq=(plan.pq_m, plan.pq_nbits))
     if plan.kind == "flat":
         index = make_index(plan)
         train_and_add(index, plan, vectors)
-        return index, _report(plan, memory, None, 1.0, 0, start, target_recall)
+        return index, _report(plan, memory, None, 1.0, 0, start, target_recall, device)
 
     if queries is None or len(queries) < 2:
         raise BadInput(f"--kind {plan.kind}: an approximate index needs at least 2 sample queries (image "
@@ -329,15 +466,18 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     flat = Plan("flat", dim, bytes=index_bytes("flat", n, dim))
     exact = make_index(flat)
     train_and_add(exact, flat, vectors)
+    exact_on_device = on_device(exact, "flat", device)
     t0 = time.perf_counter()
-    tune_exact, _ = search(exact, tune_q, k)
+    tune_exact, _ = search(exact_on_device, tune_q, k)
     exact_seconds = time.perf_counter() - t0
     exact_qps = len(tune_q) / max(exact_seconds, 1e-9)
-    eval_exact, _ = search(exact, eval_q, k)
+    eval_exact, _ = search(exact_on_device, eval_q, k)
+    del exact_on_device  # frees its GPU copy
 
     index = make_index(plan, seed)
-    train_and_add(index, plan, vectors, seed)
-    steps = _tune(index, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
+    train_and_add(index, plan, vectors, seed, device)
+    searcher = on_device(index, plan.kind, device)
+    steps = _tune(searcher, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
                   if kind == "auto" else 0.0, target_recall=target_recall)
     met = [s for s in steps if s.recall >= min(1.0, target_recall + TUNE_MARGIN)]
     chosen = met[0] if met else max(steps, key=lambda s: (round(s.recall, 3), -s.value))
@@ -347,15 +487,16 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
         flat.reason = (f"exact fallback: {plan.factory} reached recall@10 {chosen.recall:.3f} at "
                        f"{chosen.queries_per_second:.0f} q/s (exact: {exact_qps:.0f} q/s); no setting met "
                        f"{target_recall} at {SPEEDUP_TO_KEEP:g}x exact speed")
-        report = _report(flat, memory, None, 1.0, 0, start, target_recall)
+        report = _report(flat, memory, None, 1.0, 0, start, target_recall, device)
         report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
         return exact, report
     del exact
 
-    set_search_value(index, plan, chosen.value)
-    _, found = search(index, eval_q, k)
+    set_search_value(index, plan, chosen.value)  # the saved (CPU) index carries the setting
+    set_search_value(searcher, plan, chosen.value)
+    _, found = search(searcher, eval_q, k)
     report = _report(plan, memory, chosen.value, recall_at_k(vectors, eval_q, found, eval_exact), len(eval_q),
-                     start, target_recall)
+                     start, target_recall, device)
     report.tuning = steps
     report.queries_per_second = round(chosen.queries_per_second, 1)
     report.exact_queries_per_second = round(exact_qps, 1)
@@ -367,7 +508,10 @@ def _tune(index, plan: Plan, vectors: np.ndarray, tune_q: np.ndarray, tune_exact
     """Try the plan's search settings, cheapest first, until one reaches the target recall@10
     (+ TUNE_MARGIN) on `tune_q`, or one is slower than `stop_below_qps` (more probing only gets slower)."""
     steps: list[TuneStep] = []
-    for value in plan.search_values():
+    values = plan.search_values()
+    if isinstance(index, GpuCopy):
+        values = [v for v in values if v <= GPU_MAX_SELECT]
+    for value in values:
         set_search_value(index, plan, value)
         t0 = time.perf_counter()
         _, found = search(index, tune_q, k)
@@ -381,10 +525,10 @@ def _tune(index, plan: Plan, vectors: np.ndarray, tune_q: np.ndarray, tune_exact
 
 
 def _report(plan: Plan, memory: int, value: int | None, recall: float, n_queries: int, start: float,
-            target: float) -> IndexReport:
+            target: float, device: str = "cpu") -> IndexReport:
     structure = {k: v for k, v in (("nlist", plan.nlist), ("pq_m", plan.pq_m), ("pq_nbits", plan.pq_nbits),
                                    ("hnsw_m", plan.hnsw_m)) if v}
     return IndexReport(kind=plan.kind, factory=plan.factory, reason=plan.reason, search_param=plan.search_param,
                        search_value=value, bytes=plan.bytes, memory_budget=memory, recall_at_10=round(recall, 4),
                        recall_queries=n_queries, target_recall=target,
-                       build_seconds=round(time.perf_counter() - start, 2), structure=structure)
+                       build_seconds=round(time.perf_counter() - start, 2), structure=structure, device=device)

@@ -47,7 +47,8 @@ class BuildSummary:
             f"index build: {c['phrases']} phrases ({c['prototypes_from_images']} from images, "
             f"{c['prototypes_from_text']} from text) from {p['pairs_used']} of {p['pairs_read']} pairs"
             + (f" (dropped: {dropped})" if dropped else ""),
-            f"  index: {ix['factory']}{setting} ({human_bytes(ix['bytes'])}); {ix['reason']}",
+            f"  index: {ix['factory']}{setting} ({human_bytes(ix['bytes'])}); {ix['reason']}"
+            + ("; trained and tuned on the GPU, saved in the CPU format" if ix.get("device") == "cuda" else ""),
             f"  recall@10 {ix['recall_at_10']:.3f} vs exact search"
             + (f" on {ix['recall_queries']} held-out image embeddings" if ix["recall_queries"] else " (exact)")
             + f"; {self.seconds:.1f} s -> {self.out}",
@@ -63,8 +64,13 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
                 min_images: int = 1, text_prototypes: bool = False, kind: str = "auto",
                 memory: str | int | None = None, use_weights: bool = True,
                 target_recall: float = DEFAULT_TARGET_RECALL, device: str = "auto", seed: int = 0) -> BuildSummary:
-    """Build the prototype index of the pairs table `pairs` over the image store `images` into `out`."""
+    """Build the prototype index of the pairs table `pairs` over the image store `images` into `out`.
+    `device` auto|cpu|cuda: the text tower of --text-prototypes, and FAISS's k-means and tuning searches
+    (the index is saved in the CPU format either way)."""
+    from phrasefuse.index.ann import faiss_device
+
     start = time.perf_counter()
+    faiss_device(device)  # --device cuda without a GPU: refused before any work
     if min_images < 1:
         raise BadInput(f"--min-images {min_images}: must be at least 1")
     if not 0 < target_recall <= 1:
@@ -116,7 +122,7 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     table = phrases_table(pa.concat_arrays(names), np.concatenate(image_counts), np.concatenate(sources))
     sample = np.random.default_rng(seed).choice(len(ids), size=min(len(ids), RECALL_QUERIES), replace=False)
     index, report = build_faiss_index(vectors, l2_normalize(emb[np.sort(sample)]), kind=kind,
-                                      memory=memory_bytes, target_recall=target_recall, seed=seed)
+                                      memory=memory_bytes, target_recall=target_recall, seed=seed, device=device)
     meta = _index_meta(store, images, len(ids), vectors.shape[1], pairs, pairs_data, min_images, summary_counts, report)
     write_index_folder(out, index, table, meta)
     return BuildSummary(str(out), pairs_data.counts.as_dict(), summary_counts, report.as_dict(),

@@ -53,15 +53,23 @@ def write_index_folder(out: str | os.PathLike, index, phrases: pa.Table, meta: d
 
 
 class PhraseIndex:
-    """An index folder, read-only. Cheap to open (meta and phrases); the FAISS file loads on first search."""
+    """An index folder, read-only. Cheap to open (meta and phrases); the FAISS file loads on first search.
 
-    def __init__(self, path: str | os.PathLike):
+    `device` auto|cpu|cuda: where searches run (`ann.search_device`: a GPU copy of the index when FAISS
+    sees a GPU); resolved here, so `--device cuda` without a GPU fails before any model loads."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        from phrasefuse.index.ann import search_device
+
         self.path = Path(path)
         meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="index",
                               not_a="a phrasefuse index", missing="build one with 'phrasefuse index build'", unreadable="rebuild the index")
         self.meta = meta
         self._faiss = None
+        self._gpu_copy = None
         self._table: pa.Table | None = None
+        self.requested_device = device
+        self.device = search_device(**self._gpu_terms(), requested=device) if device != "cpu" else "cpu"
 
     def __repr__(self) -> str:
         return f"PhraseIndex({str(self.path)!r})"
@@ -124,7 +132,29 @@ class PhraseIndex:
         emb = np.asarray(emb)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise BadInput(f"query embeddings of shape {emb.shape}, but index {self.path} holds dim {self.dim}")
-        return search(self.faiss_index, emb, k)
+        return search(self.searcher(k), emb, k)
+
+    def _gpu_terms(self) -> dict:
+        """What decides whether a GPU can search this index: kind, search setting, PQ code."""
+        info = self.meta.get("index", {})
+        structure = info.get("structure", {})
+        return {"kind": info.get("kind"), "search_value": info.get("search_value"),
+                "pq": (structure.get("pq_m", 0), structure.get("pq_nbits", 0))}
+
+    def searcher(self, k: int):
+        """What answers a search for the top `k`: the CPU index, or its GPU copy (made once)."""
+        from phrasefuse.index.ann import GpuCopy, Plan, search_device, set_search_value
+
+        info = self.meta["index"]
+        device = self.device
+        if device == "cuda":  # a k beyond the GPU's limit: auto searches on the CPU, cuda refuses
+            device = search_device(**self._gpu_terms(), requested=self.requested_device, k=k)
+        if device == "cpu":
+            return self.faiss_index
+        if self._gpu_copy is None:
+            self._gpu_copy = GpuCopy(self.faiss_index, info["kind"])
+            set_search_value(self._gpu_copy, Plan(info["kind"], self.dim), info.get("search_value"))
+        return self._gpu_copy
 
 
 def verify_index(index: PhraseIndex) -> list[str]:

@@ -39,7 +39,8 @@ class LookupResult:
 
 def lookup(index_path: str | os.PathLike, images: list[str | os.PathLike], k: int = DEFAULT_LOOKUP_K,
            device: str = "auto") -> LookupResult:
-    """Embed `images` with the index's encoder; their top-k phrases and scores."""
+    """Embed `images` with the index's encoder; their top-k phrases and scores. `device` auto|cpu|cuda
+    places both the encoder (torch) and the search (FAISS)."""
     import torch
 
     from phrasefuse.extract.encoders import load_image_encoder
@@ -47,7 +48,7 @@ def lookup(index_path: str | os.PathLike, images: list[str | os.PathLike], k: in
 
     if k < 1:
         raise BadInput(f"-k {k}: must be at least 1")
-    index = PhraseIndex(index_path)
+    index = PhraseIndex(index_path, device=device)  # --device cuda without a GPU: refused before any work
     files = []
     for path in map(str, images):  # before loading the model: a wrong path fails fast
         data, reason = read_item(path)

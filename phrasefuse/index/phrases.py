@@ -29,8 +29,37 @@ from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import (EmbeddingStore, StoreWriter, embedding_array, embeddings_to_numpy, encoder_identity,
                               l2_normalize, new_meta)
 
-DEFAULT_BATCH = 10_000
+DEFAULT_BATCH = 10_000  # images per FAISS search on the CPU
+DEFAULT_TEXT_BATCH = 256  # texts per text-model call on the CPU
 DEFAULT_SHARD_SIZE = 10_000
+GPU_SEARCH_BATCH_MAX = 131_072
+GPU_TEXT_BATCH_MAX = 4096
+GPU_SEARCH_SHARE = 0.02  # of free GPU memory for one batch of queries (FAISS tiles the rest itself)
+GPU_TEXT_SHARE = 0.25  # of free GPU memory for one text batch's activations
+TEXT_BYTES_PER_ROW = 2**20  # activations of one text in a base-sized text tower (77 tokens, fp16): generous
+
+
+def batch_sizes(search_device: str, text_device: str, gpu_free_bytes: int, dim: int) -> tuple[int, int]:
+    """(images per FAISS search, texts per text-model call) for the devices they run on, given the free
+    memory of the GPU (ignored for CPU devices, whose sizes stay the measured defaults): a power of two
+    between the CPU default and a cap, so a small GPU gets small batches and a large one is kept busy."""
+
+    def sized(budget: float, row_bytes: int, low: int, high: int) -> int:
+        rows = int(budget // max(1, row_bytes))
+        return int(min(high, max(low, 2 ** int(np.log2(rows)) if rows >= 1 else 0)))
+
+    search = (sized(gpu_free_bytes * GPU_SEARCH_SHARE, dim * 4, DEFAULT_BATCH, GPU_SEARCH_BATCH_MAX)
+              if search_device == "cuda" else DEFAULT_BATCH)
+    text = (sized(gpu_free_bytes * GPU_TEXT_SHARE, TEXT_BYTES_PER_ROW, DEFAULT_TEXT_BATCH, GPU_TEXT_BATCH_MAX)
+            if text_device == "cuda" else DEFAULT_TEXT_BATCH)
+    return search, text
+
+
+def gpu_free_bytes() -> int:
+    """Free memory of the current CUDA device (0 without one)."""
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else 0
 
 
 @dataclass
@@ -42,6 +71,9 @@ class PhrasesSummary:
     failed: int = 0  # no phrase found (errors.parquet)
     phrases_embedded: int = 0  # distinct phrases run through the text model
     seconds: float = 0.0
+    search_device: str = "cpu"  # where FAISS searched (on Ray: each actor's own choice)
+    batch_size: int = 0  # images per FAISS search
+    text_batch_size: int = 0  # phrases per text-model call
 
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
@@ -76,17 +108,20 @@ def list_column(values: pa.Array, found: np.ndarray) -> pa.ListArray:
 
 def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
                      k: int = DEFAULT_PHRASES_K, text_model: str = DEFAULT_TEXT_MODEL, score_weighted: bool = False,
-                     batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256, device: str = "auto",
+                     batch_size: int | None = None, text_batch_size: int | None = None, device: str = "auto",
                      shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32", engine: str = "local",
                      ray: RayOptions | None = None, progress: bool | None = None) -> PhrasesSummary:
     """Write the phrases store `out` for the images of store `images`, looked up in `index`.
-    `engine` "ray" runs the mapper on Ray (`ray`: its `phrasefuse.engine.RayOptions`)."""
+    `engine` "ray" runs the mapper on Ray (`ray`: its `phrasefuse.engine.RayOptions`). `device`
+    auto|cpu|cuda places the FAISS search and the text model; batch sizes left None are sized to it."""
     from phrasefuse.extract.encoders import load_text_encoder
 
-    for flag, value in (("-k", k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
-        if value < 1:
+    for flag, value in (("-k", k), ("--batch-size", batch_size), ("--text-batch-size", text_batch_size),
+                        ("--shard-size", shard_size)):
+        if value is not None and value < 1:
             raise BadInput(f"{flag} {value}: must be at least 1")
-    phrase_index = PhraseIndex(index)
+    # --device cuda without a GPU: refused before any work (on Ray the actors search, each on its own device).
+    phrase_index = PhraseIndex(index, device=device if engine == "local" else "cpu")
     store = EmbeddingStore(images)
     if store.meta.get("modality") != "image":
         raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store")
@@ -97,12 +132,16 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
     _check_resumable(EmbeddingStore(out), settings)
     runner = get_engine(engine, ray)
     text_encoder = runner.driver_encoder(load_text_encoder, text_model, device)
+    sized_search, sized_text = batch_sizes(phrase_index.device, getattr(text_encoder.device, "type", "cpu"),
+                                           gpu_free_bytes(), phrase_index.dim)
+    batch_size, text_batch_size = batch_size or sized_search, text_batch_size or sized_text
     meta = new_meta(modality="text", encoder=text_encoder.identity, dtype=dtype,
                     source={"manifest": store.meta.get("source", {}).get("manifest"), "images": str(images),
                             "column": "phrases"},
                     extra={"phrases": settings})
 
-    summary = PhrasesSummary(str(out), images=store.num_rows())
+    summary = PhrasesSummary(str(out), images=store.num_rows(), search_device=phrase_index.device,
+                             batch_size=batch_size, text_batch_size=text_batch_size)
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
         done = writer.store.ids_and_keys()["id"]
@@ -216,7 +255,9 @@ class PhraseMapper:
         set_threads(threads)
         encoder = load_text_encoder(text_model, device)
         check_identity(encoder.identity, identity, text_model)
-        self.search = PhraseSearch(PhraseIndex(index), encoder, k=k, score_weighted=score_weighted,
+        # An actor given a GPU searches there when its FAISS can (auto): a node with faiss-cpu still works.
+        self.search = PhraseSearch(PhraseIndex(index, device="auto" if device == "cuda" else "cpu"), encoder, k=k,
+                                   score_weighted=score_weighted,
                                    text_batch_size=text_batch_size)
         self.done, self.dim = done, encoder.dim
 
