@@ -202,6 +202,9 @@ def parse_config(raw: dict, path: Path) -> Config:
             c.fail(f"{where}.seed", f"expected a whole number from 0 to {MAX_SEED}, got {head.seed}")
         if not head.align_descriptions >= 0 or head.align_descriptions == float("inf"):
             c.fail(f"{where}.align_descriptions", f"expected a finite weight of 0 or more, got {head.align_descriptions}")
+        if head.align_descriptions > 0 and head.kind != "mlp":
+            c.fail(f"{where}.align_descriptions", f"aligns the mlp head's image projection; use kind = \"mlp\" "
+                                                  f"or drop it (this head is {head.kind})")
         if head.label_prior is not None:
             c.features([head.label_prior], [n for n in features if n != IMAGE], f"{where}.label_prior")
         if not head.name.replace("_", "").replace("-", "").isalnum():

@@ -127,6 +127,7 @@ def write_config(tmp_path: Path, manifest: Path, extra_data: str = "", heads: st
     ('text_columns = ["query-image"]', "", "", "data.text_columns"),
     ('label_col = "nope"', "", "", "data.label_col"),
     ("", '[[heads]]\nname = "h"\nkind = "mlp"\nalign_descriptions = -0.5', "", "heads[0].align_descriptions"),
+    ("", '[[heads]]\nname = "h"\nkind = "lgbm"\nalign_descriptions = 0.5', "", "heads[0].align_descriptions"),
     ("", '[[heads]]\nname = "h"\nkind = "linear"\nseed = 18446744073709551617', "", "heads[0].seed"),
     ("", "", "max_aspect_ratio = 0", "encoders.max_aspect_ratio"),
     ("", "", 'max_image_mb = "big"', "encoders.max_image_mb"),
@@ -263,3 +264,20 @@ def test_forked_children_leave_ctrl_c_to_the_main_process():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def test_ctrl_c_to_the_whole_process_group_with_decode_workers_exits_130_with_one_line(fault_dataset, tiny_clip_spec,
+                                                                                        tmp_path):
+    """As a terminal does: SIGINT to the main process and its DataLoader workers at once, while the
+    job is paused at a known point (rows buffered, workers alive)."""
+    from tests.faults.conftest import pause_at
+
+    proc = pause_at("rows-buffered@6", "extract", "images", fault_dataset, "--out", tmp_path / "img", "--model",
+                    tiny_clip_spec, "--workers", "2", "--batch-size", "1", "--shard-size", "4",
+                    mark_dir=tmp_path, sigint=True, start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if not ln.startswith("WARNING:root:No pretrained weights")]
+    assert len(lines) == 1 and lines[0].startswith("phrasefuse: interrupted"), stderr
