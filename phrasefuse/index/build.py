@@ -24,7 +24,8 @@ from phrasefuse.index.ann import human_bytes, parse_memory
 from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write_index_folder
 from phrasefuse.index.pairs import read_pairs
 from phrasefuse.index.prototypes import prototypes
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize, library_versions
+from phrasefuse.folders import library_versions
+from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
 
 RECALL_QUERIES = 1000  # sample image embeddings: half tune the search setting, half measure recall@10
 
