@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from phrasefuse.errors import BadInput
 from phrasefuse.index import DEFAULT_TARGET_RECALL
-from phrasefuse.index.ann import build_index as build_faiss_index
+from phrasefuse.index.ann import build_faiss_index
 from phrasefuse.index.ann import human_bytes, parse_memory
 from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write_index_folder
 from phrasefuse.index.pairs import read_pairs
