@@ -180,6 +180,7 @@ def fuse_train(
                         threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
                         label_descriptions=label_descriptions, align_descriptions=align_descriptions,
                         text_model=text_model, label_prior=label_prior, tune_rows=tune_rows)
+    _warn(report.warnings)
     _print(report.as_dict() if as_json else report.text(), as_json)
 
 
@@ -231,6 +232,7 @@ def fuse_ablate(
     report = ablate(manifest, feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
                     multilabel=multilabel, out=out, rows=rows, full=with_full or None, label_prior=label_prior,
                     label_descriptions=label_descriptions)
+    _warn(report.data.get("warnings", []))
     _print(report.as_dict() if as_json else ablation_text(report), as_json)
 
 
@@ -482,6 +484,12 @@ def _print_stages(results, as_json: bool) -> None:
         typer.echo("\n" + table.read_text(encoding="utf-8"))
     if work is not None:
         typer.echo(f"report: {work / 'report.html'}")
+
+
+def _warn(lines) -> None:
+    """One stderr line per statistical caveat (stdout stays the report or the JSON document)."""
+    for line in lines:
+        typer.echo(f"phrasefuse: warning: {line}", err=True)
 
 
 def _print(obj, as_json: bool) -> None:

@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# CI runs the suite once: property tests draw the same examples on every run (derandomize) and
+# never fail by the machine's speed (no deadline, no too-slow health checks).
+settings.register_profile("phrasefuse", derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile("phrasefuse")
 
 # No model hub at test time: everything loads from installed packages or files the tests write.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -8,8 +8,9 @@ and the paired gain over image-only.
 Honest few-shot: with K shots per class nothing (text trust, early stopping, the
 image-only fallback) is chosen on more than those K examples per class: choices are made
 by cross-validation within the shots (select.cross_validation) and the val split is never
-read. With K = 1 no fold can hold out an example of every class: defaults are used. The
-notes under each table say which.
+read. With K = 1 no fold can hold out an example of every class: no untested default may change
+predictions, so text features and the label prior are left out (image-only). The notes under
+each table say which.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from phrasefuse.fuse.heads import head_params
 from phrasefuse.fuse.labeltext import apply_prior
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
-from phrasefuse.fuse.train import Prepared, evaluate_probs, fit_and_choose, prepare
+from phrasefuse.fuse.train import Prepared, data_warnings, evaluate_probs, fit_and_choose, prepare, shots_warning
 from phrasefuse.store import make_folder, write_atomic, write_json_atomic
 
 LABEL_PRIOR = "label-prior"  # in a row: add the label prior of the --label-prior feature
-DEFAULT_PRIOR_WEIGHT = 10.0  # when nothing can be tuned (1 shot per class); fixed a priori, mid-grid
 
 
 def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -100,16 +100,19 @@ def prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> 
     return cosine_scores(prep.blocks.arrays[j], prep.blocks.present[:, j], label_emb)
 
 
-def prior_weight(outcome, cos: np.ndarray, y: np.ndarray) -> float | None:
-    """The label prior's weight, chosen on the saved head's out-of-fold (or validation)
-    probabilities; None when nothing can be scored (1 shot): DEFAULT_PRIOR_WEIGHT is used."""
-    from phrasefuse.fuse.train import tune_prior_weight
+def prior_weight(outcome, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight and how it was chosen (train.choose_prior_weight), on the saved
+    head's out-of-fold (or validation) probabilities; with 1 shot per class there are none and
+    the prior is left out."""
+    from phrasefuse.fuse.train import choose_prior_weight
 
-    trial = outcome.tuner.trial(outcome.saved_config) if outcome.tuner is not None else None
+    trial = outcome.tuner.trial(outcome.saved_config) if outcome.tuner is not None and outcome.tuner.scheme.folds \
+        else None
     if trial is None or trial.probs is None:
-        return None
-    weight, _ = tune_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
-    return weight
+        weight, record = choose_prior_weight(None, cos[:0], y[:0])
+        return weight, {"scheme": "nothing held out (1 shot): left out", **record}
+    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
+    return weight, {"scheme": outcome.scheme, **record}
 
 
 @dataclass
@@ -152,6 +155,8 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior) if shot_rows else default_subsets
     cos = prior_scores(prep, label_prior, label_descriptions) if label_prior else None
     test_labels = prep.labels.take(split_rows["test"])
+    warnings = data_warnings(prep.labels, split_rows, ("val", "test") if full else ("test",), check_val=full)
+    warnings += [w for w in (shots_warning(prep.labels, split_rows["train"], int(k)) for k in shots) if w]
     regimes = [("full", None)] * full + [(f"{k}-shot", int(k)) for k in shots]
     tables = []
     for regime, k in regimes:
@@ -170,16 +175,17 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
                 scheme, tuning = cross_validation(pool, y, task.multilabel, k, s), None
             scheme_name = scheme.describe()
             train_rows_used.append(len(scheme.pool))
+            fitted: dict[tuple, object] = {}  # a row with the label prior reuses the head of the row without it
             for label, which in subsets:
-                outcome = fit_and_choose(kind, prep.blocks.select(which), y, task, [prep.roles[j] for j in which],
-                                         hp, s, scheme, tuning)
+                if tuple(which) not in fitted:
+                    fitted[tuple(which)] = fit_and_choose(kind, prep.blocks.select(which), y, task,
+                                                          [prep.roles[j] for j in which], hp, s, scheme, tuning)
+                outcome = fitted[tuple(which)]
                 kept = [which[j] for j in outcome.saved_blocks]
                 probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
                 run = {"seed": s, "choice": outcome.choice}
                 if label.endswith(f"label prior ({label_prior})"):
-                    weight = prior_weight(outcome, cos, y)
-                    run["prior_weight"] = DEFAULT_PRIOR_WEIGHT if weight is None else weight
-                    run["prior_tuned"] = weight is not None
+                    run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y)
                     probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
                 run["metrics"] = summary(evaluate_probs(probs, test_labels))
                 runs[label].append(run)
@@ -188,7 +194,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
             "features": [{"name": n, "role": r, "path": str(f.path)}
                          for n, r, f in zip(names, prep.roles, prep.features)],
             "seeds": list(range(seed, seed + seeds)), "test_rows": int(len(split_rows["test"])), "tables": tables,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "warnings": warnings, "seconds": round(time.perf_counter() - start, 1)}
     markdown = render_markdown(data)
     if out is not None:
         folder = make_folder(out)
@@ -217,20 +223,30 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
                 row["text_kept"] = int(sum(r["choice"] == "fused" for r in runs[label]))
         if runs[label] and "prior_weight" in runs[label][0]:
             row["prior_weights"] = [r["prior_weight"] for r in runs[label]]
-            row["prior_tuned"] = all(r["prior_tuned"] for r in runs[label])
+            row["prior_chosen_by"] = runs[label][0]["prior_choice"]["scheme"]
         row["runs"] = runs[label]
         rows.append(row)
+    n_labels = prep.labels.num_classes
+    mean_shots = float(np.mean(train_rows)) / n_labels if n_labels else 0.0
     if k is None:
         note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping and the image-only "
-                f"fallback chosen on the val split ({len(prep.rows['val'])} rows); test split reported.")
+                f"fallback chosen on the val split ({len(prep.rows['val'])} rows), the label prior's weight by "
+                f"likelihood on it (kept only when a likelihood-ratio test is significant at 5%); test split "
+                f"reported.")
     elif k == 1:
-        note = ("1 labelled example per class (drawn per seed); nothing tuned (no fold can hold out an example of "
-                "every class): default text trust and training length; the val split is not used.")
+        note = ("1 labelled example per class (drawn per seed): no fold can hold out an example of every class, so "
+                "nothing can show that text or the label prior helps the head: both are left out (image-only); the "
+                "val split is not used.")
     else:
         note = (f"{k} labelled examples per class (drawn per seed; {int(np.mean(train_rows))} rows on average); text "
-                f"trust, early stopping and the image-only fallback chosen by {scheme_name}; the val split is "
-                f"not used.")
-    return {"regime": regime, "shots": k, "columns": columns, "rows": rows, "note": note, "seeds": seeds}
+                f"trust, early stopping and the image-only fallback chosen by {scheme_name}, the label prior's "
+                f"weight by likelihood on the out-of-fold probabilities (kept only when a likelihood-ratio test is "
+                f"significant at 5%); the val split is not used.")
+    if k is not None and mean_shots < k - 1e-9:
+        note += (f" Some labels have fewer than {k} train rows: {mean_shots:.1f} shots per label on average, "
+                 f"not {k}.")
+    return {"regime": regime, "shots": k, "mean_shots": mean_shots if k is not None else None, "columns": columns,
+            "rows": rows, "note": note, "seeds": seeds}
 
 
 def render_markdown(data: dict) -> str:
@@ -238,23 +254,29 @@ def render_markdown(data: dict) -> str:
     out = [f"# Ablation: {data['head']} head on {data['manifest']}", ""]
     for table in data["tables"]:
         cols = table["columns"]
-        title = f"{table['regime']} ({table['seeds']} seed(s), mean ± std; test split, {data['test_rows']} rows)"
+        regime = table["regime"]
+        if table.get("mean_shots") is not None and table["mean_shots"] < table["shots"] - 1e-9:
+            regime += f", {table['mean_shots']:.1f} shots per label on average"
+        title = f"{regime} ({table['seeds']} seed(s), mean ± std; test split, {data['test_rows']} rows)"
         out += [f"## {title}", "",
                 "| features | " + " | ".join(names[c] for c in cols) + f" | Δ {names[cols[0]]} vs image only "
                 "| text kept |", "|---|" + "---|" * (len(cols) + 2)]
         for row in table["rows"]:
             cells = [f"{100 * row[c]['mean']:.1f} ± {100 * row[c]['std']:.1f}" for c in cols]
             gain = f"{100 * row['gain']['mean']:+.1f} ± {100 * row['gain']['std']:.1f}" if "gain" in row else ""
-            kept = ("untested" if table["shots"] == 1 else f"{row['text_kept']}/{table['seeds']} seeds") \
-                if "text_kept" in row else ""
+            kept = f"{row['text_kept']}/{table['seeds']} seeds" if "text_kept" in row else ""
             if "prior_weights" in row:
-                weights = ", ".join(f"{w:g}" for w in row["prior_weights"])
-                kept += ("; " if kept else "") + f"prior weight {weights}" + \
-                    ("" if row["prior_tuned"] else " (default, untested)")
+                weights = ", ".join(f"{w:.3g}" for w in row["prior_weights"])
+                kept += ("; " if kept else "") + f"prior weight {weights} ({row['prior_chosen_by']})"
             out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
+        chooser = ("the val split" if table["shots"] is None else
+                   "nothing (1 shot: text is never kept)" if table["shots"] == 1 else
+                   "cross-validation within the shots")
         out += ["", table["note"], "",
-                "'text kept': seeds in which the fused head beat image-only on validation by more than one "
-                "standard error (otherwise the row is the image-only head that `fuse train` would save).", ""]
+                f"'text kept': seeds in which the fused head beat image-only, as scored by {chooser}, by more than "
+                "one standard error (otherwise the row is the image-only head that `fuse train` would save).", ""]
+    if data.get("warnings"):
+        out += ["Warnings:", ""] + [f"- {w}" for w in data["warnings"]] + [""]
     return "\n".join(out)
 
 

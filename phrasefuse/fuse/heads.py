@@ -431,6 +431,9 @@ def _torch_fit(head: FittedHead, blocks: Blocks, y: np.ndarray, seed: int, stop,
         x_stop = torch.from_numpy(head.transform.apply(stop[0], head.scales if head.kind == "linear" else None))
         x_stop = x_stop.to(device)
         t_stop = _target(stop[1], head.task.multilabel).to(device)
+        # A stop row whose label the head never saw (-1) counts wrong in the score, and has no
+        # place in the loss (cross-entropy has no class for it).
+        known_stop = torch.from_numpy(_known(stop[1], head.task.multilabel)).to(device)
     else:
         max_steps = int(steps or p["default_steps"])
     gen = torch.Generator().manual_seed(seed)
@@ -459,7 +462,8 @@ def _torch_fit(head: FittedHead, blocks: Blocks, y: np.ndarray, seed: int, stop,
         net.eval()
         with torch.no_grad():
             logits = _forward(net, x_stop)[0]
-            loss_val = float(_loss(logits, t_stop, head.task.multilabel))
+            loss_val = float(_loss(logits[known_stop], t_stop[known_stop], head.task.multilabel)) \
+                if bool(known_stop.any()) else 0.0
             probs = torch.sigmoid(logits) if head.task.multilabel else logits
         score = float(np.nanmean(example_scores(probs.cpu().numpy(), stop[1], head.task.multilabel)))
         improved = score > best_score + 1e-9
@@ -479,6 +483,11 @@ def _torch_fit(head: FittedHead, blocks: Blocks, y: np.ndarray, seed: int, stop,
 def _forward(net, x):
     out = net(x)
     return out if isinstance(out, tuple) else (out, None)
+
+
+def _known(y: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Rows whose label is in the head's vocabulary (multi-class -1 = unseen in train)."""
+    return np.ones(len(y), bool) if multilabel else y >= 0
 
 
 def _target(y: np.ndarray, multilabel: bool):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -108,3 +109,104 @@ def apply_prior(probs: np.ndarray, cos: np.ndarray, weight: float) -> np.ndarray
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- calibrating the prior on labelled rows
+
+# The prior's weight: a fine log grid from almost flat to almost one-hot (cosines lie in [-1, 1]).
+CALIBRATION_WEIGHTS = tuple(float(w) for w in np.r_[0.0, np.geomspace(0.1, 1000.0, 29)])
+# "Clearly positive": the likelihood ratio of the weight against weight 0 must beat that of
+# every one of PERMUTATIONS priors shuffled across the rows (a permutation test at 1/20 = 5%:
+# exact at any number of rows, where the chi-square approximation is not), and the
+# chi-square(1) 95% quantile.
+PERMUTATIONS = 19
+LR_CRITICAL = 3.841
+
+
+@dataclass
+class PriorFit:
+    """The label prior's weight, fitted by likelihood on held-out rows: rows that neither the
+    prior (it trains on nothing) nor the head whose probabilities it multiplies trained on.
+
+    fitted  the maximum-likelihood w / a of softmax(a * log p + w * cos) on those rows, i.e. the
+            weight on the head's own log-probabilities (apply_prior)
+    lr      the likelihood-ratio statistic 2 * (log L(a, w) - max_a log L(a, 0))
+    top1    top-1 change on those rows with the fitted weight
+    weight  the weight kept: `fitted` when the test passes (calibrate_prior), else 0
+    """
+
+    weight: float
+    fitted: float
+    lr: float
+    top1: float
+    rows: int
+    rule: str
+
+    def as_dict(self) -> dict:
+        return {"weight": self.weight, "fitted_weight": self.fitted, "likelihood_ratio": self.lr,
+                "top1_change": self.top1, "rows": self.rows, "rule": self.rule}
+
+
+# The head's own sharpness, fitted beside the prior's weight: a miscalibrated (e.g. overconfident)
+# head would otherwise let any extra term, even noise, "improve" the likelihood by blurring it.
+HEAD_SHARPNESS = tuple(float(a) for a in np.geomspace(0.05, 4.0, 11))
+
+
+def product_log_likelihood(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray, sharpness: Sequence[float],
+                           weights: Sequence[float]) -> np.ndarray:
+    """(len(sharpness), len(weights)): total log softmax(a * log_base + w * cos)[y]."""
+    rows = np.arange(len(y))
+    out = np.empty((len(sharpness), len(weights)))
+    for i, a in enumerate(sharpness):  # ~11 x 30 whole-array steps
+        for g, w in enumerate(weights):
+            z = a * log_base + w * cos
+            z -= z.max(axis=1, keepdims=True)
+            out[i, g] = float((z[rows, y] - np.log(np.exp(z).sum(axis=1))).sum())
+    return out
+
+
+def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) -> PriorFit:
+    """The label prior's weight on held-out labelled rows `y` (rows of an unseen label, -1, are
+    left out), given the head's probabilities `probs` for them (out-of-fold or validation).
+
+    `probs` None: there is no held-out head (1 labelled example per class): nothing can show
+    that the prior helps the head, so it is left out (weight 0). Otherwise softmax(a * log probs
+    + w * cos) is fitted by likelihood (a: the head's sharpness, fitted with and without the
+    prior), and w / a is kept only when a likelihood-ratio test of w against w = 0 is
+    significant at 5% and top-1 on those rows does not drop by more than one standard error."""
+    if probs is None:
+        return PriorFit(0.0, 0.0, 0.0, 0.0, int((y >= 0).sum()), NO_HELD_OUT_HEAD)
+    known = y >= 0
+    cos, y = cos[known].astype(np.float64), y[known]
+    log_base = np.log(np.clip(probs[known].astype(np.float64), 1e-12, None))
+    n = len(y)
+    if n < 2:
+        return PriorFit(0.0, 0.0, 0.0, 0.0, n, "fewer than 2 held-out rows: prior left out")
+    fitted, lr = _fit_weight(log_base, cos, y)
+    critical = LR_CRITICAL
+    rng = np.random.default_rng(0)
+    for _ in range(PERMUTATIONS if lr > LR_CRITICAL else 0):  # stops at the first shuffle that does as well
+        critical = max(critical, _fit_weight(log_base, cos[rng.permutation(n)], y)[1])
+        if critical >= lr:
+            break
+    change = (np.argmax(log_base + fitted * cos, axis=1) == y).astype(float) - \
+        (np.argmax(log_base, axis=1) == y).astype(float)
+    top1, se = float(change.mean()), float(change.std(ddof=1) / np.sqrt(n))
+    kept = fitted > 0 and lr > critical and top1 >= -se
+    rule = (f"weight by likelihood of the head's held-out probabilities (their sharpness fitted too) times the prior "
+            f"on {n} rows neither trained on; kept only if its likelihood ratio against weight 0 beats those of "
+            f"{PERMUTATIONS} priors shuffled across the rows and the chi-square 5% level (2 dlogL = {lr:.2f} vs "
+            f"{critical:.2f}) and top-1 on those rows does not drop by more than one standard error "
+            f"({100 * top1:+.1f} pt, se {100 * se:.1f})")
+    return PriorFit(float(fitted) if kept else 0.0, float(fitted), lr, top1, n, rule)
+
+
+def _fit_weight(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(w / a at the likelihood maximum, likelihood-ratio statistic against w = 0)."""
+    total = product_log_likelihood(log_base, cos, y, HEAD_SHARPNESS, CALIBRATION_WEIGHTS)
+    i, g = np.unravel_index(int(np.argmax(total)), total.shape)
+    return CALIBRATION_WEIGHTS[g] / HEAD_SHARPNESS[i], float(2 * (total[i, g] - total[:, 0].max()))
+
+
+NO_HELD_OUT_HEAD = ("1 labelled example per class: no head can be scored on a held-out example, so nothing shows "
+                    "that the prior helps it; prior left out")

@@ -7,7 +7,8 @@ A *scheme* says where a choice is scored:
               head is refit on all the shots for the mean number of steps the folds used
               (so nothing is tuned on more than the K labelled examples per class);
   none        1 shot per class: no fold can hold out an example of every class, so nothing
-              is tuned: defaults are used (the ablation table says so).
+              that needs scoring is used: text features and the label prior are left out
+              (image-only).
 
 The rule (`choose`): candidates come ordered simplest first (image-only, then text with
 growing trust); the simplest one whose score is within one paired standard error of
@@ -28,7 +29,6 @@ from phrasefuse.fuse.heads import Align, FittedHead, Task, Transform, batch_size
 from phrasefuse.fuse.metrics import example_scores
 
 TRUST_GRID = (0.0, 0.25, 0.5, 1.0)  # per text feature, linear and lgbm heads
-DEFAULT_TEXT_SCALE = 0.5  # when nothing can be tuned (1 shot per class)
 MAX_FOLDS = 5
 
 
@@ -51,7 +51,7 @@ def cross_validation(rows: np.ndarray, y: np.ndarray, multilabel: bool, k: int, 
     """Stratified folds within the shots (k examples per class -> min(k, 5) folds)."""
     n_folds = min(k, MAX_FOLDS)
     if n_folds < 2:
-        return Scheme("nothing tuned (1 shot per class: no fold can hold one out); defaults used", [], rows, False)
+        return Scheme("1 shot per class: no fold can hold one out", [], rows, False)
     rng = np.random.default_rng(seed + 7919)
     perm = rows[rng.permutation(len(rows))]
     if multilabel:

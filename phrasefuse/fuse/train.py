@@ -31,14 +31,16 @@ from phrasefuse.fuse.data import (Blocks, Feature, Labels, build_vocab, encode_l
                                   is_multilabel, label_column, label_values, load_blocks, require_rows,
                                   resolve_features, split_rows)
 from phrasefuse.fuse.heads import Align, FittedHead, Task, head_params
-from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, cosine_scores, embed_for_store, embed_texts,
-                                       label_texts, read_descriptions)
-from phrasefuse.fuse.metrics import example_scores, multiclass_metrics, multilabel_metrics, summary
-from phrasefuse.fuse.select import (DEFAULT_TEXT_SCALE, Scheme, Trial, Tuner, choose, holdout,
+from phrasefuse.fuse.labeltext import (PRIOR_WEIGHTS, apply_prior, calibrate_prior, cosine_scores, embed_for_store,
+                                       embed_texts, label_texts, read_descriptions)
+from phrasefuse.fuse.metrics import multiclass_metrics, multilabel_metrics, summary
+from phrasefuse.fuse.select import (Scheme, Trial, Tuner, choose, holdout,
                                     stratified_subsample, tune_trust)
 from phrasefuse.manifests import Manifest, read_manifest
 
 DEFAULT_THRESHOLD = 0.3  # the tagging study's global threshold
+TEXT_RULE = ("candidates ordered simplest first (image-only, then growing text trust); the simplest whose validation "
+             "top-1 (or per-image AP) is within one paired standard error of the best is saved")
 
 
 # ---------------------------------------------------------------- data
@@ -87,6 +89,53 @@ def prepare(manifest_path: str | os.PathLike, feature_args: Sequence[str], label
     return Prepared(manifest, features, roles, blocks, labels, rows, col)
 
 
+MIN_VAL_ROWS_PER_LABEL = 5  # below this, a validation choice rests on a handful of rows: said out loud
+
+
+def _labels_of(labels: Labels, rows: np.ndarray) -> np.ndarray:
+    """Rows per label among `rows` (multi-class: the known labels; multi-label: positives)."""
+    y = labels.y[rows]
+    if labels.multilabel:
+        return (y > 0.5).sum(axis=0).astype(np.int64)
+    return np.bincount(y[y >= 0], minlength=labels.num_classes)
+
+
+def _examples(vocab: Sequence[str], counts: np.ndarray, which: np.ndarray) -> str:
+    shown = ", ".join(f"'{vocab[c]}': {int(counts[c])}" for c in np.flatnonzero(which)[:3])
+    return shown + (", ..." if which.sum() > 3 else "")
+
+
+def data_warnings(labels: Labels, rows: dict[str, np.ndarray], splits: Sequence[str] = ("val", "test"),
+                  check_val: bool = True) -> list[str]:
+    """One line per statistical caveat of the splits: labels unseen in train (counted as
+    errors), and a val split with fewer than MIN_VAL_ROWS_PER_LABEL rows of some label."""
+    out = []
+    for split in splits:
+        n_unknown = int((labels.unknown[rows[split]] > 0).sum()) if len(rows[split]) else 0
+        if n_unknown:
+            out.append(f"{n_unknown} of {len(rows[split])} {split} rows carry a label the train split lacks; the "
+                       f"head cannot predict it, so those rows count as errors")
+    if check_val and len(rows["val"]):
+        counts = _labels_of(labels, rows["val"])
+        few = counts < MIN_VAL_ROWS_PER_LABEL
+        if few.any():
+            out.append(f"the val split has fewer than {MIN_VAL_ROWS_PER_LABEL} rows of {int(few.sum())} of "
+                       f"{labels.num_classes} labels ({_examples(labels.vocab, counts, few)}): choices made on it "
+                       f"(text trust, label prior weight, early stopping) rest on few rows")
+    return out
+
+
+def shots_warning(labels: Labels, train_rows: np.ndarray, k: int) -> str | None:
+    """A line when some label has fewer than K train rows (--shots K then gives fewer)."""
+    counts = _labels_of(labels, train_rows)
+    short = counts < k
+    if not short.any():
+        return None
+    return (f"--shots {k}: {int(short.sum())} of {labels.num_classes} labels have fewer than {k} train rows "
+            f"({_examples(labels.vocab, counts, short)}); they get all they have, and the table reports the real "
+            f"mean shots per label")
+
+
 # ---------------------------------------------------------------- fit and choose
 
 
@@ -96,7 +145,7 @@ class Outcome:
 
     saved: FittedHead
     saved_blocks: list[int]
-    choice: str  # "fused" | "image-only" | "single" | "untested" (fused, nothing to score it on)
+    choice: str  # "fused" | "image-only" | "single"
     reason: str
     fused: FittedHead | None = None
     fused_blocks: list[int] = field(default_factory=list)
@@ -124,12 +173,11 @@ def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: 
                        saved_config=config)
     base = {img: 1.0}
     tuning: list[dict] = []
-    if not scheme.folds:  # nothing can be scored: default trust, nothing to choose
-        fused_cfg = {img: 1.0, **{t: (1.0 if kind == "mlp" else DEFAULT_TEXT_SCALE) for t in texts}}
-        fused, image_only = full.final(fused_cfg), full.final(base)
-        return Outcome(fused, sorted(fused_cfg), "untested", f"{scheme.describe()}: the fused head is kept untested",
-                       fused, sorted(fused_cfg), image_only, [img], scheme=scheme.describe(), tuner=full,
-                       saved_config=fused_cfg)
+    if not scheme.folds:  # nothing can be scored: no untested default may change predictions
+        image_only = full.final(base)
+        return Outcome(image_only, [img], "image-only",
+                       f"{scheme.describe()}: text cannot be validated, so it is left out", None, [], image_only,
+                       [img], scheme=scheme.describe(), tuner=full, saved_config=base)
     if kind == "mlp":  # trust is learned (gates, modality dropout)
         fused_cfg = {img: 1.0, **{t: 1.0 for t in texts}}
     else:
@@ -190,10 +238,22 @@ def tune_thresholds(probs: np.ndarray, y: np.ndarray, default: float) -> np.ndar
     return np.where(positive.any(axis=0), best, np.float32(default)).astype(np.float32)
 
 
-def tune_prior_weight(probs_val: np.ndarray, cos_val: np.ndarray, y_val: np.ndarray) -> tuple[float, list[dict]]:
-    trials = [Trial({}, example_scores(apply_prior(probs_val, cos_val, w), y_val, False), []) for w in PRIOR_WEIGHTS]
-    pick = choose(trials)
-    return float(PRIOR_WEIGHTS[pick]), [{"weight": w, "val_top1": t.mean} for w, t in zip(PRIOR_WEIGHTS, trials)]
+def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight on held-out rows (labeltext.calibrate_prior), and the record
+    behind it: the fit, the rule, and each candidate weight's held-out top-1 and log-likelihood."""
+    fit = calibrate_prior(probs, cos, y)
+    record = fit.as_dict()
+    known = y >= 0
+    if probs is not None and known.any():
+        candidates = sorted({*PRIOR_WEIGHTS, fit.fitted})
+        p, c, yk = probs[known], cos[known], y[known]
+        record["grid"] = [{"weight": float(w), "val_top1": float(np.mean(np.argmax(apply_prior(p, c, w), 1) == yk)),
+                           "val_log_likelihood": float(np.mean(np.log(np.clip(
+                               apply_prior(p, c, w)[np.arange(len(yk)), yk], 1e-12, None))))}
+                          for w in candidates]
+    else:
+        record["grid"] = []
+    return fit.weight, record
 
 
 # ---------------------------------------------------------------- the command
@@ -213,11 +273,14 @@ class TrainReport:
     selection: dict
     seconds: float
     fitted: FittedHead | None = None  # the saved head, in memory (not part of the report)
+    warnings: list[str] = field(default_factory=list)
+    prior: dict | None = None  # the label prior's store, weight and the scores it was chosen on
 
     def as_dict(self) -> dict:
         return {"head": self.out, "kind": self.kind, "task": self.task, "labels": self.labels, "rows": self.rows,
                 "features": self.features, "saved": self.saved, "reason": self.reason, "metrics": self.metrics,
-                "selection": self.selection, "seconds": round(self.seconds, 2)}
+                "selection": self.selection, "prior": self.prior, "warnings": self.warnings,
+                "seconds": round(self.seconds, 2)}
 
     def text(self) -> str:
         rows = " / ".join(f"{n} {k}" for k, n in self.rows.items())
@@ -227,10 +290,16 @@ class TrainReport:
         for split in ("val", "test"):
             for name, m in (self.metrics.get(split) or {}).items():
                 if m:
-                    lines.append(f"  {split:<4} {name:<10} {format_metrics(m)}")
+                    lines.append(f"  {split:<4} {name:<13} {format_metrics(m)}")
         trust = ", ".join(f"{f['name']} {f['trust']:.2f}" for f in self.features if f.get("trust") is not None
                           and f["role"] != "image")
         lines.append(f"  saved: {self.saved} ({self.reason})" + (f"; text trust: {trust}" if trust else ""))
+        if self.prior:
+            scores = ", ".join(f"{g['weight']:.3g}: {100 * g['val_top1']:.1f}" for g in self.prior["grid"])
+            lines.append(f"  label prior: {self.prior['store']['name']} ({self.prior['texts']}), weight "
+                         f"{self.prior['weight']:.3g}" + (" (left out)" if self.prior["weight"] == 0 else "") +
+                         f"; val top-1 by weight: {scores}")
+            lines.append(f"    rule: {self.prior['rule']}")
         lines.append(f"  -> {self.out} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -246,6 +315,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
     _check_options(kind, threshold, max_labels, align_descriptions, tune_rows)
     prep = prepare(manifest, feature_args, label_col, multilabel)
     task, labels, rows = prep.task, prep.labels, prep.rows
+    warnings = data_warnings(labels, rows)
     if label_prior and task.multilabel:
         raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
     descriptions = read_descriptions(label_descriptions) if label_descriptions else None
@@ -275,10 +345,10 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
         label_emb, _ = embed_for_store(texts, prior_feature.store)
         pb = load_blocks([prior_feature], prep.manifest.ids, prep.manifest.source)
         cos = cosine_scores(pb.arrays[0], pb.present[:, 0], label_emb)
-        weight, grid = tune_prior_weight(probs_of(outcome.saved, outcome.saved_blocks, "val"), cos[rows["val"]],
-                                         labels.y[rows["val"]])
-        prior_meta = {"store": feature_record(prior_feature), "weight": weight, "grid": grid,
-                      "texts": "descriptions" if descriptions else "label names"}
+        weight, record = choose_prior_weight(probs_of(outcome.saved, outcome.saved_blocks, "val"),
+                                             cos[rows["val"]], labels.y[rows["val"]])
+        prior_meta = {"store": feature_record(prior_feature),
+                      "texts": "descriptions" if descriptions else "label names", **record, "weight": weight}
         prior_tensors = {"prior.labels": label_emb.astype(np.float32)}
 
     def saved_probs(split: str) -> np.ndarray:
@@ -300,6 +370,9 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
             continue
         split_labels = labels.take(rows[split])
         entry = {"saved": summary(evaluate_probs(saved_probs(split), split_labels, thr, max_labels))}
+        if prior_meta:  # the saved head without its label prior
+            entry["without_prior"] = summary(evaluate_probs(probs_of(outcome.saved, outcome.saved_blocks, split),
+                                                            split_labels, thr, max_labels))
         if outcome.fused is not None:
             entry["fused"] = summary(evaluate_probs(probs_of(outcome.fused, outcome.fused_blocks, split),
                                                     split_labels, thr, max_labels))
@@ -321,7 +394,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
                              if outcome.fused is not None and j in outcome.fused_blocks else 0.0),
                    "coverage": float(prep.blocks.present[train_rows, j].mean())}
                   for j, f in enumerate(prep.features)]
-    selection = {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme,
+    selection = {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme, "rule": TEXT_RULE,
                  "tuning_rows": int(len(tune)), "validation": outcome.validation, "trust_tuning": tuning_log,
                  "features_considered": considered}
     tensors, files = outcome.saved.state()
@@ -331,12 +404,13 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
             "label_col": prep.label_col, "features": feature_meta, "architecture": outcome.saved.architecture(),
             "hyperparameters": hp, "seed": seed, "decision": decision, "prior": prior_meta, "alignment": align_meta,
             "selection": selection, "metrics": metrics, "manifest": str(manifest),
-            "rows": {k: int(len(v)) for k, v in rows.items()}, "train_seconds": round(seconds, 2)}
+            "rows": {k: int(len(v)) for k, v in rows.items()}, "warnings": warnings,
+            "train_seconds": round(seconds, 2)}
     save_head(out, meta, tensors, files)
     return TrainReport(str(out), kind, meta["task"], len(task.vocab), meta["rows"],
                        [{k: f[k] for k in ("name", "role", "trust", "coverage")} for f in considered],
                        outcome.choice, outcome.reason, metrics, selection, time.perf_counter() - start,
-                       outcome.saved)
+                       outcome.saved, warnings, prior_meta)
 
 
 def _check_options(kind: str, threshold: float, max_labels: int | None, align: float,

@@ -150,9 +150,15 @@ def _table_html(table: dict, test_rows: int) -> str:
             g = r["gain"]["mean"]
             gain = f"<span class='{'up' if g > 0 else 'down' if g < 0 else ''}'>{100 * g:+.1f}</span> ± " \
                    f"{100 * r['gain']['std']:.1f}"
-        rows.append(f"<tr><td>{html.escape(r['features'])}</td>{cells}<td>{gain}</td></tr>")
+        kept = f"{r['text_kept']}/{table['seeds']} seeds" if "text_kept" in r else ""
+        if "prior_weights" in r:
+            kept += ("; " if kept else "") + "prior weight " + ", ".join(f"{w:.3g}" for w in r["prior_weights"]) \
+                + f" ({r.get('prior_chosen_by', '')})"
+        rows.append(f"<tr><td>{html.escape(r['features'])}</td>{cells}<td>{gain}</td>"
+                    f"<td class='note'>{html.escape(kept)}</td></tr>")
     return (f"<h3>{html.escape(table['regime'])} ({table['seeds']} seed(s), mean ± std over seeds; test split, "
-            f"{test_rows} rows)</h3><table><tr><th>features</th>{head}<th>Δ vs image only</th></tr>"
+            f"{test_rows} rows)</h3><table><tr><th>features</th>{head}<th>Δ vs image only</th>"
+            f"<th>text kept / label prior</th></tr>"
             + "".join(rows) + f"</table><p class='note'>{html.escape(table['note'])}</p>")
 
 
@@ -166,13 +172,35 @@ def _heads_html(metas: dict) -> str:
                  _pct((test.get("saved") or {}).get(key)), _pct((test.get("image_only") or {}).get(key))]
         features = ", ".join(f"{f['name']}" + (f" ×{f['trust']:.2f}" if f.get("role") != "image" and
                                                  f.get("trust") is not None else "") for f in meta["features"])
-        reason = (meta.get("selection") or {}).get("reason", "")
+        reason = _decision_text(meta)
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(meta['kind'])}</td>"
                     f"<td>{html.escape(features)}</td>" + "".join(f"<td>{c}</td>" for c in cells)
                     + f"<td class='note'>{html.escape(reason)}</td></tr>")
     return ("<h2>Heads</h2><table><tr><th>head</th><th>kind</th><th>features (text trust)</th><th>val saved</th>"
             "<th>val image-only</th><th>test saved</th><th>test image-only</th><th>why this one was saved</th></tr>"
             + "".join(rows) + "</table>")
+
+
+def _decision_text(meta: dict) -> str:
+    """Why the head is what it is: the reason, each candidate's validation score, the rule, the
+    label prior's weight and the scores it was chosen on, and the warnings."""
+    selection = meta.get("selection") or {}
+    parts = [selection.get("reason", "")]
+    scores = selection.get("validation") or {}
+    if scores:
+        parts.append("validation: " + ", ".join(f"{k.replace('_', '-')} {_pct(v)}" for k, v in scores.items()))
+    for tuning in selection.get("trust_tuning") or []:
+        parts.append(f"{tuning['feature']} trust " + ", ".join(f"{s:g}: {_pct(v)}" for s, v in
+                                                               zip(tuning["scales"], tuning["scores"]))
+                     + f" -> {tuning['chosen']:g}")
+    if selection.get("rule"):
+        parts.append(f"rule: {selection['rule']}")
+    prior = meta.get("prior")
+    if prior:
+        parts.append(f"label prior {prior['store']['name']} weight {prior['weight']:g} (val top-1 by weight: "
+                     + ", ".join(f"{g['weight']:g}: {_pct(g['val_top1'])}" for g in prior.get("grid", [])) + ")")
+    parts += [f"warning: {w}" for w in meta.get("warnings") or []]
+    return "; ".join(p for p in parts if p)
 
 
 def _thumbnail(path: str) -> str:

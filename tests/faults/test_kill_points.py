@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phrasefuse import store as store_module
 from phrasefuse.index.build import build_index
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.interop import export_npy, import_npy
@@ -162,8 +161,6 @@ INDEX_KILLS = [
 ]
 
 
-@pytest.mark.skipif(not hasattr(store_module, "recover_folder"),
-                    reason="needs the folder-swap recovery of branch 'harden' (store.recover_folder)")
 @pytest.mark.parametrize("point, holds", INDEX_KILLS)
 def test_sigkill_while_an_index_is_rewritten_leaves_the_old_or_the_new_one_whole(point, holds, index_inputs,
                                                                                   tmp_path):
@@ -182,8 +179,6 @@ def test_sigkill_while_an_index_is_rewritten_leaves_the_old_or_the_new_one_whole
     assert len(index_phrases(out)) == 5 and leftovers(out) == []
 
 
-@pytest.mark.skipif(not hasattr(store_module, "recover_folder"),
-                    reason="needs the folder-swap recovery of branch 'harden' (store.recover_folder)")
 def test_sigkill_between_the_renames_of_a_head_rewrite_keeps_the_old_head(tmp_path):
     from phrasefuse.fuse.artifact import load_head
     from phrasefuse.fuse.train import train_head

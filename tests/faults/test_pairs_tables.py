@@ -108,7 +108,7 @@ def valid_pairs_tables(draw):
     return columns, rows
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(table=pairs_tables(), fmt=st.sampled_from(["csv", "jsonl", "parquet"]), use_weights=st.booleans())
 def test_any_pairs_table_builds_or_is_refused_cleanly(image_store, tmp_path_factory, table, fmt, use_weights):
     from phrasefuse.index.build import build_index
@@ -138,7 +138,7 @@ def test_any_pairs_table_builds_or_is_refused_cleanly(image_store, tmp_path_fact
     assert expected is None or set(phrases) == expected
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(table=valid_pairs_tables(), fmt=st.sampled_from(["csv", "jsonl", "parquet"]), use_weights=st.booleans())
 def test_a_valid_pairs_table_builds_with_the_phrases_it_names(image_store, tmp_path_factory, table, fmt, use_weights):
     from phrasefuse.index.build import build_index

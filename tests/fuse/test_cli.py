@@ -45,12 +45,19 @@ def refused(proc, *words: str) -> None:
 
 def test_train_eval_predict_inspect(shapes_dataset, stores, tmp_path):
     head = tmp_path / "head"
-    report = one_json(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img",
-                              "--feature", stores / "title", "--head", "linear", "--out", head, "--seed", "1",
-                              "--json"))
+    proc = run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img",
+                   "--feature", stores / "title", "--head", "linear", "--out", head, "--seed", "1", "--json")
+    report = one_json(proc)
     assert report["kind"] == "linear" and report["rows"] == {"train": 47, "val": 7, "test": 6}
-    assert report["saved"] in ("fused", "image-only") and report["reason"]
-    assert set(report["metrics"]["val"]) >= {"saved", "image_only"}
+    # 7 val rows cannot show the (random tiny CLIP) title to be clearly better: image-only is saved, and said
+    assert report["saved"] == "image-only" and report["reason"] == "every text feature's trust was tuned to 0 " \
+        "on validation"
+    assert report["metrics"]["val"]["saved"] == report["metrics"]["val"]["image_only"]
+    assert [f["name"] for f in json.loads((head / "meta.json").read_text())["features"]] == ["img"]
+    # ... and the thin val split is one warning line on stderr (stdout stays one JSON document)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("phrasefuse: warning: ")]
+    assert len(warnings) == 1 and "the val split has fewer than 5 rows of 6 of 6 labels" in warnings[0]
+    assert report["warnings"] == [warnings[0].removeprefix("phrasefuse: warning: ")]
     assert sorted(p.name for p in head.iterdir()) == ["meta.json", "weights.safetensors"]
 
     evaluation = one_json(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--json"))
@@ -82,11 +89,32 @@ def test_multilabel_mlp_and_ablate(shapes_dataset, stores, tmp_path):
                              "--out", tmp_path / "ablation", "--json"))
     assert [t["regime"] for t in table["tables"]] == ["1-shot", "3-shot"]
     assert [r["features"] for r in table["tables"][1]["rows"]] == ["img (image only)", "title", "img + title"]
-    assert "nothing tuned" in table["tables"][0]["note"] and "cross-validation" in table["tables"][1]["note"]
+    assert "cross-validation" in table["tables"][1]["note"]
     assert len(table["tables"][1]["rows"][0]["runs"]) == 2
+    # 1 shot: nothing can validate text, so no seed keeps it (the row is the image-only head)
+    one_shot = table["tables"][0]["rows"]
+    assert one_shot[2]["text_kept"] == 0 and one_shot[2]["top1"] == one_shot[0]["top1"]
     markdown = (tmp_path / "ablation" / "ablation.md").read_text()
-    assert "| img + title |" in markdown and "the val split is not used" in markdown
+    assert "| img + title |" in markdown
     assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["tables"] == table["tables"]
+    # the val split is not used by the few-shot tables: scrambling its labels changes nothing
+    from phrasefuse.fuse.ablate import ablate
+    from phrasefuse.fuse.data import split_rows
+    from phrasefuse.manifests import read_manifest
+
+    manifest = pq.read_table(shapes_dataset)
+    labels = manifest["label"].to_pylist()
+    val = split_rows(read_manifest(shapes_dataset))["val"].tolist()  # a hash of the id: scrambling keeps it
+    rolled = [labels[val[(j + 1) % len(val)]] for j in range(len(val))]
+    assert rolled != [labels[i] for i in val]
+    for i, label in zip(val, rolled):
+        labels[i] = label
+    pq.write_table(manifest.set_column(manifest.column_names.index("label"), "label", pa.array(labels)),
+                   tmp_path / "scrambled.parquet")
+    features = [str(stores / "img"), str(stores / "title")]
+    runs = [ablate(m, features, "linear", shots=[1, 3], seeds=2).data["tables"]
+            for m in (shapes_dataset, tmp_path / "scrambled.parquet")]
+    assert runs[0] == runs[1] == table["tables"]
 
 
 def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
@@ -112,7 +140,10 @@ def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
     one_json(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--head", "linear",
                      "--label-prior", stores / "title-minilm", "--out", head, "--json"))
     meta = json.loads((head / "meta.json").read_text())
-    assert meta["prior"]["weight"] in [g["weight"] for g in meta["prior"]["grid"]]
+    grid = {g["weight"]: g["val_top1"] for g in meta["prior"]["grid"]}
+    # the titles' prior is informative: a weight > 0, and a gain on val over the head without it
+    assert meta["prior"]["weight"] > 0 and grid[meta["prior"]["weight"]] > grid[0.0], grid
+    assert "shuffled across the rows" in meta["prior"]["rule"] and meta["prior"]["likelihood_ratio"] > 3.841
     assert one_json(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--json"))["rows"] == 6
 
 

@@ -102,7 +102,7 @@ def valid_manifests(draw):
         rows.append(row)
     return list(rows[0]), rows
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(manifest=manifests(), fmt=st.sampled_from(["jsonl", "csv", "parquet"]))
 def test_read_or_refuse_cleanly(tmp_path_factory, manifest, fmt):
     cols, rows = manifest
@@ -122,7 +122,7 @@ def test_read_or_refuse_cleanly(tmp_path_factory, manifest, fmt):
     assert set(m.table["split"].to_pylist()) <= {"train", "val", "test"}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(manifest=valid_manifests(), fmt=st.sampled_from(["jsonl", "csv", "parquet"]))
 def test_a_valid_manifest_is_read_as_written(tmp_path_factory, manifest, fmt):
     cols, rows = manifest

@@ -112,7 +112,11 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert [t["regime"] for t in ablation["tables"]] == ["full", "1-shot", "2-shot"]
     one_shot = {r["features"]: r for r in ablation["tables"][1]["rows"]}
     prior_row = one_shot["image + phrases + label prior (phrases)"]
-    assert prior_row["prior_weights"] == [10.0] and not prior_row["prior_tuned"]  # 1 shot: the default, untested
+    # 1 shot: no untested default changes a prediction: phrases and the label prior are left out
+    assert prior_row["prior_chosen_by"] == "nothing held out (1 shot): left out"
+    assert prior_row["prior_weights"] == [0.0] and one_shot["image + phrases"]["text_kept"] == 0
+    image_only = one_shot["image (image only)"]
+    assert prior_row["top1"] == one_shot["image + phrases"]["top1"] == image_only["top1"]
 
     # Same config again: every stage is skipped, and the summaries say nothing was embedded.
     second = stages(run_cli("run", config, "--json"))

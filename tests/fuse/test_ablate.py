@@ -1,0 +1,38 @@
+"""`fuse ablate` on generated stores: what the K-shot tables say about the data they had."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from phrasefuse.fuse.ablate import ablate
+from tests.fuse.conftest import write_synthetic
+
+
+def test_shots_beyond_a_class_and_unseen_labels_are_said(tmp_path):
+    data = write_synthetic(tmp_path / "d", n=600, image_signal=0.5, text_signal=0.0)
+    table = pq.read_table(data.manifest)
+    labels, split = table["label"].to_pylist(), table["split"].to_pylist()
+    c0_train = [i for i, (l, s) in enumerate(zip(labels, split)) if l == "c0" and s == "train"]
+    for i in c0_train[3:]:  # c0 keeps 3 train rows
+        split[i] = "val"
+    test_rows = [i for i, s in enumerate(split) if s == "test"]
+    for i in test_rows[:4]:
+        labels[i] = "only-in-test"
+    table = table.set_column(table.column_names.index("split"), "split", pa.array(split))
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", pa.array(labels)),
+                   tmp_path / "m.parquet")
+    report = ablate(tmp_path / "m.parquet", [str(data.image)], "linear", shots=[1, 5], seeds=1).data
+    five = report["tables"][1]
+    assert five["regime"] == "5-shot" and five["mean_shots"] == (5 * 5 + 3) / 6
+    assert "4.7 shots per label on average, not 5" in five["note"]
+    assert report["tables"][0]["mean_shots"] == 1.0 and "on average" not in report["tables"][0]["note"]
+    assert any(w.startswith("--shots 5: 1 of 6 labels have fewer than 5 train rows ('c0': 3)")
+               for w in report["warnings"]), report["warnings"]
+    assert any(w.startswith(f"4 of {len(test_rows)} test rows carry a label the train split lacks")
+               for w in report["warnings"])
+    assert five["rows"][0]["runs"][0]["metrics"]["unknown_labels"] == 4
+    markdown = ablate(tmp_path / "m.parquet", [str(data.image)], "linear", shots=[5], seeds=1).markdown
+    assert "## 5-shot, 4.7 shots per label on average" in markdown and "Warnings:" in markdown
+    assert np.isfinite(five["rows"][0]["top1"]["mean"])

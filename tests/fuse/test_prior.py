@@ -1,0 +1,70 @@
+"""The label prior's weight on held-out rows (labeltext.calibrate_prior): arrays in, arrays out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from phrasefuse.fuse.labeltext import LR_CRITICAL, apply_prior, calibrate_prior
+
+
+def prior_scores(rng, y: np.ndarray, classes: int, signal: float) -> np.ndarray:
+    """Cosine-like scores: `signal` on the true class, plus noise of sd 0.1."""
+    cos = 0.1 * rng.standard_normal((len(y), classes))
+    cos[np.arange(len(y)), y] += signal
+    return cos.astype(np.float32)
+
+
+def head_probs(rng, y: np.ndarray, classes: int, right: float) -> np.ndarray:
+    """A held-out head right on a fraction `right` of the rows, with probability 0.6 on its guess."""
+    guess = np.where(rng.random(len(y)) < right, y, rng.integers(0, classes, len(y)))
+    probs = np.full((len(y), classes), 0.4 / (classes - 1))
+    probs[np.arange(len(y)), guess] = 0.6
+    return probs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_noise_prior_is_left_out(seed):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), 5)
+    fit = calibrate_prior(head_probs(rng, y, 10, 0.5), prior_scores(rng, y, 10, 0.0), y)
+    assert fit.weight == 0.0 or fit.lr > LR_CRITICAL  # left out unless the test (wrongly, 5%) passes
+    assert fit.weight < 5.0  # and a noise prior never gets a large weight
+
+
+def test_noise_priors_are_kept_at_most_at_the_test_level():
+    kept = 0
+    for seed in range(40):
+        rng = np.random.default_rng(100 + seed)
+        y = np.repeat(np.arange(10), 5)
+        kept += calibrate_prior(head_probs(rng, y, 10, 0.5), prior_scores(rng, y, 10, 0.0), y).weight > 0
+    assert kept <= 6  # 5% of 40 is 2; 6 leaves room for chance, not for a broken test
+
+
+def test_an_informative_prior_is_kept_and_helps():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(8), 10)
+    probs, cos = head_probs(rng, y, 8, 0.6), prior_scores(rng, y, 8, 0.2)
+    fit = calibrate_prior(probs, cos, y)
+    assert fit.weight == fit.fitted > 0 and fit.lr > LR_CRITICAL and fit.top1 > 0
+    assert "shuffled across the rows" in fit.rule and fit.rows == 80
+    new_probs, new_cos = head_probs(rng, y, 8, 0.6), prior_scores(rng, y, 8, 0.2)  # rows it was not fitted on
+    assert np.mean(np.argmax(apply_prior(new_probs, new_cos, fit.weight), 1) == y) > \
+        np.mean(np.argmax(new_probs, 1) == y) + 0.1
+    sharper = calibrate_prior(probs, prior_scores(rng, y, 8, 0.4), y)
+    assert sharper.weight > fit.weight  # a sharper prior earns a larger weight
+
+
+def test_without_a_held_out_head_the_prior_is_left_out():
+    rng = np.random.default_rng(2)
+    y = np.arange(10)  # 1 shot per class: nothing can score the head
+    fit = calibrate_prior(None, prior_scores(rng, y, 10, 0.5), y)
+    assert fit.weight == 0.0 and "1 labelled example per class" in fit.rule
+
+
+def test_unseen_labels_are_left_out():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.repeat(np.arange(10), 4), -1, -1]
+    fit = calibrate_prior(head_probs(rng, np.maximum(y, 0), 10, 0.5), prior_scores(rng, np.maximum(y, 0), 10, 0.3), y)
+    assert fit.rows == 40 and fit.weight > 0
+    assert calibrate_prior(np.full((1, 10), 0.1), np.zeros((1, 10)), np.array([3])).weight == 0.0
