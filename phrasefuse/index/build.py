@@ -1,9 +1,15 @@
 """`phrasefuse index build`: pairs + image store -> prototypes -> FAISS index folder.
 
-reader   the pairs table, cleaned and counted (pairs.py), and the image store's embeddings;
-mapper   prototypes as segment sums (prototypes.py); with --text-prototypes, phrases that have
-         no image get one from the image encoder's own text tower (open_clip: same space);
-writer   the FAISS index, chosen, trained and tuned (ann.py), in an index folder (folder.py).
+reader   the pairs table, streamed, cleaned and counted (pairs.py), coded and spilled to disk by query
+         partition (streaming.py); the image store, one shard at a time;
+mapper   prototypes as segment sums (prototypes.py), a query partition per pass and a shard at a time
+         (--engine ray: one Ray task per shard, reduced here), into a file; with --text-prototypes,
+         phrases that have no image get one from the image encoder's own text tower (open_clip);
+writer   the FAISS index, chosen, trained on a sample and filled in batches from that file, tuned
+         (ann.py), in an index folder (folder.py).
+
+Memory: --memory bounds a partition's sums and pairs (streaming.py) and the loaded index (ann.py);
+neither the pairs table nor the store nor all the prototypes is held whole besides the index.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ def _runs(sorted_values: np.ndarray):
 
 def first_of_each(records: np.ndarray, n_store: int) -> np.ndarray:
     """The first record of each distinct (code, row), in file order (the first pair's weight wins)."""
-    _, first = np.unique(records["code"] * n_store + records["row"], return_index=True)
+    code = records["code"] - (records["code"].min() if len(records) else 0)  # small keys: no int64 overflow
+    _, first = np.unique(code * n_store + records["row"], return_index=True)
     return records[np.sort(first)]
 
 
