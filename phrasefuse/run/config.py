@@ -189,6 +189,7 @@ def parse_config(raw: dict, path: Path) -> Config:
     heads_raw = raw.get("heads", [])
     if not isinstance(heads_raw, list) or not all(isinstance(h, dict) for h in heads_raw):
         c.fail("heads", "expected an array of tables ([[heads]] sections)")
+        heads_raw = []
     for i, h in enumerate(heads_raw):
         where = f"heads[{i}]"
         c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions"})
@@ -207,7 +208,7 @@ def parse_config(raw: dict, path: Path) -> Config:
                                                   f"or drop it (this head is {head.kind})")
         if head.label_prior is not None:
             c.features([head.label_prior], [n for n in features if n != IMAGE], f"{where}.label_prior")
-        if not head.name.replace("_", "").replace("-", "").isalnum():
+        if head.name is not None and not head.name.replace("_", "").replace("-", "").isalnum():
             c.fail(f"{where}.name", f"{head.name!r}: use letters, digits, _ or - (it names a folder)")
         heads.append(head)
     if len({h.name for h in heads}) != len(heads):
@@ -235,6 +236,7 @@ def parse_config(raw: dict, path: Path) -> Config:
     report = Report(gallery=c.get(rep_raw, "gallery", int, 24, where="report"))
     if report.gallery < 0:
         c.fail("report.gallery", "expected 0 or more (test images shown)")
+    c.raise_errors()  # every mistake at once, each naming its key
     return Config(path, work, data, encoders, phrases, heads, ablation, report)
 
 
@@ -249,19 +251,33 @@ def _rows(c: "_Checker", raw: dict, key: str, features: list[str]) -> list[list[
         return None
     if not rows or not all(isinstance(r, list) and r and all(isinstance(n, str) for n in r) for r in rows):
         c.fail(f"ablation.{key}", 'expected a list of lists of feature names, e.g. [["image"], ["image", "phrases"]]')
+        return None
     for r in rows:
         c.features(r, features, f"ablation.{key}")
     return rows
 
 
+def config_error(path: Path, problems: list[str]) -> BadInput:
+    """All of a config's mistakes as the contract's one line: each names its key."""
+    if len(problems) == 1:
+        return BadInput(f"{path}: {problems[0]}")
+    return BadInput(f"{path}: {len(problems)} mistakes: " + "; ".join(problems))
+
+
 class _Checker:
-    """Type checks that name the key (`data.manifest`) and the file."""
+    """Type checks that name the key (`data.manifest`) and the file. A failed check is recorded and
+    parsing goes on with the default (or None), so the user sees every mistake in one run."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.problems: list[str] = []
 
-    def fail(self, key: str, expected: str):
-        raise BadInput(f"{self.path}: key '{key}': {expected}")
+    def fail(self, key: str, expected: str) -> None:
+        self.problems.append(f"key '{key}': {expected}")
+
+    def raise_errors(self) -> None:
+        if self.problems:
+            raise config_error(self.path, self.problems)
 
     def known(self, raw: dict, where: str, keys: set[str]) -> None:
         for key in raw:
@@ -276,24 +292,27 @@ class _Checker:
             return {}
         if not isinstance(raw[key], dict):
             self.fail(key, f"expected a table ([{key}] section)")
+            return {}
         return raw[key]
 
     def get(self, raw: dict, key: str, kind, default: Any = ..., *, item=None, where: str = "") -> Any:
         name = f"{where}.{key}" if where else key
+        fallback = None if default is ... else default  # what parsing goes on with after a mistake
         if key not in raw:
             if default is ...:
                 self.fail(name, "missing; it is required")
-            return default
+            return fallback
         value = raw[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:  # TOML true is not a number here
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):  # TOML true is no number
             self.fail(name, f"expected {_kind_name(kind)}, got {value!r}")
-        if not isinstance(value, kinds):
-            self.fail(name, f"expected {_kind_name(kind)}, got {value!r}")
+            return fallback
         if item is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             self.fail(name, f"expected a list of {_kind_name(item)}, got {value!r}")
+            return fallback
         if isinstance(value, str) and kind is str and not value.strip():
             self.fail(name, "is empty")
+            return fallback
         return value
 
     def positive(self, raw: dict, key: str, default: int, *, where: str) -> int:
@@ -304,7 +323,7 @@ class _Checker:
 
     def choice(self, raw: dict, key: str, choices, default: Any = ..., *, where: str) -> str:
         value = self.get(raw, key, str, default, where=where)
-        if value not in choices:
+        if value is not None and value not in choices:
             self.fail(f"{where}.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from phrasefuse.errors import BadInput
 from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
-from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
+from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, config_error, load_config
 from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
 from phrasefuse.store import EmbeddingStore
 
@@ -275,26 +275,28 @@ def check_inputs(config: Config) -> None:
     named = [("data.manifest", config.data.manifest), ("data.label_descriptions", config.data.label_descriptions)]
     if config.phrases:
         named += [("phrases.pairs", config.phrases.pairs), ("phrases.images", config.phrases.images)]
-    for key, path in named:
-        # recursive: a ** matches as the commands read it (manifests.tables.expand); braces: tar shards
-        if path is not None and not all(glob.glob(name, recursive=True) if glob.has_magic(name)
-                                        else os.path.exists(name) for name in expand_braces(str(path))):
-            raise BadInput(f"{config.path}: key '{key}': {path} does not exist; fix the path (relative to the "
-                           f"config file's folder)")
-    _check_columns(config)
+    # recursive: a ** matches as the commands read it (manifests.tables.expand); braces: tar shards
+    missing = [key for key, path in named if path is not None and not all(
+        glob.glob(name, recursive=True) if glob.has_magic(name) else os.path.exists(name)
+        for name in expand_braces(str(path)))]
+    problems = [f"key '{key}': {dict(named)[key]} does not exist; fix the path (relative to the config file's "
+                f"folder)" for key in missing]
+    if "data.manifest" not in missing:
+        problems += _column_problems(config)
+    if problems:  # every mistake at once, each naming its key
+        raise config_error(config.path, problems)
 
 
-def _check_columns(config: Config) -> None:
-    """The manifest has the columns the config names (read from the files' schemas, before any work:
-    not after hours of extraction)."""
+def _column_problems(config: Config) -> list[str]:
+    """The columns the config names that the manifest lacks (read from the files' schemas, before any
+    work: not after hours of extraction)."""
     from phrasefuse.manifests.sources import source_columns
 
     columns = source_columns(config.data.source)  # tables: their schemas; folders, tars: their layout
-    for key, name in [("data.text_columns", n) for n in config.data.text_columns] + \
-            ([("data.label_col", config.data.label_col)] if config.data.label_col else []):
-        if name not in columns:
-            raise BadInput(f"{config.path}: key '{key}': column '{name}' is not in the manifest "
-                           f"{config.data.manifest} (columns: {', '.join(columns)}); fix the name")
+    named = [("data.text_columns", n) for n in config.data.text_columns] + \
+        ([("data.label_col", config.data.label_col)] if config.data.label_col else [])
+    return [f"key '{key}': column '{name}' is not in the manifest {config.data.manifest} "
+            f"(columns: {', '.join(columns)}); fix the name" for key, name in named if name not in columns]
 
 
 def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp: str,
