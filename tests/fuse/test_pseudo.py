@@ -136,3 +136,21 @@ def test_an_index_of_another_encoder_is_refused(indexed, tmp_path, tiny_clip_spe
                    "--pseudo-shots", index, "--out", tmp_path / "head")
     assert proc.returncode == 2 and "--pseudo-shots" in proc.stderr and "other-img" in proc.stderr
     assert not (tmp_path / "head").exists()
+
+
+def test_fuse_train_records_the_pseudo_shot_choice(indexed, tmp_path, tiny_clip_spec):
+    import json
+
+    from phrasefuse.fuse.train import train_head
+    from phrasefuse.report.page import _decision_text
+
+    data, index = indexed
+    report = train_head(data.manifest, [str(data.image)], tmp_path / "head", kind="linear", pseudo_shots=str(index),
+                        text_model=tiny_clip_spec)
+    meta = json.loads((tmp_path / "head" / "meta.json").read_text())
+    pseudo = meta["selection"]["pseudo_shots"]
+    assert pseudo["index"] == str(index) and pseudo["rule"].startswith("per label")
+    assert [c["per_label"] for c in pseudo["candidates"]] == [1]  # one phrase per label: one candidate set
+    assert np.isfinite(pseudo["score_without"]) and np.isfinite(pseudo["candidates"][0]["score"])
+    assert (pseudo["rows"] > 0) == (pseudo["per_label"] > 0) and pseudo["reason"]
+    assert "pseudo-shots:" in report.text() and "pseudo-shots from" in _decision_text(meta)
