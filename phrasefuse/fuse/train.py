@@ -214,7 +214,8 @@ def choose_pseudo(outcome: Outcome, kind: str, blocks: Blocks, y: np.ndarray, ta
     outcome.tuner = tuners[pick]
     outcome.pseudo = {**record, "per_label": chosen["per_label"], "rows": chosen["rows"],
                       "reason": f"{chosen['rows']} pseudo-shots ({chosen['per_label']} per label) beat the head "
-                                f"without them by {100 * gain:+.1f} pt, more than one standard error ({100 * se:.1f} pt)"}
+                                f"without them by {100 * gain:+.1f} pt, more than one standard error "
+                                f"({100 * se:.1f} pt)"}
     outcome.reason += f"; {outcome.pseudo['reason']}"
     return outcome
 
