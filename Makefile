@@ -19,13 +19,17 @@ EXTRAS = test,ray$(if $(GPU),$(comma)gpu)
 
 # Re-installs only when the project's dependencies change (or GPU changes).
 $(VENV)/.installed: pyproject.toml $(if $(GPU),$(VENV)/.gpu,$(VENV)/.cpu)
+	@echo "make install: creating the virtual environment $(VENV) (once)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "make install: upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "make install: installing phrasefuse and its dependencies into $(VENV) (torch, open_clip, FAISS, LightGBM, Ray...: about 3 minutes the first time)"
 	$(if $(GPU),,$(PY) -m pip show --quiet faiss-gpu 2>/dev/null && $(PY) -m pip uninstall --quiet --yes faiss-gpu faiss-cpu || true)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(if $(GPU),$(PY) -m pip uninstall --quiet --yes faiss-cpu)
 	$(if $(GPU),$(PY) -m pip install --quiet --force-reinstall --no-deps "faiss-gpu==$$($(PY) -c 'from importlib.metadata import version; print(version("faiss-gpu"))')")
 	touch $@
+	@echo "make install: done; the CLI is $(VENV)/bin/phrasefuse (or 'source $(VENV)/bin/activate', then 'phrasefuse')"
 
 # Markers of the last install's kind: a change of GPU makes .installed stale.
 $(VENV)/.gpu $(VENV)/.cpu:
@@ -33,8 +37,9 @@ $(VENV)/.gpu $(VENV)/.cpu:
 	rm -f $(VENV)/.gpu $(VENV)/.cpu
 	touch $@
 
+# One worker per core (pytest-xdist); a file's tests stay on one worker, so its fixtures are built once.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 demo: install
 	$(VENV)/bin/phrasefuse demo --work work/demo

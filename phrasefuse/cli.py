@@ -28,6 +28,21 @@ from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET
 
 app = typer.Typer(help=__doc__.split("\n\nThis module")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from phrasefuse import __version__
+
+        typer.echo(f"phrasefuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Better image classifiers by adding text to images."""
 extract_app = typer.Typer(help="Embed every image or text of a manifest once, into an embedding store.",
                           no_args_is_help=True)
 app.add_typer(extract_app, name="extract")
@@ -45,6 +60,19 @@ class Dtype(str, Enum):
 
 
 SHARD_SIZE_HELP = "Rows per shard; a killed job loses at most the shard it was filling."
+MANIFEST_HELP = ("Dataset manifest: a table (Parquet, CSV/TSV, JSON Lines, or a quoted glob), a folder of images "
+                 "(CLASS/ subfolders give the label), WebDataset tars ('shards/{00000..00099}.tar'), or Parquet "
+                 "with image bytes.")
+ID_COL_HELP = "Column holding the row ids (default 'id'; tars: the sample key)."
+IMAGE_COL_HELP = ("Column holding image paths or bytes (binary, or a struct {bytes, path}) (default 'image'; "
+                  "tars: the image member's extension).")
+MAP_LABEL_COL_HELP = "Column (tars: .json field or member extension) read as the label (default 'label'; tars: .cls)."
+
+
+def _source(manifest: str, id_col: Optional[str], image_col: Optional[str], label_col: Optional[str] = None):
+    from phrasefuse.manifests import source_with
+
+    return source_with(manifest, id_col, image_col, label_col)
 
 
 class Engine(str, Enum):
@@ -67,8 +95,11 @@ def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):
 
 @extract_app.command("images")
 def extract_images(
-    manifest: str = typer.Argument(..., metavar="MANIFEST", help="Dataset manifest (Parquet, CSV, JSON Lines, or a quoted glob) with 'id' and 'image'."),
+    manifest: str = typer.Argument(..., metavar="MANIFEST", help=MANIFEST_HELP),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed)."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=MAP_LABEL_COL_HELP),
     model: str = typer.Option(DEFAULT_IMAGE_MODEL, "--model", help="Encoder spec: open_clip:ARCH@PRETRAINED, timm:ARCH@WEIGHTS, or the built-in default."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: min(cores, 4); 0 decodes in the main process)."),
@@ -93,7 +124,7 @@ def extract_images(
     """
     from phrasefuse.extract.jobs import extract_images as run
 
-    summary = run(manifest, out, model=model, batch_size=batch_size, workers=workers, device=device.value,
+    summary = run(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
                   limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
                   engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
                   limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio))
@@ -111,8 +142,11 @@ def _image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio):
 
 @extract_app.command("texts")
 def extract_texts(
-    manifest: str = typer.Argument(..., metavar="MANIFEST", help="Dataset manifest with 'id' and the text column."),
-    col: str = typer.Option(..., "--col", help="Text column (title, description, tags...; lists are joined)."),
+    manifest: str = typer.Argument(..., metavar="MANIFEST", help=MANIFEST_HELP),
+    col: str = typer.Option(..., "--col", help="Text column (title, description, tags...; lists are joined; tars: txt or a .json field)."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help=MAP_LABEL_COL_HELP),
     out: Path = typer.Option(..., "--out", help="Embedding store folder (created, or resumed)."),
     model: str = typer.Option(DEFAULT_TEXT_MODEL, "--model", help="Encoder spec: sentence-transformers:NAME_OR_PATH, open_clip:ARCH@PRETRAINED, or the built-in default."),
     batch_size: int = typer.Option(256, "--batch-size", help="Texts per model call."),
@@ -132,7 +166,8 @@ def extract_texts(
     """
     from phrasefuse.extract.jobs import extract_texts as run
 
-    summary = run(manifest, col, out, model=model, batch_size=batch_size, device=device.value, limit=limit,
+    summary = run(_source(manifest, id_col, image_col, label_col), col, out, model=model, batch_size=batch_size,
+                  device=device.value, limit=limit,
                   shard_size=shard_size, dtype=dtype.value, engine=engine.value,
                   ray=_ray_options(engine, ray_address, ray_actors))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
@@ -159,6 +194,8 @@ LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column m
 @fuse_app.command("train")
 def fuse_train(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with id, labels and (optionally) split."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
     head: HeadKind = typer.Option(..., "--head", help="Which head (linear: logistic regression; mlp: torch; lgbm: LightGBM)."),
     out: Path = typer.Option(..., "--out", help="Head folder (written whole; an existing head is replaced)."),
@@ -180,7 +217,7 @@ def fuse_train(
     from phrasefuse.fuse.train import train_head
 
     check_seed(seed)
-    report = train_head(manifest, feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
+    report = train_head(_source(manifest, id_col, image_col), feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
                         threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
                         label_descriptions=label_descriptions, align_descriptions=align_descriptions,
                         text_model=text_model, label_prior=label_prior, tune_rows=tune_rows,
@@ -193,6 +230,8 @@ def fuse_train(
 def fuse_eval(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
     manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
     feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder)."),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="Label column (default: the head's)."),
@@ -201,13 +240,15 @@ def fuse_eval(
     """Top-1/top-5/macro-F1/per-class accuracy, or mAP and micro P/R/F1 (multi-label), on one split."""
     from phrasefuse.fuse.evaluate import eval_text, evaluate
 
-    report = evaluate(head, manifest, split=split, feature_args=feature, label_col=label_col)
+    report = evaluate(head, _source(manifest, id_col, image_col), split=split, feature_args=feature, label_col=label_col)
     _print(report if as_json else eval_text(report), as_json)
 
 
 @fuse_app.command("ablate")
 def fuse_ablate(
     manifest: str = typer.Option(..., "--manifest", help="Dataset manifest with labels and splits."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     feature: list[str] = typer.Option(..., "--feature", metavar="STORE", help=FEATURE_HELP),
     head: HeadKind = typer.Option(..., "--head", help="Which head (linear: logistic regression; mlp: torch; lgbm: LightGBM)."),
     shots: Optional[list[str]] = typer.Option(None, "--shots", metavar="K", help="K labelled examples per class (repeatable, or 1,5,10); default: all training data."),
@@ -235,7 +276,7 @@ def fuse_ablate(
             except ValueError:
                 raise BadInput(f"--shots {value}: expected whole numbers (e.g. --shots 1 --shots 5, or 1,5)") from None
     rows = [r.split("+") for r in row] if row else None
-    report = ablate(manifest, feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
+    report = ablate(_source(manifest, id_col, image_col), feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
                     multilabel=multilabel, out=out, rows=rows, full=with_full or None, label_prior=label_prior,
                     label_descriptions=label_descriptions, pseudo_shots=pseudo_shots)
     _warn(report.data.get("warnings", []))
@@ -245,6 +286,8 @@ def fuse_ablate(
 @fuse_app.command("zeroshot")
 def fuse_zeroshot(
     manifest: str = typer.Option(..., "--manifest", help="Manifest with ids and labels."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
     phrases: str = typer.Option(..., "--phrases", help="Phrases (or any text) store; its encoder embeds the label texts."),
     label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table (label, description); default: label names."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
@@ -255,7 +298,7 @@ def fuse_zeroshot(
     """Classify with no labelled image: cos(text feature, label text embedding) as class scores."""
     from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
 
-    report = zeroshot(manifest, phrases, label_descriptions=label_descriptions, split=split, label_col=label_col,
+    report = zeroshot(_source(manifest, id_col, image_col), phrases, label_descriptions=label_descriptions, split=split, label_col=label_col,
                       multilabel=multilabel)
     _print(report if as_json else zeroshot_text(report), as_json)
 
@@ -263,17 +306,39 @@ def fuse_zeroshot(
 @app.command("predict")
 def predict(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
-    manifest: str = typer.Option(..., "--manifest", help="Manifest whose ids are in the head's feature stores."),
-    out: Path = typer.Option(..., "--out", help="Predictions Parquet file (written whole)."),
+    inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT", help="Image files, folders, or any MANIFEST (tables, WebDataset tars, Parquet with image bytes)."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="Instead of INPUT: a manifest whose ids are in the head's feature stores (with --out)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Predictions file: .parquet, .csv or .jsonl (written whole)."),
     top_k: int = typer.Option(5, "--top-k", help="Labels (with probabilities) per row."),
-    feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="Read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+    feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="--manifest: read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
+    index: Optional[str] = typer.Option(None, "--index", help="INPUT: the phrase index, when it has moved from where the head recorded it."),
+    model: Optional[str] = typer.Option(None, "--model", help="INPUT: the image encoder spec, when the recorded one has moved (same weights)."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Predict every row: top-k labels with probabilities, missing features, and the phrases behind them."""
-    from phrasefuse.fuse.evaluate import predict as run
+    """Classify INPUT images (their features computed as the head records: image encoder, text
+    columns, phrases through the index; images already in a recorded store are not re-embedded):
+    per image the label, its probability, the top-k and the phrases behind it. With --manifest:
+    every row of a manifest whose features are in stores, into --out."""
+    if manifest is not None:
+        from phrasefuse.fuse.evaluate import predict as run
 
-    summary = run(head, manifest, out, top_k=top_k, feature_args=feature)
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+        if inputs:
+            raise BadInput("predict: give INPUT images or --manifest, not both")
+        if out is None:
+            raise BadInput("predict --manifest: --out is required (the predictions file)")
+        summary = run(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature)
+        _print(summary.as_dict() if as_json else summary.line(), as_json)
+        return
+    if not inputs:
+        raise BadInput("predict: give INPUT images (files, folders, manifests) or --manifest M --out P")
+    from phrasefuse.fuse.evaluate import predict_new
+
+    result = predict_new(head, inputs, top_k=top_k, out=out, index=index, model=model, device=device.value,
+                         id_col=id_col, image_col=image_col)
+    _print(result.as_list() if as_json else result.text(), as_json)
 
 
 # ---------------------------------------------------------------- index (phrasefuse/index/)
@@ -479,9 +544,12 @@ def _print_stages(results, as_json: bool) -> None:
         if result.stage == "report" and result.summary.get("files"):
             work = Path(result.summary["files"][0]).parent
     table = work / "ablation" / "ablation.md" if work else None
-    if as_json:
+    if as_json:  # the same as the text: the stages, then the ablation table
+        ablation = work / "ablation" / "ablation.json" if work else None
         _print({"stages": stages, "work": str(work) if work else None,
-                "report": str(work / "report.html") if work else None}, True)
+                "report": str(work / "report.html") if work else None,
+                "ablation": json.loads(ablation.read_text(encoding="utf-8"))
+                if ablation is not None and ablation.is_file() else None}, True)
         return
     if table is not None and table.is_file():
         typer.echo("\n" + table.read_text(encoding="utf-8"))

@@ -123,13 +123,19 @@ def get_engine(engine: str, ray: RayOptions | None = None) -> LocalEngine | RayE
 # ---------------------------------------------------------------- progress
 
 
+LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
 @contextlib.contextmanager
 def progress(total: int, label: str, enabled: bool | None):
-    """A rich progress bar (rows/s, ETA) on a terminal; nothing otherwise. Yields advance(n)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled or total == 0:
+    """Every batch job's progress, yielding advance(n): on a terminal a rich bar (rows/s, ETA);
+    otherwise (a batch log) one line at most every LOG_EVERY seconds with done/total, rate and ETA,
+    so the log shows the job is alive. `enabled` False: nothing (e.g. --json); None: by the terminal."""
+    if enabled is False or total == 0:
         yield lambda n: None
+        return
+    if not (enabled or sys.stderr.isatty()):
+        yield _progress_lines(total, label)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -148,6 +154,27 @@ def progress(total: int, label: str, enabled: bool | None):
             bar.update(task, advance=n, rate=f"{rate:.1f} rows/s")
 
         yield advance
+
+
+def _progress_lines(total: int, label: str, every: float = LOG_EVERY) -> Callable[[int], None]:
+    """advance(n) that prints 'LABEL: done/total (p%), rate rows/s, ETA' at most every `every` s."""
+    start = last = time.monotonic()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last < every:
+            return
+        last = now
+        rate = done / max(1e-9, now - start)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "unknown"
+        print(f"{label}: {done}/{total} ({100 * done / total:.0f}%), {rate:.1f} rows/s, ETA {eta_text}",
+              file=sys.stderr, flush=True)
+
+    return advance
 
 
 # ---------------------------------------------------------------- Ray session and actor pool

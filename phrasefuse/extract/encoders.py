@@ -322,15 +322,65 @@ def _open_clip(s: Spec):
     pretrained = s.weights
     if pretrained and ("/" in pretrained or Path(pretrained).suffix) and not Path(pretrained).is_file():
         raise BadInput(f"{pretrained}: open_clip checkpoint not found; pass a local file or a pretrained tag")
+    if pretrained and not Path(pretrained).is_file():
+        _check_tag_reachable(s, arch, pretrained)
     try:
         with torch.random.fork_rng():
             torch.manual_seed(0)  # random init (no PRETRAINED) is the same model every time
             model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
     except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        msg = _first_words(str(e)) if str(e).strip() else type(e).__name__
         raise BadInput(f"open_clip:{s.name}@{s.weights or ''}: cannot load ({msg}); check ARCH "
                        f"(open_clip.list_models()) and PRETRAINED (a tag needs a reachable hub; else a local file)") from None
     return model.eval(), arch, transform
+
+
+def _first_words(text: str, limit: int = 200) -> str:
+    """The first line of `text`, cut at a word boundary (never mid-word)."""
+    line = text.strip().splitlines()[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+HUB_HOST, HUB_TIMEOUT = "huggingface.co", 5.0
+
+
+def _check_tag_reachable(s: Spec, arch: str, tag: str) -> None:
+    """A pretrained tag whose weights are not cached locally needs the hub: offline (HF_HUB_OFFLINE=1, or
+    one short connection attempt fails) that is one whole line now, not minutes of retries. Cached
+    weights (huggingface_hub's cache, or open_clip's ~/.cache/clip for URL tags) load as usual."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        return  # an unknown tag: open_clip says so
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename or "open_clip_pytorch_model.bin", "open_clip_model.safetensors",
+                 (filename or "x.bin")[:-4] + ".safetensors"]
+        if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+            return
+        host = HUB_HOST
+    elif url:
+        if os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))):
+            return
+        host = url.split("://", 1)[-1].split("/", 1)[0]
+    else:
+        return
+    why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else None
+    if why is None:
+        import socket
+
+        try:
+            socket.create_connection((host, 443), timeout=HUB_TIMEOUT).close()
+            return
+        except OSError as e:
+            why = f"{host} is unreachable: {e.strerror or type(e).__name__}"
+    raise BadInput(f"open_clip:{s.name}@{tag}: the weights of this pretrained tag are not in the local cache and "
+                   f"cannot be downloaded ({why}); download them once where the hub is reachable, or pass a "
+                   f"local checkpoint: open_clip:{s.name}@/path/to/weights.pt")
 
 
 def _open_clip_image_size(model) -> int:
@@ -385,7 +435,7 @@ def _sentence_transformer(spec: str, family: str, name: str, path: str, dev: tor
     try:
         model = SentenceTransformer(path, device=str(dev))
     except Exception as e:  # noqa: BLE001 - a name the hub cannot give, or a broken folder
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        msg = _first_words(str(e)) if str(e).strip() else type(e).__name__
         raise BadInput(f"sentence-transformers:{path}: cannot load ({msg}); pass a local model folder "
                        f"(no model hub is reachable offline)") from None
 

@@ -246,6 +246,50 @@ def _read_regular(fd: int, path: str, limits: ImageLimits) -> tuple[bytes | None
     return data, None
 
 
+def read_range(path: str, offset: int | None, size: int | None,
+               limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
+    """The `size` bytes at `offset` of `path` (a tar shard's image member): (bytes, None) or (None, reason)."""
+    if offset is None or size is None:
+        return None, f"no image member (.jpg, .jpeg, .png, .webp) in this sample of {path}"
+    if size > limits.max_bytes:
+        return None, (f"file too large: a {size / 2**20:.0f} MB tar member is over the limit of "
+                      f"{limits.max_bytes / 2**20:.0f} MB (max_image_mb): {path}")
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        return None, f"cannot read {path}: {e.strerror}"
+    if len(data) < size:
+        return None, f"truncated tar member in {path} ({len(data)} of {size} bytes)"
+    if not data:
+        return None, f"empty image member in {path}"
+    return data, None
+
+
+def read_source(source, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
+    """An item's bytes from what `image_sources` gives: a path, (shard, offset, size), or the bytes."""
+    if isinstance(source, bytes):
+        if len(source) > limits.max_bytes:
+            return None, (f"file too large: {len(source) / 2**20:.0f} MB of image bytes is over the limit of "
+                          f"{limits.max_bytes / 2**20:.0f} MB (max_image_mb)")
+        return (source, None) if source else (None, "no image bytes in this row")
+    if isinstance(source, tuple):
+        return read_range(*source, limits)
+    return read_item(source, limits)
+
+
+def image_sources(rows) -> list:
+    """Per row of an Arrow table from `manifests.image_chunks`, where its bytes are: the path
+    (`image`), (shard, offset, size) for tar members (`_offset`, `_size`), or the bytes (`_bytes`)."""
+    if "_bytes" in rows.column_names:
+        return [b or b"" for b in rows["_bytes"].to_pylist()]
+    paths = rows["image"].to_pylist()
+    if "_offset" in rows.column_names:
+        return list(zip(paths, rows["_offset"].to_pylist(), rows["_size"].to_pylist()))
+    return paths
+
+
 @dataclass(frozen=True)
 class PixelPlan:
     """Resize shorter side -> centre crop -> [0, 1] -> (x - mean) / std, as tensor operations."""
@@ -300,11 +344,11 @@ class PixelPlan:
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Rows (id, path) -> items for the model. Items whose content key is in
+    """Rows (id, where its bytes are: `image_sources`) -> items for the model. Items whose content key is in
     `known_keys` are not decoded: their embedding already exists. `to_pixels` is the
     encoder's (`ImageEncoder.to_pixels`): a PixelPlan, or its transform."""
 
-    def __init__(self, ids: list[str], paths: list[str | None], to_pixels: Callable,
+    def __init__(self, ids: list[str], paths: list, to_pixels: Callable,
                  resize_shorter: int, known_keys: frozenset[str] = frozenset(),
                  limits: ImageLimits = DEFAULT_LIMITS):
         self.ids, self.paths = ids, paths
@@ -318,7 +362,7 @@ class ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple:
         """(id, key, pixels | None, reason | None). Never raises: a bad row never stops the job."""
         try:
-            data, reason = read_item(self.paths[i], self.limits)
+            data, reason = read_source(self.paths[i], self.limits)
         except Exception as e:  # noqa: BLE001 - e.g. a path of another type than str
             data, reason = None, f"cannot read {self.paths[i]!r} ({type(e).__name__}: {str(e)[:120]})"
         if data is None:

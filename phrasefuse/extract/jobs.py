@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from phrasefuse.engine import BLOCK_BATCHES, Job, RayOptions, arrow_blocks, get_engine, progress as progress_bar
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from phrasefuse.manifests import Manifest, read_manifest
+from phrasefuse.manifests import Manifest, Source, image_chunks, read_manifest
 from phrasefuse.manifests.tables import sql
 from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
 
@@ -63,7 +63,10 @@ class ExtractSummary:
                 f"{failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"rows_per_second": round(self.rows_per_second, 2)}
+        """As `line` counts them: `failed` the broken rows, `no_text` the rows without text
+        (`errors`: both, the rows of errors.parquet this run)."""
+        return asdict(self) | {"failed": self.failed - self.no_text, "errors": self.failed,
+                               "rows_per_second": round(self.rows_per_second, 2)}
 
 
 # ---------------------------------------------------------------- reader
@@ -77,9 +80,10 @@ def pending_rows(manifest: Manifest, store: EmbeddingStore) -> tuple[pa.Table, p
     return todo, existing
 
 
-def image_rows(manifest: str | os.PathLike, limit: int | None, allow_outside_paths: bool) -> Manifest:
-    """The image job's input rows (id, image: a file path). Image paths that resolve outside the
-    manifest's folder are refused unless `allow_outside_paths`. (New image sources land here.)"""
+def image_rows(manifest: str | os.PathLike | Source, limit: int | None, allow_outside_paths: bool) -> Manifest:
+    """The image job's input rows: a table, a folder of images, WebDataset tars or Parquet with image
+    bytes (`manifests.sources`; the rows' image bytes: `manifests.image_chunks`). Image paths that
+    resolve outside the manifest's folder are refused unless `allow_outside_paths`."""
     return read_manifest(manifest, require_image=True, allow_outside_paths=allow_outside_paths).head(limit)
 
 
@@ -99,7 +103,8 @@ def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
 
 def image_job(todo: pa.Table, known_keys: pa.Array | pa.ChunkedArray, encoder, spec: str, *, batch_size: int,
               workers: int | None, device: str, limits=None) -> Job:
-    """The image mapper for either engine: pending rows (id, image) -> `mappers.ImageBatch`es."""
+    """The image mapper for either engine: pending rows (id, image[, _offset, _size | _bytes]: a chunk of
+    `manifests.image_chunks`) -> `mappers.ImageBatch`es."""
     from phrasefuse.extract import mappers
 
     known_keys = known_keys.combine_chunks() if isinstance(known_keys, pa.ChunkedArray) else known_keys
@@ -107,7 +112,7 @@ def image_job(todo: pa.Table, known_keys: pa.Array | pa.ChunkedArray, encoder, s
                local=lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers, limits),
                actor=mappers.ImageEmbedder,
                actor_args={"spec": spec, "identity": encoder.identity, "known_keys": known_keys, "limits": limits},
-               read=lambda ray: arrow_blocks(ray, todo.select(["id", "image"]), batch_size * BLOCK_BATCHES),
+               read=lambda ray: arrow_blocks(ray, todo, batch_size * BLOCK_BATCHES),
                batch_size=batch_size, device=device, collect=mappers.image_batches_from_actors)
 
 
@@ -132,10 +137,13 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     with StoreWriter.open(out, meta, shard_size) as writer:
         todo, existing = pending_rows(rows, writer.store)
         summary.present = len(rows) - todo.num_rows
-        job = image_job(todo, existing["key"], encoder, model, batch_size=batch_size, workers=workers, device=device,
-                        limits=limits)
+        known_keys, known = existing["key"].combine_chunks(), []
         with progress_bar(todo.num_rows, "extract images", progress) as advance:
-            known = _write_image_batches(writer, runner.map(job), summary, advance)
+            for chunk in image_chunks(todo, rows.image_bytes):  # Parquet bytes: a few thousand rows at a time
+                job = image_job(chunk, known_keys, encoder, model, batch_size=batch_size, workers=workers,
+                                device=device, limits=limits)
+                new_keys = _write_image_batches(writer, runner.map(job), summary, advance, known)
+                known_keys = pa.concat_arrays([known_keys, pa.array(new_keys, pa.string())])
         summary.reused = _copy_known(writer, known)
         writer.flush()
     summary.seconds = time.perf_counter() - start
@@ -143,9 +151,10 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
 
 
 def _write_image_batches(writer: StoreWriter, batches: Iterator, summary: ExtractSummary,
-                         advance) -> list[tuple[str, str]]:
-    """Write the embedded rows and the errors of each batch; returns the (id, key) rows to copy."""
-    known: list[tuple[str, str]] = []
+                         advance, known: list[tuple[str, str]]) -> list[str]:
+    """Write the embedded rows and the errors of each batch; adds the (id, key) rows to copy to
+    `known`; returns the keys embedded."""
+    keys: list[str] = []
     for batch in batches:
         known.extend(batch.known)
         if batch.errors:
@@ -154,8 +163,9 @@ def _write_image_batches(writer: StoreWriter, batches: Iterator, summary: Extrac
         if batch.ids:
             writer.add(batch.ids, batch.keys, batch.emb)
             summary.embedded += len(batch.ids)
+            keys.extend(batch.keys)
         advance(batch.rows)
-    return known
+    return keys
 
 
 # ---------------------------------------------------------------- texts
@@ -174,7 +184,7 @@ def text_column(manifest: Manifest, col: str) -> pa.Array:
     return pc.utf8_trim_whitespace(pc.cast(values, pa.string()))
 
 
-def text_rows(manifest: str | os.PathLike, col: str, limit: int | None) -> pa.Table:
+def text_rows(manifest: str | os.PathLike | Source, col: str, limit: int | None) -> pa.Table:
     """The text job's input rows (id, text): refuses a missing column before a model is loaded."""
     rows = read_manifest(manifest).head(limit)
     return pa.table({"id": rows.ids, "text": text_column(rows, col)})

@@ -48,9 +48,9 @@ def image_loader(todo: pa.Table, known_keys: pa.Array, encoder, batch_size: int,
     `known_keys` are hashed, not decoded."""
     import torch
 
-    from phrasefuse.extract.images import DEFAULT_LIMITS, ImageRows, collate, worker_init
+    from phrasefuse.extract.images import DEFAULT_LIMITS, ImageRows, collate, image_sources, worker_init
 
-    dataset = ImageRows(todo["id"].to_pylist(), todo["image"].to_pylist(), encoder.to_pixels,
+    dataset = ImageRows(todo["id"].to_pylist(), image_sources(todo), encoder.to_pixels,
                         encoder.resize_shorter, frozenset(known_keys.to_pylist()), limits or DEFAULT_LIMITS)
     workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
     return torch.utils.data.DataLoader(
@@ -110,9 +110,9 @@ class ImageEmbedder:
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from phrasefuse.extract.images import ImageRows, collate
+        from phrasefuse.extract.images import ImageRows, collate, image_sources
 
-        rows = ImageRows(batch["id"].to_pylist(), batch["image"].to_pylist(), self.encoder.to_pixels,
+        rows = ImageRows(batch["id"].to_pylist(), image_sources(batch), self.encoder.to_pixels,
                          self.encoder.resize_shorter, self.known_keys, self.limits)
         items = list((self.pool.map if self.pool else map)(rows.__getitem__, range(len(rows))))
         out = collate(items)

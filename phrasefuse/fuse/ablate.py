@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from phrasefuse.errors import BadInput
+from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.fuse.heads import head_params
 from phrasefuse.fuse.labeltext import apply_prior
@@ -136,7 +137,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
            params: dict | None = None, rows: Sequence[Sequence[str]] | None = None,
            shot_rows: Sequence[Sequence[str]] | None = None, full: bool | None = None,
            label_prior: str | None = None, label_descriptions: str | None = None,
-           pseudo_shots: str | None = None) -> AblationReport:
+           pseudo_shots: str | None = None, text_model: str | None = None) -> AblationReport:
     """The ablation table. `rows` (lists of feature names) replaces the default feature
     subsets of the full-data table, `shot_rows` those of the K-shot tables (default: `rows`).
     `full`: also the full-data table when `shots` are given (default: only without shots).
@@ -144,7 +145,8 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     added to the head's log-probabilities in rows that list LABEL_PRIOR, with its weight chosen
     like the text trust (validation, or cross-validation within the shots). `pseudo_shots`: a
     phrase index whose pseudo-labelled prototypes rows that list PSEUDO_SHOTS offer to the head
-    (fuse/pseudo.py), kept by the same rule."""
+    (fuse/pseudo.py), kept by the same rule; `text_model` matches phrases to label texts
+    (default: the built-in text encoder)."""
     start = time.perf_counter()
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
@@ -164,7 +166,8 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior, bool(pseudo_shots)) if shot_rows \
         else default_subsets
     cos = prior_scores(prep, label_prior, label_descriptions) if label_prior else None
-    pseudo = pseudo_shots_for(prep, pseudo_shots, label_descriptions) if pseudo_shots else None
+    pseudo = pseudo_shots_for(prep, pseudo_shots, label_descriptions, text_model or DEFAULT_TEXT_MODEL) \
+        if pseudo_shots else None
     test_labels = prep.labels.take(split_rows["test"])
     warnings = data_warnings(prep.labels, split_rows, ("val", "test") if full else ("test",), check_val=full)
     warnings += [w for w in (shots_warning(prep.labels, split_rows["train"], int(k)) for k in shots) if w]

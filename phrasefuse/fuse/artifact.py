@@ -40,7 +40,26 @@ WEIGHTS = "weights.safetensors"
 def feature_record(feature: Feature) -> dict:
     return {"name": feature.name, "path": str(feature.path), "modality": feature.modality,
             "encoder": dict(feature.store.meta["encoder"]), "dim": feature.dim,
-            "source": feature.store.meta.get("source", {})}
+            "source": feature.store.meta.get("source", {}), "provenance": feature_provenance(feature)}
+
+
+def feature_provenance(feature: Feature) -> dict:
+    """How the feature's vectors are made, so `predict` can make them for new images: the image
+    encoder (spec and identity); a text column and its encoder; for phrases the index folder, its
+    build id, k, weighting and text model."""
+    meta = feature.store.meta
+    encoder = meta["encoder"]
+    made_by = {"encoder": encoder.get("spec"), "identity": encoder_identity(encoder)}
+    if "phrases" in meta:
+        p = meta["phrases"]
+        index = p.get("index")
+        return {"kind": "phrases", "index": os.path.abspath(index) if index else None,
+                "build_id": p.get("build_id"), "k": p.get("k"), "weighting": p.get("weighting"),
+                "text_model": p.get("text_model") or encoder.get("spec"), "index_encoder": p.get("index_encoder"),
+                **made_by}
+    if meta.get("modality") == "image":
+        return {"kind": "image", **made_by}
+    return {"kind": "text", "column": (meta.get("source") or {}).get("column"), **made_by}
 
 
 # ---------------------------------------------------------------- saving

@@ -102,14 +102,27 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
     by the head's threshold and cap), features missing for the row, and the phrases of any
     phrases store among the features (so a user can see why)."""
     start = time.perf_counter()
-    if top_k < 1:
-        raise BadInput(f"--top-k {top_k}: must be at least 1")
+    _check_top_k(top_k)
     head = load_head(head_path)
     manifest = read_manifest(manifest_path)
     ids = manifest.ids
     features = head.features(feature_args)
     blocks, cos = head.inputs(ids, manifest.source, feature_args)
-    probs = head.predict(blocks, cos)
+    phrase_features = [f for f in features if f.has_column("phrases")]
+    phrases = {f.name: phrases_for(f, ids) for f in phrase_features}
+    table = prediction_table(head, ids, head.predict(blocks, cos), blocks, phrases, top_k)
+    write_predictions(table, out)
+    return PredictSummary(str(out), len(ids), time.perf_counter() - start)
+
+
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise BadInput(f"--top-k {top_k}: must be at least 1")
+
+
+def prediction_table(head, ids: pa.Array, probs: np.ndarray, blocks, phrases: dict[str, pa.Array],
+                     top_k: int) -> pa.Table:
+    """id, label + probability (multi-label: labels), top_labels, top_probs, missing_features, phrases."""
     n, C = probs.shape
     k = min(top_k, C)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -128,20 +141,97 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
     columns["top_labels"] = pa.ListArray.from_arrays(offsets, vocab.take(pa.array(top.ravel())))
     columns["top_probs"] = pa.ListArray.from_arrays(
         offsets, pa.array(np.take_along_axis(probs, top, axis=1).ravel().astype(np.float32)))
-    names = np.array([f.name for f in features], dtype=object)
+    names = np.array([f["name"] for f in head.meta["features"]], dtype=object)
     miss_row, miss_col = np.nonzero(~blocks.present)
     columns["missing_features"] = pa.ListArray.from_arrays(
         pa.array(np.r_[0, np.cumsum(np.bincount(miss_row, minlength=n))].astype(np.int32)),
         pa.array(names[miss_col].tolist() if len(miss_col) else [], pa.string()))
-    phrase_features = [f for f in features if f.has_column("phrases")]
-    for f in phrase_features:
-        name = "phrases" if len(phrase_features) == 1 else f"phrases_{f.name}"
-        columns[name] = phrases_for(f, ids)
+    for name, values in phrases.items():
+        columns["phrases" if len(phrases) == 1 else f"phrases_{name}"] = values
+    return pa.table(columns)
+
+
+def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
+    """CSV (lists joined with '|'), JSON Lines (.jsonl) or else Parquet, by the extension of `out`;
+    written whole."""
+    from phrasefuse.store import write_atomic
+
+    suffix = Path(out).suffix.lower()
     if Path(out).is_dir():
         raise BadInput(f"--out {out}: is a folder; pass a file name (e.g. {Path(out) / 'predictions.parquet'})")
     make_folder(Path(out).parent)
-    write_parquet_atomic(out, pa.table(columns))
-    return PredictSummary(str(out), n, time.perf_counter() - start)
+    if suffix not in (".csv", ".jsonl"):
+        write_parquet_atomic(out, table)
+    elif suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        flat = pa.table({name: pc.binary_join(pc.cast(col, pa.list_(pa.string())), "|")
+                         if pa.types.is_list(col.type) else col for name, col in zip(table.column_names, table.columns)})
+        write_atomic(out, lambda path: pcsv.write_csv(flat, path))
+    else:
+        import json
+
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
+        write_atomic(out, lambda path: Path(path).write_text(text, encoding="utf-8"))
+
+
+@dataclass
+class NewPredictions:
+    table: pa.Table
+    out: str | None
+    seconds: float
+
+    def as_list(self) -> list[dict]:
+        return [{k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]
+                     if isinstance(v, list) and v and isinstance(v[0], float) else v) for k, v in row.items()}
+                for row in self.table.to_pylist()]
+
+    def text(self) -> str:
+        lines = []
+        for row in self.as_list():
+            if row.get("error"):
+                lines.append(f"{row['id']}: no prediction ({row['error']})")
+                continue
+            label = (f"{row['label']} ({100 * row['probability']:.1f}%)" if "label" in row
+                     else ", ".join(row["labels"]) or "(no label above the threshold)")
+            top = ", ".join(f"{lab} {100 * p:.1f}%" for lab, p in zip(row["top_labels"], row["top_probs"]))
+            lines.append(f"{row['id']}: {label}; top: {top}")
+            for key in [k for k in row if k.startswith("phrases")]:
+                lines.append(f"  {key}: {', '.join(row[key] or []) or '(none)'}")
+            if row["missing_features"]:
+                lines.append(f"  without: {', '.join(row['missing_features'])}")
+        if self.out:
+            lines.append(f"predict: {self.table.num_rows} rows -> {self.out} ({self.seconds:.1f} s)")
+        return "\n".join(lines)
+
+
+def predict_new(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, top_k: int = 5,
+                out: str | os.PathLike | None = None, index: str | None = None, model: str | None = None,
+                device: str = "auto", id_col: str | None = None, image_col: str | None = None) -> NewPredictions:
+    """`predict HEAD INPUT...`: the head on images it has not seen (files, folders, any manifest
+    source), computing their features as the head's meta.json records (`fuse.newinputs`)."""
+    from phrasefuse.fuse.newinputs import compute, provenance, read_inputs
+
+    start = time.perf_counter()
+    _check_top_k(top_k)
+    head = load_head(head_path)
+    provenance(head)  # an old head is refused before any image is read
+    manifest = read_inputs(inputs, id_col, image_col)
+    made = compute(head, manifest, index=index, model=model, device=device)
+    cos = None
+    if made.prior is not None:
+        cos = cosine_scores(made.prior[0], made.prior[1], head.prior_labels)
+    table = prediction_table(head, made.ids, head.predict(made.blocks, cos), made.blocks, made.phrases, top_k)
+    failed = pc.is_valid(made.errors)
+    if pc.any(failed).as_py():  # no image vector: no prediction, the reason instead
+        for name in [c for c in table.column_names if c not in ("id", "missing_features")]:
+            col = table[name]
+            table = table.set_column(table.column_names.index(name), name,
+                                     pc.if_else(failed, pa.nulls(len(failed), col.type), col))
+    table = table.append_column("error", made.errors)
+    if out is not None:
+        write_predictions(table, out)
+    return NewPredictions(table, str(out) if out else None, time.perf_counter() - start)
 
 
 def phrases_for(feature: Feature, ids: pa.Array) -> pa.Array:

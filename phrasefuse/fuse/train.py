@@ -473,7 +473,8 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
                   for e in outcome.tuning]
     considered = [{"name": f.name, "role": prep.roles[j],
                    "trust": (outcome.fused.trust()[outcome.fused_blocks.index(j)]
-                             if outcome.fused is not None and j in outcome.fused_blocks else 0.0),
+                             if outcome.fused is not None and j in outcome.fused_blocks
+                             else trust[outcome.saved_blocks.index(j)] if j in outcome.saved_blocks else 0.0),
                    "coverage": float(prep.blocks.present[train_rows, j].mean())}
                   for j, f in enumerate(prep.features)]
     selection = {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme, "rule": TEXT_RULE,

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.engine import Job, RayOptions, check_identity, get_engine, set_threads
+from phrasefuse.engine import progress as progress_bar
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.index import DEFAULT_PHRASES_K
@@ -109,7 +110,7 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                      k: int = DEFAULT_PHRASES_K, text_model: str = DEFAULT_TEXT_MODEL, score_weighted: bool = False,
                      batch_size: int | None = None, text_batch_size: int | None = None, device: str = "auto",
                      shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32", engine: str = "local",
-                     ray: RayOptions | None = None) -> PhrasesSummary:
+                     ray: RayOptions | None = None, progress: bool | None = None) -> PhrasesSummary:
     """Write the phrases store `out` for the images of store `images`, looked up in `index`.
     `engine` "ray" runs the mapper on Ray (`ray`: its `phrasefuse.engine.RayOptions`). `device`
     auto|cpu|cuda places the FAISS search and the text model; batch sizes left None are sized to it."""
@@ -147,13 +148,15 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
         summary.present = int(pc.sum(pc.is_in(store.read_table(["id"])["id"], value_set=done)).as_py() or 0)
         job = phrases_job(store, done, phrase_index, text_encoder, text_model, k=k, score_weighted=score_weighted,
                           batch_size=batch_size, text_batch_size=text_batch_size, device=device)
-        _write_phrase_batches(writer, runner.map(job), phrase_index.phrases, summary)
+        with progress_bar(summary.images - summary.present, "phrases", progress) as advance:
+            _write_phrase_batches(writer, runner.map(job), phrase_index.phrases, summary, advance)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _write_phrase_batches(writer: StoreWriter, batches, phrases: pa.Array, summary: PhrasesSummary) -> None:
+def _write_phrase_batches(writer: StoreWriter, batches, phrases: pa.Array, summary: PhrasesSummary,
+                          advance=lambda n: None) -> None:
     """Write each mapped batch: features with their phrases and scores; rows without a phrase as errors."""
     used = np.zeros(len(phrases), bool)  # phrases already counted (embedded once each)
     for batch, features, rows, scores in batches:
@@ -171,6 +174,7 @@ def _write_phrase_batches(writer: StoreWriter, batches, phrases: pa.Array, summa
         writer.add_errors(failed, ["no phrase found: the index returned no neighbour"] * len(failed))
         summary.written += int(ok.sum())
         summary.failed += len(failed)
+        advance(batch.num_rows)
 
 
 # ---------------------------------------------------------------- the mapper, on either engine

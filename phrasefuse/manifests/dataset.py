@@ -19,14 +19,15 @@ store's errors.parquet and go on.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests.tables import FILE_COL, ROW_COL, read_table, sql, where
+from phrasefuse.manifests.sources import SPLIT_ALIASES, Source, read_source
+from phrasefuse.manifests.tables import FILE_COL, ROW_COL, sql, where
 
 SPLITS = ("train", "val", "test")
 # Hash split: bucket = first 32 bits of md5(id) mod 100; < 80 train, < 90 val, else test.
@@ -41,6 +42,7 @@ class Manifest:
 
     source: str
     table: pa.Table
+    image_bytes: str | None = None  # the files' column holding image bytes (Parquet), not in `table`
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -59,16 +61,17 @@ class Manifest:
         return where(self.table, index)
 
     def head(self, limit: int | None) -> "Manifest":
-        return self if limit is None else Manifest(self.source, self.table.slice(0, max(0, limit)))
+        return self if limit is None else replace(self, table=self.table.slice(0, max(0, limit)))
 
 
-def read_manifest(pattern: str | os.PathLike, *, require_image: bool = False,
+def read_manifest(pattern: str | os.PathLike | Source, *, require_image: bool = False,
                   allow_outside_paths: bool = False) -> Manifest:
-    """Read and validate a dataset manifest; raises BadInput naming file, row and column.
+    """Read and validate a dataset manifest (a table, a folder of images, WebDataset tars, Parquet
+    with image bytes: `sources.read_source`); raises BadInput naming file, row and column.
 
     With `require_image` (the images will be read), image paths must resolve inside the folder
     of their manifest file unless `allow_outside_paths`."""
-    table = read_table(pattern, what="manifest")
+    table, image_bytes = read_source(pattern)
     source = str(pattern)
     if table.num_rows == 0:
         raise BadInput(f"{source}: the manifest has no rows; add rows with at least an 'id' column")
@@ -81,7 +84,7 @@ def read_manifest(pattern: str | os.PathLike, *, require_image: bool = False,
         if name in table.column_names:
             table = _validate_labels(source, table, name)
     table = _assign_splits(source, table)
-    return Manifest(source, table)
+    return Manifest(source, table, image_bytes)
 
 
 def hash_split(ids: pa.Array) -> pa.Array:
@@ -213,6 +216,9 @@ def _assign_splits(source: str, table: pa.Table) -> pa.Table:
     if not (pa.types.is_string(split.type) or pa.types.is_large_string(split.type)):
         raise BadInput(f"{source}: column 'split' has type {split.type}; expected one of {', '.join(SPLITS)}")
     split = pc.cast(split, pa.string()).combine_chunks()
+    aliases = pa.array(list(SPLIT_ALIASES))  # validation, valid, dev... read as val
+    where_alias = pc.index_in(pc.utf8_lower(split), value_set=aliases)
+    split = pc.if_else(pc.is_valid(where_alias), pa.array(list(SPLIT_ALIASES.values())).take(where_alias), split)
     bad = pc.and_(pc.is_valid(split), pc.invert(pc.is_in(split, value_set=pa.array(SPLITS))))
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()

@@ -53,8 +53,9 @@ def _connect():
     return con
 
 
-def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
-    """All files of `pattern` as one Arrow table, with `_file` and `_row` columns.
+def read_table(pattern: str | os.PathLike, what: str = "table", exclude: tuple[str, ...] = ()) -> pa.Table:
+    """All files of `pattern` as one Arrow table, with `_file` and `_row` columns, without the
+    columns `exclude` names (never read: Parquet image bytes stay on disk).
 
     Files may differ in columns (missing ones become null); a column whose types
     cannot be unified across files is an error naming both files.
@@ -64,7 +65,7 @@ def read_table(pattern: str | os.PathLike, what: str = "table") -> pa.Table:
         reader = _reader(path, what)
         con = _connect()
         try:
-            table = _select(con, reader, path).to_arrow_table()
+            table = _select(con, reader, path, exclude).to_arrow_table()
         except duckdb.Error as e:
             raise _cannot_read(path, what, e) from None
         finally:
@@ -85,13 +86,17 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _select(con, reader: str, path: Path):
-    """All rows of one file. A JSON column whose values mix types (`"label": 1` in one row and
-    `"label": "1"` in another) comes from DuckDB as raw JSON text; its scalar values are read as
-    their text instead (1, "1" -> "1"; true -> "true"; list items likewise), and a column that
-    mixes lists or objects with other values is refused, naming it and the first such row."""
+def _select(con, reader: str, path: Path, exclude: tuple[str, ...] = ()):
+    """All rows of one file, without the columns `exclude` names (never read). A JSON column whose
+    values mix types (`"label": 1` in one row and `"label": "1"` in another) comes from DuckDB as raw
+    JSON text; its scalar values are read as their text instead (1, "1" -> "1"; true -> "true"; list
+    items likewise), and a column that mixes lists or objects with other values is refused, naming
+    it and the first such row."""
     params = {"path": str(path)}
     base = f"SELECT * FROM {reader}"
+    dropped = [c for c in exclude if c in con.sql(base, params=params).columns]
+    if dropped:
+        base = f"SELECT * EXCLUDE ({', '.join(map(_quoted, dropped))}) FROM {reader}"
     rel = con.sql(base, params=params)
     mixed = {name: str(t) for name, t in zip(rel.columns, rel.types) if str(t) in ("JSON", "JSON[]")}
     if not mixed:

@@ -76,7 +76,7 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
     """The best fused head's sections: its confusion matrix (single-label) and the gallery against the baseline."""
     from phrasefuse.manifests import read_manifest
 
-    manifest = read_manifest(config.data.manifest)
+    manifest = read_manifest(config.data.source)
     fused = [n for n in metas if n != BASELINE]
     best = max(fused, key=lambda n: _test_score(metas[n]), default=None)
     if best is None or not layout.predictions(best).is_file():
@@ -94,7 +94,11 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
         write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, f"{best} head, test split"))
         written.append(path)
         sections.append(f"<h2>Confusion matrix: best head ({html.escape(best)})</h2>" + _img(path, "confusion"))
-    if config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
+    if config.report.gallery and (metas[best].get("selection") or {}).get("saved") == "image-only":
+        sections.append(f"<h2>Gallery</h2><p>The saved {html.escape(best)} head is the image-only fallback (text "
+                        f"did not beat image-only on validation): it is the same model as the image-only head, so "
+                        f"text fixed and broke nothing; no gallery to compare.</p>")
+    elif config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
         base_pred = _predictions(layout.predictions(BASELINE), test["id"])
         sections.append(_gallery_html(config, layout, test, base_pred, best_pred, best, config.report.gallery))
     return sections

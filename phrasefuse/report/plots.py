@@ -37,8 +37,13 @@ def ablation_bars(table: dict, path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.2), dpi=110)
     ax.bar(range(len(rows)), means, yerr=stds, color=colours, capsize=3)
     if base is not None:
+        from matplotlib.patches import Patch
+
         ax.axhline(base, color="#444", lw=0.8, ls="--", label="image only")
-        ax.legend(loc="lower right", fontsize=8)
+        handles = [ax.get_legend_handles_labels()[0][0], Patch(color="#2a9d8f", label="above image only"),
+                   Patch(color="#e76f51", label="below image only"),
+                   Patch(color="#9e9e9e", label="image only, or level with it")]
+        ax.legend(handles=handles, loc="lower right", fontsize=8)
     for i, m in enumerate(means):
         ax.text(i, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)

@@ -34,6 +34,15 @@ class Data:
     text_columns: list[str] = field(default_factory=list)
     label_descriptions: Path | None = None
     allow_outside_paths: bool = False
+    id_col: str | None = None  # column mapping (as --id-col / --image-col)
+    image_col: str | None = None
+
+    @property
+    def source(self):
+        """The manifest with its column mapping, as the jobs read it."""
+        from phrasefuse.manifests import source_with
+
+        return source_with(self.manifest, self.id_col, self.image_col)
 
 
 @dataclass
@@ -136,14 +145,16 @@ def parse_config(raw: dict, path: Path) -> Config:
 
     data_raw = c.table(raw, "data", required=True)
     c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions",
-                               "allow_outside_paths"})
+                               "allow_outside_paths", "id_col", "image_col"})
     text_columns = c.get(data_raw, "text_columns", list, [], item=str, where="data")
     data = Data(manifest=_path(base, c.get(data_raw, "manifest", str, where="data")),
                 label_col=c.get(data_raw, "label_col", str, None, where="data"),
                 multilabel=c.get(data_raw, "multilabel", bool, False, where="data"),
                 text_columns=text_columns,
                 label_descriptions=_path(base, c.get(data_raw, "label_descriptions", str, None, where="data")),
-                allow_outside_paths=c.get(data_raw, "allow_outside_paths", bool, False, where="data"))
+                allow_outside_paths=c.get(data_raw, "allow_outside_paths", bool, False, where="data"),
+                id_col=c.get(data_raw, "id_col", str, None, where="data"),
+                image_col=c.get(data_raw, "image_col", str, None, where="data"))
     for name in text_columns:
         if name in (IMAGE, PHRASES, QUERY_IMAGE) or not name.replace("_", "").replace("-", "").isalnum():
             c.fail("data.text_columns", f"{name!r} cannot name a feature; use a column name of letters, digits, "

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
+from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
 from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
 from phrasefuse.store import EmbeddingStore, make_folder, recover_leftovers, remove_folder, write_json_atomic
@@ -91,8 +92,12 @@ class Layout:
 
 
 def files_fingerprint(pattern: str | os.PathLike) -> str:
-    """sha256 over the bytes of every file a path or glob names (manifests, pairs tables)."""
-    paths = sorted(glob.glob(str(pattern), recursive=True)) if glob.has_magic(str(pattern)) else [str(pattern)]
+    """sha256 over the bytes of every file a path, glob (** recursive) or brace range names (manifests,
+    tar shards, pairs tables); for a folder of images, the names, sizes and modification times of its files."""
+    if os.path.isdir(pattern):
+        return _tree_fingerprint(Path(pattern))
+    paths = [p for name in expand_braces(str(pattern))
+             for p in (sorted(glob.glob(name, recursive=True)) if glob.has_magic(name) else [name])]
     h = hashlib.sha256()
     for p in paths:
         h.update(p.encode())
@@ -110,6 +115,10 @@ def folder_fingerprint(path: Path) -> str | None:
     None when it has no meta.json (not there, or incomplete)."""
     if not (path / "meta.json").is_file():
         return None
+    return _tree_fingerprint(path)
+
+
+def _tree_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
@@ -213,7 +222,7 @@ def zeroshot_stage(config: Config, layout: Layout, state: RunState, labels: dict
     def zeroshot_job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
 
-        report = zeroshot(config.data.manifest, layout.store(PHRASES),
+        report = zeroshot(config.data.source, layout.store(PHRASES),
                           str(descriptions) if descriptions else None, label_col=config.data.label_col,
                           multilabel=config.data.multilabel)
         write_json_atomic(layout.zeroshot, report)
@@ -231,13 +240,13 @@ def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict
     def ablation_job() -> tuple[str, dict]:
         from phrasefuse.fuse.ablate import ablate
 
-        report = ablate(config.data.manifest, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
+        report = ablate(config.data.source, features_of(names), ab.head, shots=ab.shots, seeds=ab.seeds,
                         label_col=config.data.label_col, multilabel=config.data.multilabel,
                         out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True,
                         label_prior=ab.label_prior,
                         label_descriptions=str(descriptions) if descriptions and (ab.label_prior or ab.pseudo_shots)
                         else None,
-                        pseudo_shots=str(layout.index) if ab.pseudo_shots else None)
+                        pseudo_shots=str(layout.index) if ab.pseudo_shots else None, text_model=config.encoders.text)
         return (f"ablation: {ab.head} head, {len(report.data['tables'])} table(s), {ab.seeds} seed(s); "
                 f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
             {"seconds": report.data["seconds"]}
@@ -245,7 +254,7 @@ def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict
     inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names),
               "descriptions": files_fingerprint(descriptions) if descriptions and (ab.label_prior or ab.pseudo_shots)
               else None,
-              "index": folder_fingerprint(layout.index) if ab.pseudo_shots else None}
+              **({"index": _build_id(layout.index), "text_model": config.encoders.text} if ab.pseudo_shots else {})}
     return state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
 
 
@@ -270,9 +279,9 @@ def check_inputs(config: Config) -> None:
     if config.phrases:
         named += [("phrases.pairs", config.phrases.pairs), ("phrases.images", config.phrases.images)]
     for key, path in named:
-        # recursive: a ** matches as the commands read it (manifests.tables.expand)
-        if path is not None and not (glob.glob(str(path), recursive=True) if glob.has_magic(str(path))
-                                     else path.exists()):
+        # recursive: a ** matches as the commands read it (manifests.tables.expand); braces: tar shards
+        if path is not None and not all(glob.glob(name, recursive=True) if glob.has_magic(name)
+                                        else os.path.exists(name) for name in expand_braces(str(path))):
             raise BadInput(f"{config.path}: key '{key}': {path} does not exist; fix the path (relative to the "
                            f"config file's folder)")
     _check_columns(config)
@@ -281,9 +290,9 @@ def check_inputs(config: Config) -> None:
 def _check_columns(config: Config) -> None:
     """The manifest has the columns the config names (read from the files' schemas, before any work:
     not after hours of extraction)."""
-    from phrasefuse.manifests.tables import table_columns
+    from phrasefuse.manifests.sources import source_columns
 
-    columns = table_columns(config.data.manifest, what="manifest")
+    columns = source_columns(config.data.source)  # tables: their schemas; folders, tars: their layout
     for key, name in [("data.text_columns", n) for n in config.data.text_columns] + \
             ([("data.label_col", config.data.label_col)] if config.data.label_col else []):
         if name not in columns:
@@ -303,13 +312,13 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
     out = layout.store(IMAGE)
     yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
                                          "allow_outside_paths": config.data.allow_outside_paths, **limits},
-                    lambda: _retrying(out), lambda: image_job(config.data.manifest, out))
+                    lambda: _retrying(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:
         out_t = layout.store(col)
         yield state.run(f"extract {col}", {"manifest": manifest_fp, "column": col, "model": enc.text},
                         lambda out_t=out_t: folder_fingerprint(out_t),
                         lambda col=col, out_t=out_t: _summary(extract_texts(
-                            config.data.manifest, col, out_t, model=enc.text, device=enc.device, progress=progress)))
+                            config.data.source, col, out_t, model=enc.text, device=enc.device, progress=progress)))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
         yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image, **limits},
@@ -346,7 +355,8 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, progress: boo
         store = EmbeddingStore(out)
         if _stale_phrases(store, inputs["index"]):
             remove_folder(out)  # derived data, regenerated whole; a kill meanwhile leaves no half of it
-        s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device)
+        s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device,
+                             progress=progress)
         return s.line(), s.as_dict()
 
     yield state.run("phrases", inputs, lambda: folder_fingerprint(out), phrases_job)
@@ -378,19 +388,19 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
                                                       or head.pseudo_shots)
     inputs = {**labels, "head": vars(head), "stores": stores_fp(reads), "text_model": config.encoders.text,
               "descriptions": files_fingerprint(descriptions) if uses_descriptions else None,
-              "index": folder_fingerprint(layout.index) if head.pseudo_shots else None}
+              **({"index": _build_id(layout.index)} if head.pseudo_shots else {})}
 
     def job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import predict
         from phrasefuse.fuse.train import train_head
 
-        report = train_head(config.data.manifest, features_of(head.features), out, kind=head.kind, seed=head.seed,
+        report = train_head(config.data.source, features_of(head.features), out, kind=head.kind, seed=head.seed,
                             label_col=config.data.label_col, multilabel=config.data.multilabel,
                             label_descriptions=str(descriptions) if descriptions else None,
                             align_descriptions=head.align_descriptions, text_model=config.encoders.text,
                             label_prior=str(layout.store(head.label_prior)) if head.label_prior else None,
                             pseudo_shots=str(layout.index) if head.pseudo_shots else None)
-        p = predict(out, config.data.manifest, predictions)
+        p = predict(out, config.data.source, predictions)
         d = report.as_dict()
         test = (d["metrics"].get("test") or {}).get("saved") or {}
         return (report.text().replace("fuse train:", f"head {head.name}:", 1) + "\n  " + p.line()), \

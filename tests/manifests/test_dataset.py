@@ -60,7 +60,7 @@ def test_hash_split_is_md5_of_id_80_10_10():
     ("m.csv", "image\na.jpg\n", "no 'id' column"),
     ("m.csv", "id,image\n1,a.jpg\n2,b.jpg\n1,c.jpg\n", "row 3: id '1' is duplicated (first at"),
     ("m.csv", "id,image\n1,a.jpg\n,b.jpg\n", "row 2: column 'id' is empty"),
-    ("m.csv", "id,split\n1,train\n2,validation\n", "row 2: column 'split' is 'validation'"),
+    ("m.csv", "id,split\n1,train\n2,holdout\n", "row 2: column 'split' is 'holdout'"),
     ("m.jsonl", '{"id": "1", "label": ["a", "b"]}\n', "column 'label' has type list"),
     ("m.jsonl", '{"id": "1", "labels": 5}\n', "column 'labels' has type"),
     ("m.txt", "id\n1\n", "unknown manifest format '.txt'"),

@@ -95,7 +95,9 @@ def assert_predictions_and_zeroshot(folder: Path) -> None:
 
 def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data, tiny_clip_spec):
     config = write_config(demo_data, tiny_clip_spec)
-    first = stages(run_cli("run", config, "--json"))
+    proc = run_cli("run", config, "--json")
+    first = stages(proc)
+    assert json.loads(proc.stdout)["ablation"]["tables"][0]["regime"] == "full"  # --json has the table too
     assert set(first) == {"extract image", "extract title", "extract tags", "extract query images", "index",
                           "phrases", "head fused", "head image-only", "zeroshot", "ablation", "report"}
     assert all(s["status"] == "ran" for s in first.values())
@@ -105,9 +107,12 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
 
     work = demo_data / "work"
     page = (work / "report.html").read_text(encoding="utf-8")
-    for section in ("Ablation", "Few-shot", "Heads", "Confusion matrix", "Gallery", "generated phrases"):
+    for section in ("Ablation", "Few-shot", "Heads", "Confusion matrix", "Gallery", "text kept"):
         assert section in page
-    assert page.count("data:image/png;base64,") == 3 and "data:image/jpeg;base64," in page
+    fused_saved = json.loads((work / "heads" / "fused" / "meta.json").read_text())["selection"]["saved"]
+    assert ("is the image-only fallback" in page) == (fused_saved == "image-only")
+    assert ("data:image/jpeg;base64," in page) == (fused_saved != "image-only")  # the gallery, when there is one
+    assert page.count("data:image/png;base64,") == 3
     for png in ("ablation.png", "few_shot.png", "confusion.png"):
         assert (work / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ablation = json.loads((work / "ablation" / "ablation.json").read_text())
@@ -152,8 +157,8 @@ def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
     for name in ("extract image", "extract title", "extract query images"):
         summary = again[name]["summary"]
         assert summary["embedded"] == 0 and summary["reused"] == 0
-        assert summary["no_text"] == summary["failed"]  # texts missing from the manifest, retried each run
-        assert summary["present"] > 0 and summary["present"] + summary["failed"] == summary["rows"]
+        assert summary["no_text"] == summary["errors"] and summary["failed"] == 0  # texts missing, retried each run
+        assert summary["present"] > 0 and summary["present"] + summary["no_text"] == summary["rows"]
     # The index is rebuilt (its inputs can no longer be vouched for) and the phrases, derived from
     # it, are regenerated whole: a phrases store never mixes rows of two indexes.
     assert again["index"]["status"] == "ran" and again["phrases"]["summary"]["written"] == 60

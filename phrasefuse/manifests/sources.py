@@ -1,0 +1,355 @@
+"""Where a MANIFEST argument's rows come from: a table, a folder of images, WebDataset tar shards,
+or Parquet with the image bytes inside. Every source becomes the same manifest table (`id`,
+`image`, text columns, `label`, `split`, `_file`, `_row`), validated by `dataset.read_manifest`;
+only how a worker reads an image's bytes differs (`image_chunks`):
+
+  a table / a folder   `image` is a file path; the worker reads the file.
+  tar shards           `image` is the shard, `_offset` / `_size` the member's bytes in it: the scan
+                       reads headers and the small members (.txt, .json, .cls) only, seeking past
+                       image data, so a corpus far larger than memory is fine; workers read each
+                       image member with one seek.
+  Parquet bytes        the image column (binary, or a struct {bytes, path}) is left out of the
+                       manifest table; `image_chunks` streams it back in row batches, only for the
+                       pending rows.
+
+A `Source` carries the column mapping (`--id-col`, `--image-col`, `--label-col`) with the path;
+`str(source)` and `os.fspath(source)` are the path, so it passes wherever a path does.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phrasefuse.errors import BadInput
+from phrasefuse.manifests.tables import FILE_COL, ROW_COL, expand, read_table
+
+FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+OFFSET_COL, SIZE_COL, BYTES_COL = "_offset", "_size", "_bytes"  # where a worker finds an image's bytes
+SMALL_MEMBER = 16 << 20  # .txt/.json/.cls members larger than this are refused (not metadata)
+CHUNK_ROWS = 2048  # Parquet-bytes rows handed to the image job at a time
+
+
+@dataclass(frozen=True)
+class Source:
+    """A MANIFEST argument and its column mapping (None: the default name)."""
+
+    path: str
+    id_col: str | None = None
+    image_col: str | None = None
+    label_col: str | None = None
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def as_source(manifest: str | os.PathLike | Source) -> Source:
+    return manifest if isinstance(manifest, Source) else Source(str(manifest))
+
+
+def source_with(manifest: str | os.PathLike | Source, id_col: str | None = None, image_col: str | None = None,
+                label_col: str | None = None) -> str | Source:
+    """`manifest` with a column mapping, or as it is when none is given."""
+    if id_col is None and image_col is None and label_col is None:
+        return manifest
+    return Source(str(manifest), id_col, image_col, label_col)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'shards/{00000..00099}.tar' and 'a/{x,y}.tar' -> the names (zero padding kept), in order."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    if m.group(3) is not None:
+        parts = m.group(3).split(",")
+    else:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [name for part in parts for name in expand_braces(head + part + tail)]
+
+
+def is_tar_pattern(pattern: str) -> bool:
+    return expand_braces(pattern)[0].lower().endswith(".tar")
+
+
+def source_kind(source: Source) -> str:
+    """'folder', 'tar' or 'table'."""
+    if os.path.isdir(source.path):
+        return "folder"
+    if is_tar_pattern(source.path):
+        return "tar"
+    return "table"
+
+
+def read_source(manifest: str | os.PathLike | Source) -> tuple[pa.Table, str | None]:
+    """(the source's rows as a manifest table with `_file`/`_row`, the image-bytes column or None)."""
+    source = as_source(manifest)
+    kind = source_kind(source)
+    if kind == "folder":
+        if source.id_col or source.image_col:
+            raise BadInput(f"{source}: a folder of images has no columns to map; drop --id-col/--image-col")
+        return folder_table(source.path), None
+    if kind == "tar":
+        return map_columns(tar_table(source), source, rename=False), None
+    image_col = source.image_col or "image"
+    bytes_col = image_col if _holds_image_bytes(source.path, image_col) else None
+    table = read_table(source.path, what="manifest", exclude=(bytes_col,) if bytes_col else ())
+    table = map_columns(table, source, rename_image=bytes_col is None)
+    if bytes_col:
+        # the file's name: `read_manifest` resolves it against the file's folder, as any image path
+        table = table.append_column("image", pc.replace_substring_regex(pc.cast(table[FILE_COL], pa.string()),
+                                                                        pattern=r"^.*/", replacement=""))
+    return table, bytes_col
+
+
+def source_columns(manifest: str | os.PathLike | Source) -> list[str]:
+    """The column names a source's manifest has (after the mapping), reading as little as it can:
+    a table's schemas; a folder's layout; a tar's headers and small members."""
+    from phrasefuse.manifests.tables import table_columns
+
+    source = as_source(manifest)
+    if source_kind(source) != "table":
+        return [c for c in read_source(source)[0].column_names if not c.startswith("_")]
+    names = table_columns(source.path, what="manifest")
+    renames = {source.id_col: "id", source.image_col: "image"}
+    names = [renames.get(n, n) for n in names]
+    if source.label_col and source.label_col in names and "label" not in names:
+        names.append("label")
+    return names
+
+
+def map_columns(table: pa.Table, source: Source, rename: bool = True, rename_image: bool = True) -> pa.Table:
+    """--id-col / --image-col rename a column to `id` / `image`; --label-col copies one to `label`
+    (or `labels`, for a list), keeping the original for `fuse --label-col`. (Tars: --image-col is the
+    image member's extension; Parquet bytes: the bytes column, not in `table`.)"""
+    renames = {source.id_col: "id", **({source.image_col: "image"} if rename_image else {})} if rename else {}
+    for old, new in renames.items():
+        if old is None or old == new:
+            continue
+        if old not in table.column_names:
+            raise BadInput(f"{source}: no column '{old}' (columns: {_columns(table)}); "
+                           f"pass an existing column to --{new}-col")
+        if new in table.column_names:
+            table = table.drop_columns([new])
+        table = table.rename_columns([new if c == old else c for c in table.column_names])
+    if source.label_col and source.label_col not in ("label", "labels"):
+        if source.label_col not in table.column_names:
+            raise BadInput(f"{source}: no column '{source.label_col}' (columns: {_columns(table)}); "
+                           f"pass an existing column to --label-col")
+        col = table[source.label_col]
+        name = "labels" if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) else "label"
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, col)
+    return table
+
+
+def _columns(table: pa.Table) -> str:
+    return ", ".join(c for c in table.column_names if not c.startswith("_")) or "none"
+
+
+# ---------------------------------------------------------------- a folder of images
+
+
+def folder_table(folder: str) -> pa.Table:
+    """Every image file under `folder` (recursively, sorted): id = its path relative to the folder.
+    When every image sits one level down (ImageFolder: CLASS/x.jpg) that folder is the `label`; a
+    level of split folders above (train/, val/, test/; validation, valid, dev read as val) gives `split`."""
+    root = os.path.abspath(folder)
+    rel = sorted(os.path.relpath(os.path.join(d, f), root)
+                 for d, _, files in os.walk(root) for f in files
+                 if f.lower().endswith(FOLDER_IMAGE_EXTS) and not f.startswith("."))
+    if not rel:
+        raise BadInput(f"{folder}: no image files ({', '.join(FOLDER_IMAGE_EXTS)}) in this folder or below; "
+                       f"check the path")
+    parts = [r.split(os.sep) for r in rel]
+    columns: dict[str, list] = {"id": [r.replace(os.sep, "/") for r in rel], "image": rel}
+    if all(len(p) >= 2 and p[0].lower() in SPLIT_ALIASES for p in parts):
+        columns["split"] = [SPLIT_ALIASES[p[0].lower()] for p in parts]
+        parts = [p[1:] for p in parts]
+    if all(len(p) == 2 for p in parts):
+        columns["label"] = [p[0] for p in parts]
+    table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
+    n = table.num_rows
+    table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(os.path.join(root, "")))
+    return table.append_column(ROW_COL, pa.array(np.arange(1, n + 1), pa.int64()))
+
+
+# ---------------------------------------------------------------- WebDataset tar shards
+
+
+def tar_shards(pattern: str) -> list[Path]:
+    """The shards a tar argument names: one tar, a glob, or a brace range (each must exist)."""
+    shards: list[Path] = []
+    for name in expand_braces(pattern):
+        shards.extend(expand(name))
+    return shards
+
+
+def tar_table(source: Source) -> pa.Table:
+    """One row per sample (`__key__`) of every shard: id, image (the shard), `_offset`/`_size` of its
+    image member, `txt`, the .json's top-level text fields, `label` (.cls)."""
+    tables = [scan_shard(shard, source.image_col, source.label_col) for shard in tar_shards(source.path)]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the path up to the first dot of the file name."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, ext.lower()
+
+
+def scan_shard(shard: Path, image_ext: str | None = None, label_field: str | None = None) -> pa.Table:
+    """A shard's samples, reading headers and the small members only (image data is seeked past)."""
+    image_exts = (image_ext.lower().lstrip("."),) if image_ext else TAR_IMAGE_EXTS
+    samples: dict[str, dict] = {}
+    try:
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if not ext or posixpath.basename(key).startswith("."):
+                    continue
+                sample = samples.setdefault(key, {})
+                if ext in image_exts and "_offset" not in sample:
+                    sample["_offset"], sample["_size"] = member.offset_data, member.size
+                elif ext in ("txt", "json", "cls") or ext == label_field:
+                    sample.update(_small_member(shard, key, ext, tar, member))
+                tar.members.clear()  # headers are not kept: a shard's size does not matter
+    except (tarfile.TarError, EOFError) as e:
+        raise BadInput(f"{shard}: not a readable tar ({e}); fix or remove this shard "
+                       f"(compressed tars: decompress them first)") from None
+    except OSError as e:
+        raise BadInput(f"{shard}: cannot read ({e.strerror or e}); check the file") from None
+    return _samples_table(shard, samples, label_field)
+
+
+def _small_member(shard: Path, key: str, ext: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict:
+    """The columns one .txt / .json / .cls member gives its sample."""
+    if member.size > SMALL_MEMBER:
+        raise BadInput(f"{shard}: sample '{key}': {posixpath.basename(member.name)} is {member.size} bytes; "
+                       f"a .{ext} member is metadata (at most {SMALL_MEMBER >> 20} MB)")
+    data = tar.extractfile(member).read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{shard}: sample '{key}': {posixpath.basename(member.name)} is not UTF-8 text; "
+                       f"fix or remove the member") from None
+    if ext == "txt":
+        return {"txt": text}
+    if ext == "cls":
+        return {"_cls": text.strip()}
+    if ext != "json":
+        return {f"_label_{ext}": text.strip()}
+    try:
+        fields = json.loads(text)
+    except ValueError as e:
+        raise BadInput(f"{shard}: sample '{key}': {key}.json is not valid JSON ({e}); fix or remove the member") \
+            from None
+    if not isinstance(fields, dict):
+        return {}
+    return {name: value for name, value in fields.items()
+            if name not in ("id", "image") and not name.startswith("_")
+            and (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)))}
+
+
+def _samples_table(shard: Path, samples: dict[str, dict], label_field: str | None) -> pa.Table:
+    n = len(samples)
+    names = list(dict.fromkeys(k for s in samples.values() for k in s))
+    columns = {"id": pa.array(list(samples), pa.string()),
+               "image": pa.array([str(shard.resolve()) if "_offset" in s else None for s in samples.values()],
+                                 pa.string())}
+    for name in names:
+        values = [s.get(name) for s in samples.values()]
+        if name in (OFFSET_COL, SIZE_COL):
+            columns[name] = pa.array(values, pa.int64())
+        elif any(isinstance(v, list) for v in values):
+            columns[name] = pa.array([v if isinstance(v, list) or v is None else [v] for v in values],
+                                     pa.list_(pa.string()))
+        else:
+            columns[name] = pa.array(values, pa.string())
+    label = columns.pop(f"_label_{label_field}", None) if label_field else None
+    cls = columns.pop("_cls", None)
+    if label is None and label_field and label_field in columns:
+        label = columns[label_field]
+    if label is not None or cls is not None:
+        columns["label"] = label if label is not None else cls
+    for name in (OFFSET_COL, SIZE_COL):
+        columns.setdefault(name, pa.nulls(n, pa.int64()))
+    table = pa.table(columns)
+    table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(str(shard)))
+    return table.append_column(ROW_COL, pa.array(np.arange(1, n + 1), pa.int64()))
+
+
+# ---------------------------------------------------------------- Parquet with image bytes
+
+
+def _holds_image_bytes(pattern: str, column: str) -> bool:
+    """True when `column` of the (first) Parquet file holds bytes: binary, or a struct with `bytes`."""
+    files = [p for p in expand(pattern) if p.suffix.lower() in (".parquet", ".pq")]
+    if not files:
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(files[0])
+    except (OSError, pa.ArrowException):
+        return False  # read_table says what is wrong with the file
+    if column not in schema.names:
+        return False
+    return _bytes_type(schema.field(column).type) is not None
+
+
+def _bytes_type(t: pa.DataType) -> str | None:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and \
+            (pa.types.is_binary(t.field("bytes").type) or pa.types.is_large_binary(t.field("bytes").type)):
+        return "struct"
+    return None
+
+
+def image_chunks(todo: pa.Table, image_bytes: str | None, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """The pending rows with what a worker needs to read each image: (id, image[, _offset, _size])
+    in one piece for files and tar members, or (id, image, _bytes) streamed from the Parquet files
+    `rows` at a time, for the pending rows only (a file's other rows and columns are never held)."""
+    if image_bytes is None:
+        yield todo.select([c for c in ("id", "image", OFFSET_COL, SIZE_COL) if c in todo.column_names])
+        return
+    import pyarrow.parquet as pq
+
+    for file in pc.unique(todo[FILE_COL]).to_pylist():
+        mine = todo.filter(pc.equal(todo[FILE_COL], file))
+        want, ids = mine[ROW_COL].to_numpy() - 1, mine["id"].combine_chunks()
+        start = 0
+        for batch in pq.ParquetFile(file).iter_batches(columns=[image_bytes], batch_size=rows):
+            n = batch.num_rows
+            inside = np.flatnonzero((want >= start) & (want < start + n))
+            if len(inside):
+                values = batch.column(0).take(pa.array(want[inside] - start))
+                if pa.types.is_struct(values.type):
+                    values = pc.struct_field(values, "bytes")
+                yield pa.table({"id": ids.take(pa.array(inside)), "image": pa.nulls(len(inside), pa.string())
+                                .fill_null(f"{file}:{image_bytes}"), BYTES_COL: pc.cast(values, pa.binary())})
+            start += n

@@ -1,0 +1,122 @@
+"""`predict HEAD INPUT...` on new images (issue 14): features made as the head records them
+(image encoder, text columns, phrases through the index), rows already embedded reused, a moved
+index refused then found with --index, old heads and other encoders refused with exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from phrasefuse.errors import BadInput
+from phrasefuse.fuse.evaluate import predict, predict_new
+from phrasefuse.store import EmbeddingStore
+from tests import inputs_data as data
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_dataset, tiny_clip_spec, tmp_path_factory):
+    """The shapes images -> tiny open_clip store, title store, a phrase index and phrases, and a
+    linear head on image + title + phrases (with a label prior over the phrases)."""
+    from phrasefuse.extract.jobs import extract_images, extract_texts
+    from phrasefuse.fuse.train import train_head
+    from phrasefuse.index.build import build_index
+    from phrasefuse.index.phrases import generate_phrases
+
+    work = tmp_path_factory.mktemp("predict")
+    table = pq.read_table(shapes_dataset)
+    pq.write_table(pa.table({"query": [f"a {lab} shape" for lab in table["label"].to_pylist()],
+                             "image_id": table["id"]}), work / "pairs.parquet")
+    extract_images(shapes_dataset, work / "img", model=tiny_clip_spec, workers=0, progress=False)
+    extract_texts(shapes_dataset, "title", work / "title", model=tiny_clip_spec, progress=False)
+    build_index(work / "pairs.parquet", work / "img", work / "index")
+    generate_phrases(work / "index", work / "img", work / "phrases", k=3, text_model=tiny_clip_spec)
+    train_head(shapes_dataset, [str(work / "img"), str(work / "title"), str(work / "phrases")], work / "head",
+               kind="linear", label_prior=str(work / "phrases"))
+    return work
+
+
+def test_predict_files_and_a_folder_match_the_stores(trained, shapes_dataset, tmp_path):
+    images = sorted((shapes_dataset.parent / "images").glob("*.jpg"))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in images[10:14]:
+        shutil.copy(p, folder / p.name)
+    files = [str(p) for p in images[:3]]
+    result = predict_new(trained / "head", files + [str(folder)], top_k=3, out=tmp_path / "p.jsonl")
+    rows = result.as_list()
+    assert [r["id"] for r in rows] == files + [p.name for p in images[10:14]]
+    assert all(len(r["top_labels"]) == 3 and len(r["phrases"]) == 3 and r["error"] is None for r in rows)
+    # the same images through their stores (`predict --manifest`) give the same answer: these
+    # were reused by content key, and the phrases were looked up the way `phrases` did
+    predict(trained / "head", shapes_dataset, tmp_path / "m.parquet", top_k=3)
+    by_store = {r["id"]: r for r in pq.read_table(tmp_path / "m.parquet").to_pylist()}
+    names = [f["name"] for f in json.loads((trained / "head" / "meta.json").read_text())["features"]]
+    phrases = EmbeddingStore(trained / "phrases").read_table(["id", "phrases"]).to_pydict()
+    phrases = dict(zip(phrases["id"], phrases["phrases"]))
+    for r, i in zip(rows, [0, 1, 2, 10, 11, 12, 13]):
+        ref = by_store[f"img-{i:06d}"]
+        assert r["label"] == ref["label"] and r["phrases"] == phrases[f"img-{i:06d}"]
+        np.testing.assert_allclose(r["top_probs"], ref["top_probs"], atol=1e-3)
+        # files come without a title: the missing-text path
+        assert r["missing_features"] == (["title"] if "title" in names else [])
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [w["id"] for w in written] == [r["id"] for r in rows]
+    text = result.text()
+    assert files[0] in text and "phrases:" in text and "%" in text
+
+
+def test_predict_new_images_from_a_tar_and_a_bad_one(trained, tmp_path):
+    shards = data.tar_shards(tmp_path / "shards", shards=1, per_shard=3, corrupt="000000001")
+    result = predict_new(trained / "head", [str(shards / "00000.tar")], out=tmp_path / "p.csv")
+    rows = {r["id"]: r for r in result.as_list()}
+    assert rows["000000001"]["label"] is None and "not an image" in rows["000000001"]["error"]
+    assert rows["000000000"]["label"] is not None and rows["000000002"]["error"] is None
+    assert "000000001" in (tmp_path / "p.csv").read_text()
+
+
+def test_moved_index_is_refused_then_found_with_index(trained, shapes_dataset, tmp_path):
+    image = str(sorted((shapes_dataset.parent / "images").glob("*.jpg"))[5])
+    moved = tmp_path / "moved-index"
+    shutil.move(trained / "index", moved)
+    try:
+        bad = run_cli("predict", trained / "head", image)
+        assert bad.returncode == 2 and str(trained / "index") in bad.stderr and "--index" in bad.stderr
+        assert predict_new(trained / "head", [image], index=str(moved)).as_list()[0]["phrases"]
+        # another index (another build) is refused, naming it
+        other = tmp_path / "other"
+        from phrasefuse.index.build import build_index
+
+        build_index(_pairs(tmp_path, shapes_dataset), trained / "img", other)
+        with pytest.raises(BadInput, match="index build .* but feature 'phrases'"):
+            predict_new(trained / "head", [image], index=str(other))
+    finally:
+        shutil.move(moved, trained / "index")
+
+
+def _pairs(tmp_path, manifest):
+    ids = pq.read_table(manifest)["id"]
+    path = tmp_path / "pairs2.parquet"
+    pq.write_table(pa.table({"query": ["anything"] * len(ids), "image_id": ids}), path)
+    return path
+
+
+def test_other_encoder_and_old_heads_are_refused(trained, shapes_dataset, tmp_path):
+    image = str(sorted((shapes_dataset.parent / "images").glob("*.jpg"))[0])
+    with pytest.raises(BadInput, match="image feature 'img': encoder .* but the head was trained on"):
+        predict_new(trained / "head", [image], model="builtin:efficientnet-lite0")
+    old = tmp_path / "old-head"
+    shutil.copytree(trained / "head", old)
+    meta = json.loads((old / "meta.json").read_text())
+    for f in meta["features"]:
+        f.pop("provenance")
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="does not record how its feature 'img' is made.*re-train"):
+        predict_new(old, [image])
+    # `predict HEAD --manifest M --out P` keeps working for it
+    assert predict(old, shapes_dataset, tmp_path / "p.parquet").rows == 60
