@@ -7,7 +7,8 @@ second nearest by the widest margin: their prototypes become training rows of th
 label, so the rows do not tilt the head toward the labels with many matching phrases). Those rows
 never saw a labelled row, so adding them is scored like any other choice (select.choose on
 validation or cross-validation within the shots): candidates off, then N = 1, 2, 4, 8; the
-simplest within one paired standard error of the best is kept. With 1 shot per class nothing
+simplest within two paired standard errors of the best is kept (two, not one as for the text
+trust: the best of four candidate sets is compared with none). With 1 shot per class nothing
 can be scored and the pseudo-shots stay off.
 """
 
@@ -28,7 +29,7 @@ from phrasefuse.store import describe_encoder, encoder_identity, l2_normalize
 PER_LABEL = (1, 2, 4, 8)
 RULE = ("per label, the prototypes of the N query phrases nearest to its label text with the widest margin over "
         "the second-nearest label; candidates off, then N = " + ", ".join(map(str, PER_LABEL)) + "; the simplest "
-        "whose held-out top-1 is within one paired standard error of the best is kept (held-out rows: val split or "
+        "whose held-out top-1 is within two paired standard errors of the best is kept (held-out rows: val split or "
         "cross-validation within the shots; with 1 shot per class nothing is held out and they stay off)")
 
 
