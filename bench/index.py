@@ -29,6 +29,15 @@ distinct phrase once):
     .venv/bin/python bench/index.py --phrases               # 1,000,000 images x 100,000 prototypes
     .venv/bin/python bench/index.py --phrases --images 100000 --prototypes 10000
 
+`--scale` measures `index build` itself on a corpus larger than its --memory: a generated query
+image store of 2,000,000 x 256 (float16) and a pairs table of 20,000,000 rows over 1,000,000
+queries (--fraction 0.25: a quarter of each), written straight into the store format in --work
+(default /work/scalework); the build runs in a fresh process (`phrasefuse index build --memory 2G`,
+--engine local|ray), whose wall time and peak RSS are printed with the chosen index's recall@10:
+
+    .venv/bin/python bench/index.py --scale                 # the issue's setting
+    .venv/bin/python bench/index.py --scale --fraction 0.25 --memory 1G
+
 --device cuda runs both on the GPU (the gpu extra: faiss-gpu): the exact baseline and the build's
 training and tuning, the timed search on a GPU copy of the index, and `phrases` with its search and
 text model there. --json PATH also writes the figures to a JSON file.
@@ -83,11 +92,17 @@ def main() -> None:
     parser.add_argument("--prototypes", type=int, default=100_000, help="--phrases: query phrases (prototypes)")
     parser.add_argument("--image-spread", type=float, default=0.5, help="--phrases: image noise around its phrase")
     parser.add_argument("--work", default=None, help="--phrases: folder for the store, pairs, index and output")
+    parser.add_argument("--scale", action="store_true", help="bench a streaming index build at scale instead")
+    parser.add_argument("--fraction", type=float, default=1.0, help="--scale: this share of the issue's sizes")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local", help="--scale: the build's engine")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.phrases:
         bench_phrases(args)
+        return
+    if args.scale:
+        bench_scale(args)
         return
 
     threads = faiss_threads()
@@ -211,6 +226,101 @@ def bench_phrases(args: argparse.Namespace) -> None:
                            "index": built.index["factory"], "recall_at_10": built.index["recall_at_10"],
                            "phrases_seconds": round(seconds, 2), "phrases_rows_per_second": round(args.images / seconds, 1)})
     print(f"(work folder {work}; remove it when done)")
+
+
+SCALE_IMAGES, SCALE_QUERIES, SCALE_PAIRS, SCALE_DIM = 2_000_000, 1_000_000, 20_000_000, 256
+PARAPHRASES = 10  # queries per group: a group's queries pair with the images around one centre
+OFF_GROUP = 0.1  # share of a query's pairs on a random image of another group (noise)
+
+
+def generate_scale_corpus(work: Path, images: int, queries: int, pairs: int, dim: int, seed: int) -> None:
+    """work/img (float16 store, shards of 100,000) and work/pairs/part-NNN.parquet, a chunk at a time:
+    images around PARAPHRASES-query group centres; each query's pairs on its group's images."""
+    import pyarrow as pa
+
+    from phrasefuse.store import StoreWriter, new_meta, write_parquet_atomic
+
+    rng = np.random.default_rng(seed)
+    groups = max(1, queries // PARAPHRASES)
+    centres = random_unit(rng, groups, dim, None, 0)
+    per_group = max(1, images // groups)
+    image_ids = pa.array(np.char.add("i", np.char.zfill(np.arange(images).astype(str), 9)))
+    query_names = pa.array(np.char.add("query ", np.arange(queries).astype(str)))
+    encoder = {"spec": f"random:{dim}", "family": "random", "name": f"clustered-{dim}",
+               "weights_sha256": "0" * 64, "dim": dim}
+    meta = new_meta(modality="image", encoder=encoder, dtype="float16", source={"manifest": "generated", "column": "image"})
+    chunk = 100_000
+    with StoreWriter.open(work / "img", meta, shard_size=chunk) as writer:
+        for start in range(0, images, chunk):
+            m = min(chunk, images - start)
+            group = np.minimum(np.arange(start, start + m) // per_group, groups - 1)
+            x = rng.standard_normal((m, dim), dtype=np.float32) * (0.7 / np.sqrt(dim))
+            x += centres[group]
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            ids = image_ids.slice(start, m)
+            writer.add(ids, ids, x)
+    (work / "pairs").mkdir()
+    per_query = max(1, pairs // queries)
+    rows_per_file = 2_000_000
+    for part, start in enumerate(range(0, pairs, rows_per_file)):
+        m = min(rows_per_file, pairs - start)
+        query = (np.arange(start, start + m) // per_query) % queries
+        group = np.minimum(query // PARAPHRASES, groups - 1)
+        image = np.minimum(group * per_group + rng.integers(0, per_group, m), images - 1)
+        noise = rng.random(m) < OFF_GROUP
+        image[noise] = rng.integers(0, images, int(noise.sum()))
+        write_parquet_atomic(work / "pairs" / f"part-{part:03d}.parquet",
+                             pa.table({"query": query_names.take(pa.array(query)),
+                                       "image_id": image_ids.take(pa.array(image))}))
+
+
+def bench_scale(args: argparse.Namespace) -> None:
+    """A streaming `index build` in a fresh process on a generated corpus: wall time, peak RSS, recall@10."""
+    import shutil
+    import subprocess
+
+    from phrasefuse.index.streaming import PAIR, PAIR_COPIES, SUMS_SHARE
+
+    f = args.fraction
+    images, queries, pairs = int(SCALE_IMAGES * f), int(SCALE_QUERIES * f), int(SCALE_PAIRS * f)
+    dim = args.dim if args.dim != 512 else SCALE_DIM  # --dim's default is the other benches'
+    memory = args.memory or "2G"
+    work = Path(args.work or "/work/scalework") / f"scale-{f:g}"
+    if not (work / "img" / "meta.json").exists() or not (work / "pairs").is_dir():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        generate_scale_corpus(work, images, queries, pairs, dim, args.seed)
+        print(f"generated {images:,} x {dim} float16 image store and {pairs:,} pairs over {queries:,} queries "
+              f"in {time.perf_counter() - t0:.0f} s -> {work}")
+    shutil.rmtree(work / "index", ignore_errors=True)
+    command = [sys.executable, "-m", "phrasefuse", "index", "build", "--pairs", str(work / "pairs" / "*.parquet"),
+               "--images", str(work / "img"), "--out", str(work / "index"), "--memory", memory,
+               "--engine", args.engine, "--seed", str(args.seed), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    out, err = proc.communicate()  # ru_maxrss of the child: waited for here, read below
+    seconds = time.perf_counter() - t0
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"index build failed ({proc.returncode}): {err.strip()[-2000:]}")
+    summary = json.loads(out)
+    ix = summary["index"]
+    budget = parse_memory(memory)
+    print(f"index build --memory {memory} --engine {args.engine}: {images:,} images x {dim}, {pairs:,} pairs, "
+          f"{queries:,} queries: {seconds:.0f} s, peak RSS {human_bytes(peak)} (goal: < 3 GiB at --memory 2G)")
+    setting = f" {ix['search_param']}={ix['search_value']}" if ix.get("search_param") else ""
+    print(f"  {summary['counts']['phrases']:,} phrases; {ix['factory']}{setting} ({human_bytes(ix['bytes'])}); recall@10 {ix['recall_at_10']:.3f} on "
+          f"{ix['recall_queries']} held-out image embeddings; " + "; ".join(summary["notes"]))
+    print(f"  budget shares: one partition's sums <= {SUMS_SHARE:g} x --memory ({human_bytes(budget * SUMS_SHARE)}), "
+          f"its pairs <= the same ({PAIR.itemsize} B x {PAIR_COPIES} copies per pair); index <= --memory")
+    write_json(args.json, {"device": args.device, "engine": args.engine, "images": images, "queries": queries,
+                           "pairs": pairs, "dim": dim, "memory": memory, "seconds": round(seconds, 1),
+                           "peak_rss_bytes": peak, "index": ix["factory"], "recall_at_10": ix["recall_at_10"],
+                           "notes": summary["notes"]})
 
 
 if __name__ == "__main__":

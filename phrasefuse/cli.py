@@ -364,11 +364,13 @@ def index_build(
     min_images: int = typer.Option(1, "--min-images", help="Drop phrases with fewer images than this."),
     text_prototypes: bool = typer.Option(False, "--text-prototypes", help="Phrases with no image get a prototype from the image encoder's text tower (open_clip stores only)."),
     kind: IndexKind = typer.Option(IndexKind.auto, "--kind", help="FAISS index kind; auto: exact when small, else IVF (PQ when over --memory)."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget of the loaded index, e.g. 4G (default: half of this machine's RAM)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget of the prototype sums (query partitions summed in passes) and of the loaded index, e.g. 4G (default: half of this machine's RAM)."),
     weights: bool = typer.Option(True, "--weights/--no-weights", help="Weight each pair by the table's 'weight' column, when it has one."),
     target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, "--target-recall", help="recall@10 vs exact search that the search setting is tuned to reach."),
     device: Device = typer.Option(Device.auto, "--device", help="The text tower of --text-prototypes, and FAISS: k-means training and tuning searches run on the GPU when FAISS sees one (the gpu extra); the index is saved in the CPU format either way."),
     seed: int = typer.Option(0, "--seed", help="Seed of training samples and recall queries."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help="local: this machine; ray: the per-shard prototype sums in Ray tasks (pip install 'phrasefuse[ray]'), same index."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Build the prototype index: each query phrase's prototype is the re-normalised mean
@@ -383,7 +385,8 @@ def index_build(
     check_seed(seed)
     summary = build_index(pairs, images, out, min_images=min_images, text_prototypes=text_prototypes,
                           kind=kind.value, memory=memory, use_weights=weights, target_recall=target_recall,
-                          device=device.value, seed=seed)
+                          device=device.value, seed=seed, engine=engine.value,
+                          ray=_ray_options(engine, ray_address, None))
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 
 

@@ -8,6 +8,8 @@ with a text model and averaged, become a text feature of that image.
 Modules, in pipeline order:
   pairs.py       read and clean a pairs table: phrase normalisation, drop counts
   prototypes.py  prototypes as segment sums (arrays in, arrays out)
+  streaming.py   the same prototypes under --memory: pairs coded and spilled by query partition,
+                 summed shard by shard over the store (local, or Ray tasks), in passes
   ann.py         FAISS: index kind under a memory budget, training, tuning, recall@10
   folder.py      the index folder on disk (meta.json, phrases.parquet, index.faiss) and `PhraseIndex`
   build.py       `phrasefuse index build`

@@ -392,6 +392,28 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return scores, rows, time.perf_counter() - start
 
 
+def exact_top_k(vectors, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact top-k by inner product over `vectors` (an array, or rows read on demand), ADD_CHUNK
+    rows at a time: (scores, rows, seconds spent searching). Only one chunk is in memory."""
+    n, dim = vectors.shape
+    k = max(1, min(int(k), n))
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_rows = np.full((len(queries), k), -1, np.int64)
+    seconds = 0.0
+    for start in range(0, n, ADD_CHUNK):
+        chunk = make_index(Plan("flat", dim))
+        chunk.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
+        searcher = on_device(chunk, "flat", device)
+        t0 = time.perf_counter()
+        scores, rows = search(searcher, queries, k)
+        seconds += time.perf_counter() - t0
+        scores = np.concatenate([best_scores, scores], axis=1)
+        rows = np.concatenate([best_rows, np.where(rows >= 0, rows + start, -1)], axis=1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows, top, 1)
+    return best_scores, best_rows, seconds
+
+
 def recall_at_k(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, exact_scores: np.ndarray) -> float:
     """Share of the true top-k found, tie-aware: a found row counts when its exact score is at
     least the k-th best exact score (so equal-scoring duplicates are not misses)."""
@@ -445,7 +467,8 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     """
     faiss_threads()
     start = time.perf_counter()
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if isinstance(vectors, np.ndarray):  # else rows read on demand (streaming.VectorFile): never all in memory
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     memory = default_memory() if memory is None else memory
     plan = plan_index(n, dim, memory, kind)
@@ -462,17 +485,11 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
     order = np.random.default_rng(seed).permutation(len(queries))
     tune_q, eval_q = queries[order[: len(order) // 2]], queries[order[len(order) // 2:]]
     k = min(RECALL_K, n)
-    # Ground truth from one exact index, kept in case the approximate one is not worth it.
+    # Ground truth by exact search a chunk of vectors at a time (no second copy of them all in memory).
     flat = Plan("flat", dim, bytes=index_bytes("flat", n, dim))
-    exact = make_index(flat)
-    train_and_add(exact, flat, vectors)
-    exact_on_device = on_device(exact, "flat", device)
-    t0 = time.perf_counter()
-    tune_exact, _ = search(exact_on_device, tune_q, k)
-    exact_seconds = time.perf_counter() - t0
+    tune_exact, _, exact_seconds = exact_top_k(vectors, tune_q, k, device)
     exact_qps = len(tune_q) / max(exact_seconds, 1e-9)
-    eval_exact, _ = search(exact_on_device, eval_q, k)
-    del exact_on_device  # frees its GPU copy
+    eval_exact, _, _ = exact_top_k(vectors, eval_q, k, device)
 
     index = make_index(plan, seed)
     train_and_add(index, plan, vectors, seed, device)
@@ -487,10 +504,12 @@ def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind:
         flat.reason = (f"exact fallback: {plan.factory} reached recall@10 {chosen.recall:.3f} at "
                        f"{chosen.queries_per_second:.0f} q/s (exact: {exact_qps:.0f} q/s); no setting met "
                        f"{target_recall} at {SPEEDUP_TO_KEEP:g}x exact speed")
+        del index, searcher
+        exact = make_index(flat)
+        train_and_add(exact, flat, vectors)
         report = _report(flat, memory, None, 1.0, 0, start, target_recall, device)
         report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
         return exact, report
-    del exact
 
     set_search_value(index, plan, chosen.value)  # the saved (CPU) index carries the setting
     set_search_value(searcher, plan, chosen.value)

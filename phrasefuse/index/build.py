@@ -1,18 +1,27 @@
 """`phrasefuse index build`: pairs + image store -> prototypes -> FAISS index folder.
 
-reader   the pairs table, cleaned and counted (pairs.py), and the image store's embeddings;
-mapper   prototypes as segment sums (prototypes.py); with --text-prototypes, phrases that have
-         no image get one from the image encoder's own text tower (open_clip: same space);
-writer   the FAISS index, chosen, trained and tuned (ann.py), in an index folder (folder.py).
+reader   the pairs table, streamed, cleaned and counted (pairs.py), coded and spilled to disk by query
+         partition (streaming.py); the image store, one shard at a time;
+mapper   prototypes as segment sums (prototypes.py), a query partition per pass and a shard at a time
+         (--engine ray: one Ray task per shard, reduced here), into a file; with --text-prototypes,
+         phrases that have no image get one from the image encoder's own text tower (open_clip);
+writer   the FAISS index, chosen, trained on a sample and filled in batches from that file, tuned
+         (ann.py), in an index folder (folder.py).
+
+Memory: --memory bounds a partition's sums and pairs (streaming.py) and the loaded index (ann.py);
+neither the pairs table nor the store nor all the prototypes is held whole besides the index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +31,8 @@ from phrasefuse.index import DEFAULT_TARGET_RECALL
 from phrasefuse.index.ann import build_index as build_faiss_index
 from phrasefuse.index.ann import human_bytes, parse_memory
 from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write_index_folder
-from phrasefuse.index.pairs import read_pairs
-from phrasefuse.index.prototypes import prototypes
+from phrasefuse.engine import RayOptions
+from phrasefuse.index.streaming import RaySums, StoreLayout, StreamedPrototypes, VectorFile, local_sums, stream_prototypes
 from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize, library_versions
 
 RECALL_QUERIES = 1000  # sample image embeddings: half tune the search setting, half measure recall@10
@@ -63,10 +72,12 @@ class BuildSummary:
 def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
                 min_images: int = 1, text_prototypes: bool = False, kind: str = "auto",
                 memory: str | int | None = None, use_weights: bool = True,
-                target_recall: float = DEFAULT_TARGET_RECALL, device: str = "auto", seed: int = 0) -> BuildSummary:
+                target_recall: float = DEFAULT_TARGET_RECALL, device: str = "auto", seed: int = 0,
+                engine: str = "local", ray: RayOptions | None = None) -> BuildSummary:
     """Build the prototype index of the pairs table `pairs` over the image store `images` into `out`.
     `device` auto|cpu|cuda: the text tower of --text-prototypes, and FAISS's k-means and tuning searches
-    (the index is saved in the CPU format either way)."""
+    (the index is saved in the CPU format either way). `memory` bounds the prototype sums and the index
+    (streaming.py); `engine` 'ray' sums the store's shards in Ray tasks."""
     from phrasefuse.index.ann import faiss_device
 
     start = time.perf_counter()
@@ -76,69 +87,92 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     if not 0 < target_recall <= 1:
         raise BadInput(f"--target-recall {target_recall}: must be in (0, 1]")
     memory_bytes = memory if isinstance(memory, int) else parse_memory(memory)
-    store, ids, emb = _image_embeddings(images)
+    shard_summer = _shard_summer(engine, ray)  # --engine ray: Ray installed and reachable, before any work
+    layout = _image_layout(images)
+    with tempfile.TemporaryDirectory(prefix="phrasefuse-index-") as work, shard_summer as summer:
+        streamed = stream_prototypes(pairs, layout, Path(work), memory=memory_bytes, min_images=min_images,
+                                     use_weights=use_weights, summer=summer)
+        summary = _index_from_prototypes(streamed, layout, pairs, images, out, min_images=min_images,
+                                         text_prototypes=text_prototypes, kind=kind, memory=memory_bytes,
+                                         target_recall=target_recall, device=device, seed=seed)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
-    pairs_data = read_pairs(pairs, pa.array(ids, pa.string()), use_weights)
-    phrases, counts = pairs_data.phrases, pairs_data.images_per_phrase()
-    kept = counts >= min_images
-    # Gather only the images the pairs use (the store may be far larger).
-    used_images, image_row = np.unique(pairs_data.image_row, return_inverse=True)
-    keep_pair = kept[pairs_data.phrase]
-    remap = np.cumsum(kept) - 1  # old phrase index -> index among kept phrases
-    image_protos, ok = prototypes(remap[pairs_data.phrase[keep_pair]], image_row[keep_pair], emb[used_images],
-                                  int(kept.sum()), pairs_data.weight[keep_pair] if pairs_data.weighted else None)
-    kept_idx = np.flatnonzero(kept)[ok]
-    vectors, sources, image_counts = [image_protos[ok]], [np.full(len(kept_idx), "image")], [counts[kept_idx]]
+
+def _index_from_prototypes(streamed: StreamedPrototypes, layout: StoreLayout, pairs, images, out, *,
+                           min_images: int, text_prototypes: bool, kind: str, memory: int, target_recall: float,
+                           device: str, seed: int) -> BuildSummary:
+    """Text prototypes appended, the FAISS index chosen, trained, tuned and written."""
+    store, phrases, counts = layout.store, streamed.phrases, streamed.images_per_phrase
+    kept_idx = streamed.kept
+    sources, image_counts = [np.full(len(kept_idx), "image")], [counts[kept_idx]]
     names = [phrases.take(pa.array(kept_idx, pa.int64()))]
-
     no_images = np.flatnonzero(counts == 0)
     notes: list[str] = []
     if text_prototypes and len(no_images):
         text_names = phrases.take(pa.array(no_images, pa.int64()))
-        vectors.append(_text_prototypes(store, text_names.to_pylist(), device))
+        with open(streamed.vectors_path, "ab") as f:
+            np.asarray(_text_prototypes(store, text_names.to_pylist(), device), np.float32).tofile(f)
         sources.append(np.full(len(no_images), "text"))
         image_counts.append(np.zeros(len(no_images), np.int64))
         names.append(text_names)
-    if (~ok).any():  # said, not silently lost: all-zero weights, or images that cancel out
-        notes.append(f"{int((~ok).sum())} phrases dropped: their images' weighted mean is zero (all weights 0, "
+    if streamed.zero_prototypes:  # said, not silently lost: all-zero weights, or images that cancel out
+        notes.append(f"{streamed.zero_prototypes} phrases dropped: their images' weighted mean is zero (all weights 0, "
                      f"or vectors that cancel out)")
     if len(no_images) and not text_prototypes:
         notes.append(f"{len(no_images)} phrases have no image in the store"
-                     + (" (--text-prototypes gives them one if the store's encoder is open_clip)"
-                        if not text_prototypes else ""))
+                     " (--text-prototypes gives them one if the store's encoder is open_clip)")
     n_text = int(sum(len(s) for s in sources[1:]))
+    kept = counts >= min_images
     summary_counts = {
         "phrases": int(len(kept_idx) + n_text),
         "prototypes_from_images": int(len(kept_idx)),
         "prototypes_from_text": n_text,
         "phrases_below_min_images": int(((counts > 0) & ~kept).sum()),
         "phrases_without_images": int(len(no_images) - n_text),
-        "phrases_zero_prototype": int((~ok).sum()),  # their images cancel out
+        "phrases_zero_prototype": int(streamed.zero_prototypes),  # their images cancel out
     }
     if summary_counts["phrases"] == 0:
-        raise BadInput(_no_usable_rows(pairs, images, pairs_data, summary_counts, min_images))
+        raise BadInput(_no_usable_rows(pairs, images, streamed, summary_counts, min_images))
+    if streamed.partitions > 1:
+        notes.append(f"prototypes summed in {streamed.partitions} query partitions (--memory {human_bytes(memory)})")
 
-    vectors = np.concatenate(vectors).astype(np.float32, copy=False)
+    vectors = VectorFile(streamed.vectors_path, summary_counts["phrases"], streamed.dim)
     table = phrases_table(pa.concat_arrays(names), np.concatenate(image_counts), np.concatenate(sources))
-    sample = np.random.default_rng(seed).choice(len(ids), size=min(len(ids), RECALL_QUERIES), replace=False)
-    index, report = build_faiss_index(vectors, l2_normalize(emb[np.sort(sample)]), kind=kind,
-                                      memory=memory_bytes, target_recall=target_recall, seed=seed, device=device)
-    meta = _index_meta(store, images, len(ids), vectors.shape[1], pairs, pairs_data, min_images, summary_counts, report)
+    sample = np.random.default_rng(seed).choice(layout.rows, size=min(layout.rows, RECALL_QUERIES), replace=False)
+    index, report = build_faiss_index(vectors, l2_normalize(layout.rows_of(np.sort(sample))), kind=kind,
+                                      memory=memory, target_recall=target_recall, seed=seed, device=device)
+    meta = _index_meta(store, images, layout.rows, streamed.dim, pairs, streamed, min_images, summary_counts, report)
     write_index_folder(out, index, table, meta)
-    return BuildSummary(str(out), pairs_data.counts.as_dict(), summary_counts, report.as_dict(),
-                        time.perf_counter() - start, notes)
+    return BuildSummary(str(out), streamed.counts.as_dict(), summary_counts, report.as_dict(), 0.0, notes)
 
 
-def _image_embeddings(images: str | os.PathLike) -> tuple[EmbeddingStore, list, np.ndarray]:
-    """(store, ids, embeddings) of the image store the pairs name; refuses another modality or an empty store."""
+def _shard_summer(engine: str, ray: RayOptions | None):
+    """A context manager yielding the ShardSummer of --engine: local, or Ray tasks in one Ray session."""
+    from phrasefuse.engine import get_engine, ray_session
+
+    chosen = get_engine(engine, ray)
+    if chosen.name == "local":
+        return contextlib.nullcontext(local_sums)
+
+    @contextlib.contextmanager
+    def on_ray():
+        with ray_session(chosen.options.address) as ray_module:
+            yield RaySums(ray_module)
+
+    return on_ray()
+
+
+def _image_layout(images: str | os.PathLike) -> StoreLayout:
+    """The image store the pairs name, by shard; refuses another modality or an empty store."""
     store = EmbeddingStore(images)
     if store.meta.get("modality") != "image":
         raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store "
                        f"(phrasefuse extract images)")
-    ids, emb = store.embeddings()
-    if len(ids) == 0:
+    layout = StoreLayout.of(store)
+    if layout.rows == 0:
         raise BadInput(f"--images {images}: the store has no embeddings; run 'phrasefuse extract images' first")
-    return store, ids, emb
+    return layout
 
 
 def _index_meta(store: EmbeddingStore, images, rows: int, dim: int, pairs, pairs_data, min_images: int,

@@ -72,34 +72,59 @@ def normalize_phrases(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.utf8_trim_whitespace(texts)
 
 
-def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: bool = True) -> Pairs:
-    """Read the pairs table(s) `pattern` and keep the pairs whose image is in the store."""
+def pairs_columns(pattern: str | os.PathLike, use_weights: bool = True) -> bool:
+    """Check that the pairs table has its columns; True when its weight column is used."""
     columns = [c for c in table_columns(pattern, what="pairs table") if not c.startswith("_")]
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise BadInput(f"{pattern}: pairs table has no column {', '.join(repr(c) for c in missing)} "
                        f"(columns: {', '.join(columns) or 'none'}); it needs 'query' and 'image_id' (optional 'weight')")
-    weighted = use_weights and WEIGHT in columns
+    return use_weights and WEIGHT in columns
+
+
+@dataclass
+class CleanBatch:
+    """One batch of a pairs table, cleaned: rows with a phrase (`phrase`, `image_id` ('' for none), `weight`)."""
+
+    phrase: pa.Array
+    image_id: pa.Array
+    weight: np.ndarray
+    rows: int  # rows read
+    empty_phrase: int
+    no_image_id: int
+    named: int  # rows with a phrase and an image_id
+
+
+def clean_batch(batch: pa.Table, pattern, weighted: bool) -> CleanBatch:
+    """Normalise one batch of pairs; rows without an image_id stay (as image_id '') so their phrase is known."""
+    n = batch.num_rows
+    phrase = normalize_phrases(_as_text(batch, "query", pattern))
+    # Ids are compared exactly, as manifests keep them: " a" is not "a" (only a blank id is no id).
+    image_id = _as_text(batch, "image_id", pattern).fill_null("")
+    image_id = pc.if_else(pc.equal(pc.utf8_trim_whitespace(image_id), ""), "", image_id)
+    weight = _weights(batch, pattern) if weighted else np.ones(n)
+    empty = pc.equal(phrase, "").to_numpy(zero_copy_only=False)
+    no_id = ~empty & pc.equal(image_id, "").to_numpy(zero_copy_only=False)
+    keep = pa.array(~empty)
+    return CleanBatch(phrase.filter(keep), image_id.filter(keep), weight[~empty].astype(np.float64), n,
+                      int(empty.sum()), int(no_id.sum()), int((~empty & ~no_id).sum()))
+
+
+def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: bool = True) -> Pairs:
+    """Read the pairs table(s) `pattern` and keep the pairs whose image is in the store (all in memory;
+    `index build` streams them instead: streaming.py)."""
+    weighted = pairs_columns(pattern, use_weights)
     counts = PairCounts()
     named = 0  # rows with a phrase and an image_id
     first = _FirstOfEachPair()
     for batch in iter_batches(pattern, what="pairs table"):
-        n = batch.num_rows
-        phrase = normalize_phrases(_as_text(batch, "query", pattern))
-        # Ids are compared exactly, as manifests keep them: " a" is not "a" (only a blank id is no id).
-        image_id = _as_text(batch, "image_id", pattern).fill_null("")
-        image_id = pc.if_else(pc.equal(pc.utf8_trim_whitespace(image_id), ""), "", image_id)
-        weight = _weights(batch, pattern) if weighted else np.ones(n)
-        empty = pc.equal(phrase, "").to_numpy(zero_copy_only=False)
-        no_id = ~empty & pc.equal(image_id, "").to_numpy(zero_copy_only=False)
-        counts.empty_phrase += int(empty.sum())
-        counts.no_image_id += int(no_id.sum())
-        named += int((~empty & ~no_id).sum())
-        # Rows without an image_id stay (as image_id "") so that their phrase is known.
-        keep = pa.array(~empty)
-        first.add(pa.table({"phrase": phrase.filter(keep), "image_id": image_id.filter(keep),
-                            "weight": pa.array(weight[~empty], pa.float64())}))
-        counts.pairs_read += n
+        clean = clean_batch(batch, pattern, weighted)
+        counts.empty_phrase += clean.empty_phrase
+        counts.no_image_id += clean.no_image_id
+        named += clean.named
+        first.add(pa.table({"phrase": clean.phrase, "image_id": clean.image_id,
+                            "weight": pa.array(clean.weight, pa.float64())}))
+        counts.pairs_read += clean.rows
     distinct = first.result()
 
     phrases = pc.unique(distinct["phrase"])
