@@ -3,7 +3,7 @@
 On random unit vectors (default: 1,000,000 prototypes of dim 512), in one run:
   exact   faiss.IndexFlatIP: build time, search throughput on one batch of 10,000 queries;
           its results are the ground truth;
-  auto    what `phrasefuse index build` would choose (phrasefuse.index.ann.build_index: kind
+  auto    what `phrasefuse index build` would choose (phrasefuse.index.ann.build_faiss_index: kind
           under --memory, k-means training, search setting tuned on 1,000 other queries):
           build time (training, adding and tuning included), throughput on the same batch,
           recall@10 against exact search.
@@ -56,7 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phrasefuse.index.ann import (GpuCopy, Plan, build_index, faiss_threads, human_bytes,  # noqa: E402
+from phrasefuse.index.ann import (GpuCopy, Plan, build_faiss_index, faiss_threads, human_bytes,  # noqa: E402
                                   on_device, parse_memory, recall_at_k, search, set_search_value)
 
 
@@ -135,7 +135,7 @@ def main() -> None:
           f"(batch {args.queries:,}, {exact_seconds:.1f} s, {args.device}) | recall@10 1.000")
 
     t0 = time.perf_counter()
-    index, report = build_index(vectors, tuning, kind=args.kind, memory=parse_memory(args.memory), seed=args.seed,
+    index, report = build_faiss_index(vectors, tuning, kind=args.kind, memory=parse_memory(args.memory), seed=args.seed,
                                 device=args.device)
     build_seconds = time.perf_counter() - t0
     searcher = on_device(index, report.kind, report.device)
@@ -179,7 +179,7 @@ def bench_phrases(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from phrasefuse.index.build import build_index as build_index_folder
+    from phrasefuse.index.build import build_index
     from phrasefuse.index.phrases import generate_phrases
     from phrasefuse.store import StoreWriter, new_meta
 
@@ -213,7 +213,7 @@ def bench_phrases(args: argparse.Namespace) -> None:
           f"({time.perf_counter() - t0:.0f} s to generate); cpus {os.cpu_count()}")
 
     t0 = time.perf_counter()
-    built = build_index_folder(work / "pairs.parquet", work / "img", work / "index", seed=args.seed,
+    built = build_index(work / "pairs.parquet", work / "img", work / "index", seed=args.seed,
                                device=args.device)
     build_seconds = time.perf_counter() - t0
     print(f"index build  {build_seconds:7.1f} s  {built.line()}")
@@ -238,7 +238,8 @@ def generate_scale_corpus(work: Path, images: int, queries: int, pairs: int, dim
     images around PARAPHRASES-query group centres; each query's pairs on its group's images."""
     import pyarrow as pa
 
-    from phrasefuse.store import StoreWriter, new_meta, write_parquet_atomic
+    from phrasefuse.folders import write_parquet_atomic
+    from phrasefuse.store import StoreWriter, new_meta
 
     rng = np.random.default_rng(seed)
     groups = max(1, queries // PARAPHRASES)

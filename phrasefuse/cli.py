@@ -24,7 +24,7 @@ import typer
 from phrasefuse.errors import BadInput, check_seed
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
-from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL
+from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL, INDEX_KINDS
 
 app = typer.Typer(help=__doc__.split("\n\nThis module")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -122,9 +122,9 @@ def extract_images(
     so re-running (after a crash, or with a larger manifest) only does what is missing.
     Unreadable images go to STORE/errors.parquet; the job goes on.
     """
-    from phrasefuse.extract.jobs import extract_images as run
+    from phrasefuse.extract.jobs import extract_images
 
-    summary = run(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
+    summary = extract_images(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
                   limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
                   engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
                   limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio))
@@ -164,9 +164,9 @@ def extract_texts(
     Each distinct text is embedded once. Missing and empty texts are recorded in
     STORE/errors.parquet (heads treat those ids as having no text).
     """
-    from phrasefuse.extract.jobs import extract_texts as run
+    from phrasefuse.extract.jobs import extract_texts
 
-    summary = run(_source(manifest, id_col, image_col, label_col), col, out, model=model, batch_size=batch_size,
+    summary = extract_texts(_source(manifest, id_col, image_col, label_col), col, out, model=model, batch_size=batch_size,
                   device=device.value, limit=limit,
                   shard_size=shard_size, dtype=dtype.value, engine=engine.value,
                   ray=_ray_options(engine, ray_address, ray_actors))
@@ -323,13 +323,13 @@ def predict(
     per image the label, its probability, the top-k and the phrases behind it. With --manifest:
     every row of a manifest whose features are in stores, into --out."""
     if manifest is not None:
-        from phrasefuse.fuse.evaluate import predict as run
+        from phrasefuse.fuse.evaluate import predict as predict_manifest
 
         if inputs:
             raise BadInput("predict: give INPUT images or --manifest, not both")
         if out is None:
             raise BadInput("predict --manifest: --out is required (the predictions file)")
-        summary = run(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature)
+        summary = predict_manifest(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature)
         _print(summary.as_dict() if as_json else summary.line(), as_json)
         return
     if not inputs:
@@ -347,13 +347,7 @@ index_app = typer.Typer(help="Prototype index: phrases for images that came with
 app.add_typer(index_app, name="index")
 
 
-class IndexKind(str, Enum):
-    auto = "auto"
-    flat = "flat"
-    hnsw = "hnsw"
-    ivf_sq8 = "ivf-sq8"
-    ivf_flat = "ivf-flat"
-    ivf_pq = "ivf-pq"
+IndexKind = Enum("IndexKind", {kind: kind for kind in ("auto", *INDEX_KINDS)}, type=str)  # one list: phrasefuse.index
 
 
 @index_app.command("build")

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import make_folder, write_atomic
+from phrasefuse.folders import make_folder, write_atomic
 
 DEFAULT_N = 1000
 QUERY_IMAGES = 800

@@ -9,7 +9,7 @@ The layout (clip-retrieval's output, what embedding readers and index builders r
 Text stores use `text_emb/text_emb_{N}.npy`. File numbers are zero-padded so that the names
 sort in row order (embedding readers sort names); import pairs the files by number, padded or not.
 
-Export writes the folder whole or not at all (`store.atomic_folder`). Import goes shard by
+Export writes the folder whole or not at all (`folders.atomic_folder`). Import goes shard by
 shard through `StoreWriter`: an interrupted import resumes (ids already in the store are
 skipped), and a store imported under one encoder identity refuses vectors of another.
 The identity of imported vectors comes from exactly one of (`import_npy` parameters):
@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import (EmbeddingStore, StoreWriter, atomic_folder, embeddings_to_numpy, encoder_identity,
-                              new_meta, write_atomic, write_json_atomic, write_parquet_atomic)
+from phrasefuse.folders import atomic_folder, write_atomic, write_json_atomic, write_parquet_atomic
+from phrasefuse.store import EmbeddingStore, StoreWriter, embeddings_to_numpy, encoder_identity, new_meta
 
 EXPORT_FORMAT = "phrasefuse-npy-export"
 EXPORT_VERSION = 1

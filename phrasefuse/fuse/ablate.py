@@ -30,9 +30,9 @@ from phrasefuse.fuse.heads import head_params
 from phrasefuse.fuse.labeltext import apply_prior
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
+from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
 from phrasefuse.fuse.train import (Prepared, data_warnings, evaluate_probs, fit_and_choose, prepare, pseudo_shots_for,
                                    shots_warning)
-from phrasefuse.store import make_folder, write_atomic, write_json_atomic
 
 LABEL_PRIOR = "label-prior"  # in a row: add the label prior of the --label-prior feature
 PSEUDO_SHOTS = "pseudo-shots"  # in a row: offer the --pseudo-shots index's pseudo-labelled prototypes

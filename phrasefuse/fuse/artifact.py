@@ -28,8 +28,9 @@ from phrasefuse.errors import BadInput
 from phrasefuse.fuse.data import Blocks, Feature, load_blocks, parse_feature_arg
 from phrasefuse.fuse.heads import FittedHead, Task, restore
 from phrasefuse.fuse.labeltext import apply_prior, cosine_scores
-from phrasefuse.store import (EmbeddingStore, atomic_folder, describe_encoder, encoder_identity, is_folder_of,
-                              library_versions, read_meta_json, write_atomic, write_json_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, library_versions, read_meta_json, write_atomic,
+                                write_json_atomic)
+from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity
 
 FORMAT = "phrasefuse-head"
 FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ from phrasefuse.fuse.data import (SPLITS, Feature, build_vocab, encode_labels, i
 from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_texts, read_descriptions
 from phrasefuse.fuse.metrics import decide, multiclass_metrics, multilabel_metrics
 from phrasefuse.manifests import Manifest, read_manifest
-from phrasefuse.store import make_folder, write_parquet_atomic
+from phrasefuse.folders import make_folder, write_parquet_atomic
 
 
 def split_selection(manifest: Manifest, split: str) -> np.ndarray:
@@ -154,7 +154,7 @@ def prediction_table(head, ids: pa.Array, probs: np.ndarray, blocks, phrases: di
 def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
     """CSV (lists joined with '|'), JSON Lines (.jsonl) or else Parquet, by the extension of `out`;
     written whole."""
-    from phrasefuse.store import write_atomic
+    from phrasefuse.folders import write_atomic
 
     suffix = Path(out).suffix.lower()
     if Path(out).is_dir():

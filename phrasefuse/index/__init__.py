@@ -24,3 +24,5 @@ DEFAULT_PHRASES_K = 3
 DEFAULT_LOOKUP_K = 5
 # Recall@10 the automatic choice aims for, against exact search.
 DEFAULT_TARGET_RECALL = 0.95
+# The FAISS index kinds (`--kind`, a config's phrases.kind; "auto" chooses one of them): the one list.
+INDEX_KINDS = ("flat", "hnsw", "ivf-sq8", "ivf-flat", "ivf-pq")

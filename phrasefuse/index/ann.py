@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from phrasefuse.errors import BadInput
+from phrasefuse.index import INDEX_KINDS
 
-KINDS = ("flat", "hnsw", "ivf-sq8", "ivf-flat", "ivf-pq")
+KINDS = INDEX_KINDS
 EXACT_MAX = 50_000
 RECALL_K = 10
 HNSW_M = 32
@@ -457,7 +458,7 @@ class IndexReport:
         return asdict(self)
 
 
-def build_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind: str = "auto",
+def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind: str = "auto",
                 memory: int | None = None, target_recall: float = 0.95, seed: int = 0, device: str = "cpu"):
     """Build, train and tune an index over `vectors` (unit rows). Returns (faiss index, IndexReport).
 

@@ -28,12 +28,13 @@ import pyarrow as pa
 
 from phrasefuse.errors import BadInput
 from phrasefuse.index import DEFAULT_TARGET_RECALL
-from phrasefuse.index.ann import build_index as build_faiss_index
+from phrasefuse.index.ann import build_faiss_index
 from phrasefuse.index.ann import human_bytes, parse_memory
 from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write_index_folder
 from phrasefuse.engine import RayOptions
+from phrasefuse.folders import library_versions
 from phrasefuse.index.streaming import RaySums, StoreLayout, StreamedPrototypes, VectorFile, local_sums, stream_prototypes
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize, library_versions
+from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
 
 RECALL_QUERIES = 1000  # sample image embeddings: half tune the search setting, half measure recall@10
 

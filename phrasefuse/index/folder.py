@@ -20,8 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
-from phrasefuse.store import (atomic_folder, describe_encoder, encoder_identity, is_folder_of, read_meta_json,
-                              write_atomic, write_json_atomic, write_parquet_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, read_meta_json, write_atomic, write_json_atomic,
+                                write_parquet_atomic)
+from phrasefuse.store import describe_encoder, encoder_identity
 
 FORMAT = "phrasefuse-index"
 FORMAT_VERSION = 1

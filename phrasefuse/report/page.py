@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.report import BASELINE, plots
-from phrasefuse.store import make_folder, write_atomic
+from phrasefuse.folders import make_folder, write_atomic
 
 THUMB = 128  # gallery thumbnail size (pixels)
 

@@ -16,7 +16,7 @@ from typing import Any
 from phrasefuse.errors import MAX_SEED, BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
-from phrasefuse.index import DEFAULT_PHRASES_K
+from phrasefuse.index import DEFAULT_PHRASES_K, INDEX_KINDS
 
 LIMIT_KEYS = ("max_image_mb", "max_image_megapixels", "max_aspect_ratio")  # [encoders]: images.ImageLimits
 IMAGE = "image"  # the feature name of the labelled images' store
@@ -183,7 +183,7 @@ def parse_config(raw: dict, path: Path) -> Config:
                           images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
                           k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
                           min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
-                          kind=c.choice(ph_raw, "kind", ("auto", "flat", "hnsw", "ivf-sq8", "ivf-flat", "ivf-pq"),
+                          kind=c.choice(ph_raw, "kind", ("auto", *INDEX_KINDS),
                                         "auto", where="phrases"),
                           weights=c.get(ph_raw, "weights", bool, True, where="phrases"))
 

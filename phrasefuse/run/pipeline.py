@@ -29,7 +29,8 @@ from phrasefuse.errors import BadInput
 from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
 from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, load_config
-from phrasefuse.store import EmbeddingStore, make_folder, recover_leftovers, remove_folder, write_json_atomic
+from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
+from phrasefuse.store import EmbeddingStore
 
 STATE = "run-state.json"
 

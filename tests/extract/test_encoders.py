@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from phrasefuse.errors import BadInput
-from phrasefuse.extract.encoders import (load_image_encoder, load_text_encoder, parse_spec, state_dict_sha256)
+from phrasefuse.extract.encoders import (FAMILIES, list_builtin, list_families, load_image_encoder, load_text_encoder,
+                                         parse_spec, state_dict_sha256)
 
 
 def unit_norm(x):
@@ -99,6 +100,16 @@ def test_encoders_refuse_the_wrong_modality():
         load_image_encoder("sentence-transformers:whatever", "cpu")
     with pytest.raises(BadInput, match="encode images only"):
         load_text_encoder("timm:resnet18@x.pth", "cpu")
+
+
+def test_the_family_listing_says_which_families_embed_which_modality():
+    assert list_families("image") == ["open_clip", "timm", "builtin"]
+    assert list_families("text") == ["open_clip", "sentence-transformers", "builtin"]
+    assert set(list_families("image")) | set(list_families("text")) == set(FAMILIES)
+    assert list_builtin("image") == ["builtin:efficientnet-lite0"]
+    assert list_builtin("text") == ["builtin:all-minilm-l6-v2"]
+    with pytest.raises(BadInput, match="unknown built-in image encoder"):
+        load_image_encoder("builtin:all-minilm-l6-v2", "cpu")
 
 
 def test_cuda_request_without_cuda_is_bad_input():

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phrasefuse.store import (EmbeddingStore, StoreWriter, atomic_folder, is_folder_of, new_meta, recover_folder,
-                              recover_leftovers, remove_folder, write_json_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, recover_folder, recover_leftovers, remove_folder,
+                                write_json_atomic)
+from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
 from tests.faults.test_tampered_heads import _encoder, write_data
 
 

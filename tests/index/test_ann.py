@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.index.ann import build_index, parse_memory, plan_index, recall_at_k
+from phrasefuse.index.ann import build_faiss_index, parse_memory, plan_index, recall_at_k
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import l2_normalize
 from tests.conftest import run_cli
@@ -90,7 +90,7 @@ def exact_prototypes(index: PhraseIndex) -> np.ndarray:
 def test_forced_pq_reports_its_own_recall(random_vectors):
     prototypes = random_vectors[:3000]
     queries = random_vectors[3000:4000]
-    index, report = build_index(prototypes, queries, kind="ivf-pq", memory=GiB, target_recall=0.95)
+    index, report = build_faiss_index(prototypes, queries, kind="ivf-pq", memory=GiB, target_recall=0.95)
     assert report.kind == "ivf-pq" and index.ntotal == 3000
     _, found = index.search(queries[500:], 10)  # not the tuning half alone: compare on all held-out
     exact = -np.sort(-(queries[500:] @ prototypes.T), axis=1)[:, :10]
@@ -109,7 +109,7 @@ def test_auto_falls_back_to_exact_when_approximate_is_not_faster(monkeypatch):
     rng = np.random.default_rng(5)
     vectors = l2_normalize(rng.standard_normal((8000, 256)).astype(np.float32))
     queries = l2_normalize(rng.standard_normal((400, 256)).astype(np.float32))
-    index, report = build_index(vectors, queries, kind="auto", memory=GiB)
+    index, report = build_faiss_index(vectors, queries, kind="auto", memory=GiB)
     assert report.kind == "flat" and report.reason.startswith("exact fallback") and report.tuning
     assert report.recall_at_10 == 1.0 and index.ntotal == 8000
 

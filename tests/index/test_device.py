@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.index.ann import (GPU_MAX_SELECT, Plan, build_index, choose_device, faiss_device, faiss_gpus,
+from phrasefuse.index.ann import (GPU_MAX_SELECT, Plan, build_faiss_index, choose_device, faiss_device, faiss_gpus,
                                   gpu_refusal, make_index, search, search_device, train_with_clustering_index)
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.index.phrases import (DEFAULT_BATCH, DEFAULT_TEXT_BATCH, GPU_SEARCH_BATCH_MAX, GPU_TEXT_BATCH_MAX,
@@ -102,7 +102,7 @@ def test_auto_build_saves_a_cpu_index_and_says_where_it_ran(random_store, random
 
 def test_build_index_on_cpu_device_records_cpu():
     vectors = l2_normalize(np.random.default_rng(4).standard_normal((3000, 16)).astype(np.float32))
-    index, report = build_index(vectors, vectors[:200], kind="ivf-flat", device="cpu")
+    index, report = build_faiss_index(vectors, vectors[:200], kind="ivf-flat", device="cpu")
     assert report.device == "cpu" and report.kind == "ivf-flat"
     _, rows = search(index, vectors[:5], 1)
     assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]  # each vector finds itself

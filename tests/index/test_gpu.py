@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from phrasefuse.index.ann import GpuCopy, Plan, build_index, exact_search, faiss_gpus, search, set_search_value
+from phrasefuse.index.ann import GpuCopy, Plan, build_faiss_index, exact_search, faiss_gpus, search, set_search_value
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import EmbeddingStore, embeddings_to_numpy, l2_normalize
 from tests.conftest import run_cli
@@ -37,7 +37,7 @@ def data():
 
 def test_gpu_flat_search_is_the_exact_search(data):
     vectors, queries, (exact_scores, exact_rows, _) = data
-    index, report = build_index(vectors, kind="flat", device="cpu")
+    index, report = build_faiss_index(vectors, kind="flat", device="cpu")
     scores, rows = search(GpuCopy(index, "flat"), queries, 10)
     assert overlap(rows, exact_rows) >= 0.999  # only float ties may swap
     np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
@@ -46,7 +46,7 @@ def test_gpu_flat_search_is_the_exact_search(data):
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "ivf-pq"])
 def test_gpu_search_equals_cpu_search_within_the_reported_recall(kind, data):
     vectors, queries, (_, exact_rows, _) = data
-    index, report = build_index(vectors, queries[:1000], kind=kind, device="cpu")
+    index, report = build_faiss_index(vectors, queries[:1000], kind=kind, device="cpu")
     gpu = GpuCopy(index, kind)
     set_search_value(gpu, Plan(kind, 64), report.search_value)
     _, cpu_rows = search(index, queries[1000:], 10)
@@ -59,7 +59,7 @@ def test_gpu_search_equals_cpu_search_within_the_reported_recall(kind, data):
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8"])
 def test_gpu_built_index_is_a_cpu_index_that_answers_on_the_cpu(kind, data, tmp_path):
     vectors, queries, (_, exact_rows, _) = data
-    index, report = build_index(vectors, queries[:1000], kind=kind, device="cuda")
+    index, report = build_faiss_index(vectors, queries[:1000], kind=kind, device="cuda")
     assert report.device == "cuda" and report.recall_at_10 >= 0.9
     path = tmp_path / "index.faiss"
     faiss.write_index(index, str(path))  # a GPU index could not be written: this one is the CPU's
