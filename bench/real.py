@@ -5,7 +5,8 @@ queries (`../shared/data/realdev`, see its README). The whole chain runs as `phr
 commands with the built-in encoders:
 
     extract images (both manifests) -> index build (Tiny ImageNet pairs) -> phrases (CIFAR-10)
-    -> fuse zeroshot -> fuse ablate per head (1, 2, 5, 20 shots and full data)
+    -> fuse zeroshot -> fuse ablate per head (1, 2, 5, 20 shots and full data; rows with the label
+    prior and with pseudo-shots from the index)
 
 Stores, index and phrases are cached in --work: a re-run only re-trains. One table: top-1 mean ±
 std over seeds, the paired gain over image-only, and what was kept and why (text kept in how many
@@ -27,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realdev"
-ROWS = ("image", "image+phrases", "image+label-prior", "image+phrases+label-prior")
+ROWS = ("image", "image+phrases", "image+label-prior", "image+phrases+label-prior", "image+pseudo-shots",
+        "image+phrases+pseudo-shots+label-prior")
 LGBM_MIN_SHOTS = 5  # LightGBM's leaves need a few rows per class
 
 
@@ -66,7 +68,7 @@ def ablate(manifest: Path, paths: dict, head: str, shots: list[int], full: bool,
     out = work / f"ablate-{head}"
     args = ["fuse", "ablate", "--manifest", manifest, "--feature", f"image={paths['c10']}", "--feature",
             f"phrases={paths['phrases']}", "--head", head, "--seeds", str(seeds), "--label-prior", "phrases",
-            "--out", out, "--json"]
+            "--pseudo-shots", paths["index"], "--out", out, "--json"]
     for row in ROWS:
         args += ["--row", row]
     if shots:
@@ -85,6 +87,9 @@ def kept_text(row: dict, seeds: int) -> str:
         used = sum(w > 0 for w in weights)
         detail = ", ".join(f"{w:.3g}" for w in weights)
         parts.append(f"prior used {used}/{seeds} (weights {detail}; {row['prior_chosen_by']})")
+    if "pseudo_kept" in row:
+        parts.append(f"pseudo-shots kept {sum(n > 0 for n in row['pseudo_kept'])}/{seeds} "
+                     f"(rows {', '.join(map(str, row['pseudo_kept']))})")
     return "; ".join(parts)
 
 

@@ -185,6 +185,9 @@ HeadKind = Enum("HeadKind", {kind: kind for kind in HEAD_KINDS}, type=str)  # on
 
 FEATURE_HELP = ("Embedding store (repeatable): image, metadata text, phrases. NAME=PATH names the feature "
                 "(default: the folder name).")
+PSEUDO_HELP = ("Phrase index of the image feature's encoder: prototypes of query phrases matched to a label text "
+               "(margin over the 2nd) offered as extra training rows; kept only when they clearly win on held-out "
+               "rows (never at 1 shot).")
 LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column means multi-label)."
 
 
@@ -207,6 +210,7 @@ def fuse_train(
     text_model: str = typer.Option(DEFAULT_TEXT_MODEL, "--text-model", help="Text encoder for --align-descriptions."),
     label_prior: Optional[str] = typer.Option(None, "--label-prior", help="Text/phrases store: add cos(its vector, label text) to the head's log-probabilities, weight tuned on val."),
     tune_rows: Optional[int] = typer.Option(None, "--tune-rows", help="linear/lgbm: training rows used to tune text trust (default 10,000 / 5,000; all rows train the final head)."),
+    pseudo_shots: Optional[str] = typer.Option(None, "--pseudo-shots", metavar="INDEX", help=PSEUDO_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Train a head on --feature stores; report it beside the image-only head; save the better one."""
@@ -216,7 +220,8 @@ def fuse_train(
     report = train_head(_source(manifest, id_col, image_col), feature, out, kind=head.value, seed=seed, label_col=label_col, multilabel=multilabel,
                         threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
                         label_descriptions=label_descriptions, align_descriptions=align_descriptions,
-                        text_model=text_model, label_prior=label_prior, tune_rows=tune_rows)
+                        text_model=text_model, label_prior=label_prior, tune_rows=tune_rows,
+                        pseudo_shots=pseudo_shots)
     _warn(report.warnings)
     _print(report.as_dict() if as_json else report.text(), as_json)
 
@@ -255,6 +260,7 @@ def fuse_ablate(
     with_full: bool = typer.Option(False, "--with-full", help="With --shots, also the full-data table."),
     label_prior: Optional[str] = typer.Option(None, "--label-prior", metavar="NAME", help="A text feature (e.g. phrases) whose cosine to the label texts rows with 'label-prior' add (--row image+phrases+label-prior)."),
     label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table with label, description: the label texts of --label-prior (default: the label names)."),
+    pseudo_shots: Optional[str] = typer.Option(None, "--pseudo-shots", metavar="INDEX", help=PSEUDO_HELP + " Rows that list 'pseudo-shots' use it (--row image+pseudo-shots)."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for ablation.md and ablation.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -272,7 +278,7 @@ def fuse_ablate(
     rows = [r.split("+") for r in row] if row else None
     report = ablate(_source(manifest, id_col, image_col), feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
                     multilabel=multilabel, out=out, rows=rows, full=with_full or None, label_prior=label_prior,
-                    label_descriptions=label_descriptions)
+                    label_descriptions=label_descriptions, pseudo_shots=pseudo_shots)
     _warn(report.data.get("warnings", []))
     _print(report.as_dict() if as_json else ablation_text(report), as_json)
 

@@ -24,15 +24,18 @@ from typing import Sequence
 import numpy as np
 
 from phrasefuse.errors import BadInput
+from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.fuse.heads import head_params
 from phrasefuse.fuse.labeltext import apply_prior
 from phrasefuse.fuse.metrics import summary
 from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
-from phrasefuse.fuse.train import Prepared, data_warnings, evaluate_probs, fit_and_choose, prepare, shots_warning
 from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
+from phrasefuse.fuse.train import (Prepared, data_warnings, evaluate_probs, fit_and_choose, prepare, pseudo_shots_for,
+                                   shots_warning)
 
 LABEL_PRIOR = "label-prior"  # in a row: add the label prior of the --label-prior feature
+PSEUDO_SHOTS = "pseudo-shots"  # in a row: offer the --pseudo-shots index's pseudo-labelled prototypes
 
 
 def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -60,23 +63,27 @@ def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[st
 
 
 def named_subsets(rows: Sequence[Sequence[str]], names: Sequence[str], roles: Sequence[str],
-                  prior: str | None = None) -> list[tuple[str, list[int]]]:
-    """Rows chosen by the caller (each a list of feature names, and LABEL_PRIOR for the label
-    prior of feature `prior`) as (row label, block indices)."""
+                  prior: str | None = None, pseudo: bool = False) -> list[tuple[str, list[int]]]:
+    """Rows chosen by the caller (each a list of feature names, LABEL_PRIOR for the label
+    prior of feature `prior`, PSEUDO_SHOTS for the pseudo-shots) as (row label, block indices)."""
     out = []
     for row in rows:
-        with_prior = LABEL_PRIOR in row
+        with_prior, with_pseudo = LABEL_PRIOR in row, PSEUDO_SHOTS in row
         if with_prior and prior is None:
             raise BadInput(f"ablation row {list(row)}: '{LABEL_PRIOR}' needs the label prior's feature "
                            f"(--label-prior NAME, or label_prior in the config's [ablation])")
-        row = [n for n in row if n != LABEL_PRIOR]
+        if with_pseudo and not pseudo:
+            raise BadInput(f"ablation row {list(row)}: '{PSEUDO_SHOTS}' needs a phrase index "
+                           f"(--pseudo-shots INDEX, or pseudo_shots in the config's [ablation])")
+        row = [n for n in row if n not in (LABEL_PRIOR, PSEUDO_SHOTS)]
         unknown = [n for n in row if n not in names]
         if unknown or not row:
             raise BadInput(f"ablation row {list(row)}: names no feature ({', '.join(unknown) or 'empty'}); "
                            f"features: {', '.join(names)}")
         which = sorted(names.index(n) for n in row)
         image_only = len(which) == 1 and roles[which[0]] == "image"
-        label = " + ".join(names[j] for j in which)
+        label = " + ".join(names[j] for j in which) + (f" + {PSEUDO_SHOTS}" if with_pseudo else "")
+        image_only = image_only and not with_pseudo
         if with_prior:
             out.append((f"{label} + label prior ({prior})", which))
         else:
@@ -129,13 +136,17 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
            out: str | os.PathLike | None = None, tune_rows: int | None = None,
            params: dict | None = None, rows: Sequence[Sequence[str]] | None = None,
            shot_rows: Sequence[Sequence[str]] | None = None, full: bool | None = None,
-           label_prior: str | None = None, label_descriptions: str | None = None) -> AblationReport:
+           label_prior: str | None = None, label_descriptions: str | None = None,
+           pseudo_shots: str | None = None, text_model: str | None = None) -> AblationReport:
     """The ablation table. `rows` (lists of feature names) replaces the default feature
     subsets of the full-data table, `shot_rows` those of the K-shot tables (default: `rows`).
     `full`: also the full-data table when `shots` are given (default: only without shots).
     `label_prior`: a text feature whose cosine to the label names (or `label_descriptions`) is
     added to the head's log-probabilities in rows that list LABEL_PRIOR, with its weight chosen
-    like the text trust (validation, or cross-validation within the shots)."""
+    like the text trust (validation, or cross-validation within the shots). `pseudo_shots`: a
+    phrase index whose pseudo-labelled prototypes rows that list PSEUDO_SHOTS offer to the head
+    (fuse/pseudo.py), kept by the same rule; `text_model` matches phrases to label texts
+    (default: the built-in text encoder)."""
     start = time.perf_counter()
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
@@ -150,10 +161,13 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     task, y, split_rows = prep.task, prep.labels.y, prep.rows
     hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
     names = [f.name for f in prep.features]
-    default_subsets = named_subsets(rows, names, prep.roles, label_prior) if rows else \
+    default_subsets = named_subsets(rows, names, prep.roles, label_prior, bool(pseudo_shots)) if rows else \
         feature_subsets(prep.roles, names)
-    shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior) if shot_rows else default_subsets
+    shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior, bool(pseudo_shots)) if shot_rows \
+        else default_subsets
     cos = prior_scores(prep, label_prior, label_descriptions) if label_prior else None
+    pseudo = pseudo_shots_for(prep, pseudo_shots, label_descriptions, text_model or DEFAULT_TEXT_MODEL) \
+        if pseudo_shots else None
     test_labels = prep.labels.take(split_rows["test"])
     warnings = data_warnings(prep.labels, split_rows, ("val", "test") if full else ("test",), check_val=full)
     warnings += [w for w in (shots_warning(prep.labels, split_rows["train"], int(k)) for k in shots) if w]
@@ -177,13 +191,17 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
             train_rows_used.append(len(scheme.pool))
             fitted: dict[tuple, object] = {}  # a row with the label prior reuses the head of the row without it
             for label, which in subsets:
-                if tuple(which) not in fitted:
-                    fitted[tuple(which)] = fit_and_choose(kind, prep.blocks.select(which), y, task,
-                                                          [prep.roles[j] for j in which], hp, s, scheme, tuning)
-                outcome = fitted[tuple(which)]
+                key = (tuple(which), f" + {PSEUDO_SHOTS}" in label)
+                if key not in fitted:
+                    fitted[key] = fit_and_choose(kind, prep.blocks.select(which), y, task,
+                                                 [prep.roles[j] for j in which], hp, s, scheme, tuning,
+                                                 pseudo=pseudo if key[1] else None)
+                outcome = fitted[key]
                 kept = [which[j] for j in outcome.saved_blocks]
                 probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
                 run = {"seed": s, "choice": outcome.choice}
+                if outcome.pseudo is not None:
+                    run["pseudo_per_label"], run["pseudo_rows"] = outcome.pseudo["per_label"], outcome.pseudo["rows"]
                 if label.endswith(f"label prior ({label_prior})"):
                     run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y)
                     probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
@@ -224,6 +242,8 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
         if runs[label] and "prior_weight" in runs[label][0]:
             row["prior_weights"] = [r["prior_weight"] for r in runs[label]]
             row["prior_chosen_by"] = runs[label][0]["prior_choice"]["scheme"]
+        if runs[label] and "pseudo_rows" in runs[label][0]:
+            row["pseudo_kept"] = [r["pseudo_rows"] for r in runs[label]]
         row["runs"] = runs[label]
         rows.append(row)
     n_labels = prep.labels.num_classes
@@ -268,6 +288,8 @@ def render_markdown(data: dict) -> str:
             if "prior_weights" in row:
                 weights = ", ".join(f"{w:.3g}" for w in row["prior_weights"])
                 kept += ("; " if kept else "") + f"prior weight {weights} ({row['prior_chosen_by']})"
+            if "pseudo_kept" in row:
+                kept += ("; " if kept else "") + "pseudo-shots kept " + ", ".join(map(str, row["pseudo_kept"]))
             out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
         chooser = ("the val split" if table["shots"] is None else
                    "nothing (1 shot: text is never kept)" if table["shots"] == 1 else

@@ -158,6 +158,8 @@ def _table_html(table: dict, test_rows: int) -> str:
         if "prior_weights" in r:
             kept += ("; " if kept else "") + "prior weight " + ", ".join(f"{w:.3g}" for w in r["prior_weights"]) \
                 + f" ({r.get('prior_chosen_by', '')})"
+        if "pseudo_kept" in r:
+            kept += ("; " if kept else "") + "pseudo-shots kept " + ", ".join(map(str, r["pseudo_kept"]))
         rows.append(f"<tr><td>{html.escape(r['features'])}</td>{cells}<td>{gain}</td>"
                     f"<td class='note'>{html.escape(kept)}</td></tr>")
     return (f"<h3>{html.escape(table['regime'])} ({table['seeds']} seed(s), mean ± std over seeds; test split, "
@@ -203,6 +205,12 @@ def _decision_text(meta: dict) -> str:
     if prior:
         parts.append(f"label prior {prior['store']['name']} weight {prior['weight']:g} (val top-1 by weight: "
                      + ", ".join(f"{g['weight']:g}: {_pct(g['val_top1'])}" for g in prior.get("grid", [])) + ")")
+    pseudo = selection.get("pseudo_shots")
+    if pseudo:
+        scores = ", ".join([f"none: {_pct(pseudo['score_without'])}"] * ("score_without" in pseudo)
+                           + [f"{c['per_label']} per label: {_pct(c['score'])}" for c in pseudo["candidates"]])
+        parts.append(f"pseudo-shots from {pseudo['index']}: {pseudo['rows']} rows kept ({pseudo['reason']}"
+                     + (f"; held-out top-1 {scores}" if scores else "") + ")")
     parts += [f"warning: {w}" for w in meta.get("warnings") or []]
     return "; ".join(p for p in parts if p)
 

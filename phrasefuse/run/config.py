@@ -23,6 +23,7 @@ IMAGE = "image"  # the feature name of the labelled images' store
 PHRASES = "phrases"  # the feature name of the generated phrases' store
 QUERY_IMAGE = "query-image"  # the store of the query corpus' images (run/pipeline.py Layout)
 LABEL_PRIOR = "label-prior"  # in an ablation row: the label prior of [ablation] label_prior (fuse/ablate.py)
+PSEUDO_SHOTS = "pseudo-shots"  # in an ablation row: the pseudo-shots of [ablation] pseudo_shots (fuse/ablate.py)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Head:
     seed: int = 0
     label_prior: str | None = None
     align_descriptions: float = 0.0
+    pseudo_shots: bool = False  # offer the [phrases] index's pseudo-labelled prototypes (fuse/pseudo.py)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Ablation:
     rows: list[list[str]] | None = None
     shot_rows: list[list[str]] | None = None
     label_prior: str | None = None  # a text feature; rows may then list "label-prior"
+    pseudo_shots: bool = False  # rows may then list "pseudo-shots" (the [phrases] index's prototypes)
 
 
 @dataclass
@@ -192,12 +195,15 @@ def parse_config(raw: dict, path: Path) -> Config:
         heads_raw = []
     for i, h in enumerate(heads_raw):
         where = f"heads[{i}]"
-        c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions"})
+        c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions", "pseudo_shots"})
         head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
                     features=c.get(h, "features", list, list(features), item=str, where=where),
                     seed=c.get(h, "seed", int, 0, where=where),
                     label_prior=c.get(h, "label_prior", str, None, where=where),
-                    align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)))
+                    align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)),
+                    pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where))
+        if head.pseudo_shots and not phrases:
+            c.fail(f"{where}.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
         c.features(head.features, features, f"{where}.features")
         if not 0 <= head.seed <= MAX_SEED:
             c.fail(f"{where}.seed", f"expected a whole number from 0 to {MAX_SEED}, got {head.seed}")
@@ -217,17 +223,20 @@ def parse_config(raw: dict, path: Path) -> Config:
     ablation = None
     if "ablation" in raw:
         ab_raw = c.table(raw, "ablation")
-        c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows", "label_prior"})
+        c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows", "label_prior", "pseudo_shots"})
         label_prior = c.get(ab_raw, "label_prior", str, None, where="ablation")
         if label_prior is not None:
             c.features([label_prior], [n for n in features if n != IMAGE], "ablation.label_prior")
-        row_names = features + ([LABEL_PRIOR] if label_prior else [])
+        pseudo_shots = c.get(ab_raw, "pseudo_shots", bool, False, where="ablation")
+        if pseudo_shots and not phrases:
+            c.fail("ablation.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
+        row_names = features + ([LABEL_PRIOR] if label_prior else []) + ([PSEUDO_SHOTS] if pseudo_shots else [])
         ablation = Ablation(head=c.choice(ab_raw, "head", HEAD_KINDS, "linear", where="ablation"),
                             seeds=c.positive(ab_raw, "seeds", 3, where="ablation"),
                             shots=c.get(ab_raw, "shots", list, [], item=int, where="ablation"),
                             rows=_rows(c, ab_raw, "rows", row_names),
                             shot_rows=_rows(c, ab_raw, "shot_rows", row_names),
-                            label_prior=label_prior)
+                            label_prior=label_prior, pseudo_shots=pseudo_shots)
         if any(k < 1 for k in ablation.shots):
             c.fail("ablation.shots", "expected whole numbers of at least 1 (labelled examples per class)")
 

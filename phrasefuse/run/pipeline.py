@@ -245,13 +245,17 @@ def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict
                         label_col=config.data.label_col, multilabel=config.data.multilabel,
                         out=layout.ablation, rows=ab.rows, shot_rows=ab.shot_rows, full=True,
                         label_prior=ab.label_prior,
-                        label_descriptions=str(descriptions) if descriptions and ab.label_prior else None)
+                        label_descriptions=str(descriptions) if descriptions and (ab.label_prior or ab.pseudo_shots)
+                        else None,
+                        pseudo_shots=str(layout.index) if ab.pseudo_shots else None, text_model=config.encoders.text)
         return (f"ablation: {ab.head} head, {len(report.data['tables'])} table(s), {ab.seeds} seed(s); "
                 f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
             {"seconds": report.data["seconds"]}
 
     inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names),
-              "descriptions": files_fingerprint(descriptions) if descriptions and ab.label_prior else None}
+              "descriptions": files_fingerprint(descriptions) if descriptions and (ab.label_prior or ab.pseudo_shots)
+              else None,
+              **({"index": _build_id(layout.index), "text_model": config.encoders.text} if ab.pseudo_shots else {})}
     return state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
 
 
@@ -372,7 +376,7 @@ def heads_with_baseline(config: Config) -> list[Head]:
     """The config's heads, plus an image-only head of the first head's kind for the report to
     compare with (unless the config has one)."""
     heads = list(config.heads)
-    if heads and not any(h.features == [IMAGE] and not h.label_prior for h in heads) \
+    if heads and not any(h.features == [IMAGE] and not h.label_prior and not h.pseudo_shots for h in heads) \
             and all(h.name != BASELINE for h in heads):
         heads.append(Head(name=BASELINE, kind=heads[0].kind, features=[IMAGE], seed=heads[0].seed))
     return heads
@@ -383,9 +387,11 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
     out, predictions = layout.head(head.name), layout.predictions(head.name)
     descriptions = config.data.label_descriptions
     reads = head.features + ([head.label_prior] if head.label_prior else [])
-    uses_descriptions = descriptions is not None and (head.align_descriptions > 0 or head.label_prior is not None)
+    uses_descriptions = descriptions is not None and (head.align_descriptions > 0 or head.label_prior is not None
+                                                      or head.pseudo_shots)
     inputs = {**labels, "head": vars(head), "stores": stores_fp(reads), "text_model": config.encoders.text,
-              "descriptions": files_fingerprint(descriptions) if uses_descriptions else None}
+              "descriptions": files_fingerprint(descriptions) if uses_descriptions else None,
+              **({"index": _build_id(layout.index)} if head.pseudo_shots else {})}
 
     def job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import predict
@@ -395,7 +401,8 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
                             label_col=config.data.label_col, multilabel=config.data.multilabel,
                             label_descriptions=str(descriptions) if descriptions else None,
                             align_descriptions=head.align_descriptions, text_model=config.encoders.text,
-                            label_prior=str(layout.store(head.label_prior)) if head.label_prior else None)
+                            label_prior=str(layout.store(head.label_prior)) if head.label_prior else None,
+                            pseudo_shots=str(layout.index) if head.pseudo_shots else None)
         p = predict(out, config.data.source, predictions)
         d = report.as_dict()
         test = (d["metrics"].get("test") or {}).get("saved") or {}

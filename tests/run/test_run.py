@@ -33,14 +33,16 @@ k = 2
 name = "fused"
 kind = "{kind}"
 features = ["image", "title", "phrases"]
+pseudo_shots = true
 
 [ablation]
 head = "linear"
 seeds = 1
 shots = [1, 2]
 rows = [["image"], ["image", "title"], ["image", "phrases"]]
-shot_rows = [["image"], ["image", "phrases"], ["image", "phrases", "label-prior"]]
+shot_rows = [["image"], ["image", "phrases"], ["image", "phrases", "label-prior"], ["image", "pseudo-shots"]]
 label_prior = "phrases"
+pseudo_shots = true
 
 [report]
 gallery = 6
@@ -122,6 +124,13 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert prior_row["prior_weights"] == [0.0] and one_shot["image + phrases"]["text_kept"] == 0
     image_only = one_shot["image (image only)"]
     assert prior_row["top1"] == one_shot["image + phrases"]["top1"] == image_only["top1"]
+    assert one_shot["image + pseudo-shots"]["pseudo_kept"] == [0]  # nothing held out: left out
+    assert one_shot["image + pseudo-shots"]["top1"] == image_only["top1"]
+    two_shot = {r["features"]: r for r in ablation["tables"][2]["rows"]}
+    assert len(two_shot["image + pseudo-shots"]["pseudo_kept"]) == 1
+    fused_meta = json.loads((work / "heads" / "fused" / "meta.json").read_text())
+    assert fused_meta["selection"]["pseudo_shots"]["index"] == str(work / "index")
+    assert "pseudo-shots from" in page
 
     # Same config again: every stage is skipped, and the summaries say nothing was embedded.
     second = stages(run_cli("run", config, "--json"))
@@ -164,6 +173,7 @@ def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
     (('manifest = "data/manifest.parquet"', 'manifest = "data/nowhere.parquet"'), "data.manifest"),
     (('[data]\nmanifest = "data/manifest.parquet"', '[data]'), "data.manifest"),
     (('seeds = 1', 'seeds = true'), "ablation.seeds"),
+    (('pseudo_shots = true\n\n[ablation]', 'pseudo_shots = "yes"\n\n[ablation]'), "heads[0].pseudo_shots"),
 ])
 def test_invalid_config_is_refused_before_any_work(tmp_path, demo_data, edit, key):
     text = TINY.format(spec="builtin:efficientnet-lite0", kind="linear").replace("work = \"work\"",
