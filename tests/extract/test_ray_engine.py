@@ -91,11 +91,13 @@ def test_texts_on_ray_through_the_cli_equal_the_local_store(ray_cluster, dataset
                    "--batch-size", "4", "--engine", "ray", "--ray-address", ray_cluster, "--ray-actors", "1",
                    "--json", check=True)
     summary = argparse.Namespace(**json.loads(proc.stdout))
-    assert (summary.embedded, summary.reused, summary.failed) == (local.embedded, local.reused, local.failed)
-    assert summary.embedded > 0 and summary.failed >= 3  # the None, "" and dup-c None added, and generated ones
+    # The JSON counts as the text line does: `failed` the broken rows, `no_text` apart, `errors` both.
+    assert (summary.embedded, summary.reused, summary.errors, summary.no_text, summary.failed) == (
+        local.embedded, local.reused, local.failed, local.no_text, local.failed - local.no_text)
+    assert summary.embedded > 0 and summary.no_text >= 3  # the None, "" and dup-c None added, and generated ones
     assert_same_store(tmp_path / "local", tmp_path / "ray")
     again = extract_texts(dataset, "title", tmp_path / "ray", model=tiny_clip_spec, progress=False, engine="ray")
-    assert again.embedded == 0 and again.present == summary.rows - summary.failed
+    assert again.embedded == 0 and again.present == summary.rows - summary.errors
 
 
 def test_phrases_on_ray_equal_the_local_store(ray_cluster, dataset, local_images, tiny_clip_spec, tmp_path):
