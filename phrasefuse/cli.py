@@ -278,7 +278,8 @@ def fuse_ablate(
     rows = [r.split("+") for r in row] if row else None
     report = ablate(_source(manifest, id_col, image_col), feature, head.value, shots=ks, seeds=seeds, seed=seed, label_col=label_col,
                     multilabel=multilabel, out=out, rows=rows, full=with_full or None, label_prior=label_prior,
-                    label_descriptions=label_descriptions, pseudo_shots=pseudo_shots)
+                    label_descriptions=label_descriptions, pseudo_shots=pseudo_shots,
+                    progress=False if as_json else None)
     _warn(report.data.get("warnings", []))
     _print(report.as_dict() if as_json else ablation_text(report), as_json)
 

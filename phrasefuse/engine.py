@@ -127,7 +127,7 @@ LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 @contextlib.contextmanager
-def progress(total: int, label: str, enabled: bool | None):
+def progress(total: int, label: str, enabled: bool | None, unit: str = "rows"):
     """Every batch job's progress, yielding advance(n): on a terminal a rich bar (rows/s, ETA);
     otherwise (a batch log) one line at most every LOG_EVERY seconds with done/total, rate and ETA,
     so the log shows the job is alive. `enabled` False: nothing (e.g. --json); None: by the terminal."""
@@ -135,7 +135,7 @@ def progress(total: int, label: str, enabled: bool | None):
         yield lambda n: None
         return
     if not (enabled or sys.stderr.isatty()):
-        yield _progress_lines(total, label)
+        yield _progress_lines(total, label, unit=unit)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -151,13 +151,16 @@ def progress(total: int, label: str, enabled: bool | None):
             nonlocal done
             done += n
             rate = done / max(1e-9, time.perf_counter() - start)
-            bar.update(task, advance=n, rate=f"{rate:.1f} rows/s")
+            bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s")
 
         yield advance
 
 
-def _progress_lines(total: int, label: str, every: float = LOG_EVERY) -> Callable[[int], None]:
-    """advance(n) that prints 'LABEL: done/total (p%), rate rows/s, ETA' at most every `every` s."""
+def _progress_lines(total: int, label: str, every: float | None = None,
+                    unit: str = "rows") -> Callable[[int], None]:
+    """advance(n) that prints 'LABEL: done/total (p%), rate UNIT/s, ETA' at most every `every` s
+    (default LOG_EVERY)."""
+    every = LOG_EVERY if every is None else every
     start = last = time.monotonic()
     done = 0
 
@@ -171,7 +174,7 @@ def _progress_lines(total: int, label: str, every: float = LOG_EVERY) -> Callabl
         rate = done / max(1e-9, now - start)
         eta = (total - done) / rate if rate > 0 else float("inf")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "unknown"
-        print(f"{label}: {done}/{total} ({100 * done / total:.0f}%), {rate:.1f} rows/s, ETA {eta_text}",
+        print(f"{label}: {done}/{total} ({100 * done / total:.0f}%), {rate:.1f} {unit}/s, ETA {eta_text}",
               file=sys.stderr, flush=True)
 
     return advance

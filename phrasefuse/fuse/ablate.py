@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from phrasefuse.engine import progress as progress_lines
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
@@ -137,7 +138,8 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
            params: dict | None = None, rows: Sequence[Sequence[str]] | None = None,
            shot_rows: Sequence[Sequence[str]] | None = None, full: bool | None = None,
            label_prior: str | None = None, label_descriptions: str | None = None,
-           pseudo_shots: str | None = None, text_model: str | None = None) -> AblationReport:
+           pseudo_shots: str | None = None, text_model: str | None = None,
+           progress: bool | None = None) -> AblationReport:
     """The ablation table. `rows` (lists of feature names) replaces the default feature
     subsets of the full-data table, `shot_rows` those of the K-shot tables (default: `rows`).
     `full`: also the full-data table when `shots` are given (default: only without shots).
@@ -146,7 +148,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     like the text trust (validation, or cross-validation within the shots). `pseudo_shots`: a
     phrase index whose pseudo-labelled prototypes rows that list PSEUDO_SHOTS offer to the head
     (fuse/pseudo.py), kept by the same rule; `text_model` matches phrases to label texts
-    (default: the built-in text encoder)."""
+    (default: the built-in text encoder). `progress`: as every long job's (engine.progress); False: none."""
     start = time.perf_counter()
     if kind not in HEAD_KINDS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
@@ -173,41 +175,45 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     warnings += [w for w in (shots_warning(prep.labels, split_rows["train"], int(k)) for k in shots) if w]
     regimes = [("full", None)] * full + [(f"{k}-shot", int(k)) for k in shots]
     tables = []
-    for regime, k in regimes:
-        subsets = default_subsets if k is None else shot_subsets
-        runs: dict[str, list[dict]] = {label: [] for label, _ in subsets}
-        scheme_name = ""
-        train_rows_used = []
-        for s in range(seed, seed + seeds):
-            if k is None:
-                scheme = holdout(split_rows["train"], split_rows["val"])
-                tune = stratified_subsample(split_rows["train"], y, task.multilabel,
-                                            int(hp.get("tune_rows") or len(split_rows["train"])), s)
-                tuning = holdout(tune, split_rows["val"]) if len(tune) < len(split_rows["train"]) else None
-            else:
-                pool = sample_shots(split_rows["train"], y, task.multilabel, k, s)
-                scheme, tuning = cross_validation(pool, y, task.multilabel, k, s), None
-            scheme_name = scheme.describe()
-            train_rows_used.append(len(scheme.pool))
-            fitted: dict[tuple, object] = {}  # a row with the label prior reuses the head of the row without it
-            for label, which in subsets:
-                key = (tuple(which), f" + {PSEUDO_SHOTS}" in label)
-                if key not in fitted:
-                    fitted[key] = fit_and_choose(kind, prep.blocks.select(which), y, task,
-                                                 [prep.roles[j] for j in which], hp, s, scheme, tuning,
-                                                 pseudo=pseudo if key[1] else None)
-                outcome = fitted[key]
-                kept = [which[j] for j in outcome.saved_blocks]
-                probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
-                run = {"seed": s, "choice": outcome.choice}
-                if outcome.pseudo is not None:
-                    run["pseudo_per_label"], run["pseudo_rows"] = outcome.pseudo["per_label"], outcome.pseudo["rows"]
-                if label.endswith(f"label prior ({label_prior})"):
-                    run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y)
-                    probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
-                run["metrics"] = summary(evaluate_probs(probs, test_labels))
-                runs[label].append(run)
-        tables.append(_table(regime, k, subsets, runs, prep, scheme_name, train_rows_used, seeds))
+    # One step: a seed of a regime (every feature row of it trained and tested).
+    with progress_lines(len(regimes) * seeds, f"ablate ({kind} head)", progress, unit="seeds") as advance:
+        for regime, k in regimes:
+            subsets = default_subsets if k is None else shot_subsets
+            runs: dict[str, list[dict]] = {label: [] for label, _ in subsets}
+            scheme_name = ""
+            train_rows_used = []
+            for s in range(seed, seed + seeds):
+                if k is None:
+                    scheme = holdout(split_rows["train"], split_rows["val"])
+                    tune = stratified_subsample(split_rows["train"], y, task.multilabel,
+                                                int(hp.get("tune_rows") or len(split_rows["train"])), s)
+                    tuning = holdout(tune, split_rows["val"]) if len(tune) < len(split_rows["train"]) else None
+                else:
+                    pool = sample_shots(split_rows["train"], y, task.multilabel, k, s)
+                    scheme, tuning = cross_validation(pool, y, task.multilabel, k, s), None
+                scheme_name = scheme.describe()
+                train_rows_used.append(len(scheme.pool))
+                fitted: dict[tuple, object] = {}  # a row with the label prior reuses the head of the row without it
+                for label, which in subsets:
+                    key = (tuple(which), f" + {PSEUDO_SHOTS}" in label)
+                    if key not in fitted:
+                        fitted[key] = fit_and_choose(kind, prep.blocks.select(which), y, task,
+                                                     [prep.roles[j] for j in which], hp, s, scheme, tuning,
+                                                     pseudo=pseudo if key[1] else None)
+                    outcome = fitted[key]
+                    kept = [which[j] for j in outcome.saved_blocks]
+                    probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
+                    run = {"seed": s, "choice": outcome.choice}
+                    if outcome.pseudo is not None:
+                        run["pseudo_per_label"] = outcome.pseudo["per_label"]
+                        run["pseudo_rows"] = outcome.pseudo["rows"]
+                    if label.endswith(f"label prior ({label_prior})"):
+                        run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y)
+                        probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
+                    run["metrics"] = summary(evaluate_probs(probs, test_labels))
+                    runs[label].append(run)
+                advance(1)
+            tables.append(_table(regime, k, subsets, runs, prep, scheme_name, train_rows_used, seeds))
     data = {"manifest": str(manifest), "head": kind, "task": "multilabel" if task.multilabel else "multiclass",
             "features": [{"name": n, "role": r, "path": str(f.path)}
                          for n, r, f in zip(names, prep.roles, prep.features)],

@@ -36,3 +36,16 @@ def test_shots_beyond_a_class_and_unseen_labels_are_said(tmp_path):
     markdown = ablate(tmp_path / "m.parquet", [str(data.image)], "linear", shots=[5], seeds=1).markdown
     assert "## 5-shot, 4.7 shots per label on average" in markdown and "Warnings:" in markdown
     assert np.isfinite(five["rows"][0]["top1"]["mean"])
+
+
+def test_ablate_says_how_far_it_is_without_a_terminal(tmp_path, capsys, monkeypatch):
+    import phrasefuse.engine
+
+    monkeypatch.setattr(phrasefuse.engine, "LOG_EVERY", 0.0)  # a line at every step: no clock raced
+    data = write_synthetic(tmp_path / "d", n=300, image_signal=0.5, text_signal=0.0)
+    ablate(data.manifest, [str(data.image)], "linear", shots=[2, 5], seeds=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ablate (linear head): ")]
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "seeds/s, ETA " in lines[-1]
+    ablate(data.manifest, [str(data.image)], "linear", shots=[2], seeds=1, progress=False)
+    assert "ablate (" not in capsys.readouterr().err
