@@ -62,23 +62,23 @@ def _int(fields: dict, key: str, where: str) -> int:
         raise BadModel(f"{where}: {key} is missing or not a whole number") from None
 
 
-def _ints(fields: dict, key: str, where: str, n: int) -> list[int]:
+def _numbers(fields: dict, key: str, where: str, n: int, kind: type, what: str) -> list:
+    """The n space-separated values of `key`, each of `kind` (int or float)."""
     try:
-        values = [int(v) for v in fields.get(key, "").split()]
+        values = [kind(v) for v in fields.get(key, "").split()]
     except ValueError:
-        raise BadModel(f"{where}: {key} holds something other than whole numbers") from None
+        raise BadModel(f"{where}: {key} holds something other than {what}") from None
     if len(values) != n:
         raise BadModel(f"{where}: {key} has {len(values)} values, expected {n}")
     return values
 
 
+def _ints(fields: dict, key: str, where: str, n: int) -> list[int]:
+    return _numbers(fields, key, where, n, int, "whole numbers")
+
+
 def _floats(fields: dict, key: str, where: str, n: int) -> list[float]:
-    try:
-        values = [float(v) for v in fields.get(key, "").split()]
-    except ValueError:
-        raise BadModel(f"{where}: {key} holds something other than numbers") from None
-    if len(values) != n:
-        raise BadModel(f"{where}: {key} has {len(values)} values, expected {n}")
+    values = _numbers(fields, key, where, n, float, "numbers")
     if not all(math.isfinite(v) for v in values):
         raise BadModel(f"{where}: {key} holds NaN or infinite values")
     return values
