@@ -210,3 +210,33 @@ def _fit_weight(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray) -> tuple[f
 
 NO_HELD_OUT_HEAD = ("1 labelled example per class: no head can be scored on a held-out example, so nothing shows "
                     "that the prior helps it; prior left out")
+
+
+# ---------------------------------------------------------------- the label prior of a head
+
+
+def prior_scores(store: EmbeddingStore, vectors: np.ndarray, present: np.ndarray, vocab: Sequence[str],
+                 descriptions: dict[str, str] | None, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The label prior's scores: (n, C) cosine of each row's vector of `store` to each label's
+    text (its description, or its name) embedded by the store's encoder; and those label
+    embeddings (C, d), which a head saves to score new rows."""
+    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, source), store)
+    return cosine_scores(vectors, present, label_emb), label_emb
+
+
+def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight on held-out rows (calibrate_prior), and the record behind it:
+    the fit, the rule, and each candidate weight's held-out top-1 and log-likelihood."""
+    fit = calibrate_prior(probs, cos, y)
+    record = fit.as_dict()
+    known = y >= 0
+    if probs is not None and known.any():
+        candidates = sorted({*PRIOR_WEIGHTS, fit.fitted})
+        p, c, yk = probs[known], cos[known], y[known]
+        record["grid"] = [{"weight": float(w), "val_top1": float(np.mean(np.argmax(apply_prior(p, c, w), 1) == yk)),
+                           "val_log_likelihood": float(np.mean(np.log(np.clip(
+                               apply_prior(p, c, w)[np.arange(len(yk)), yk], 1e-12, None))))}
+                          for w in candidates]
+    else:
+        record["grid"] = []
+    return fit.weight, record

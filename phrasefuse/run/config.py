@@ -15,15 +15,13 @@ from typing import Any
 
 from phrasefuse.errors import MAX_SEED, BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from phrasefuse.fuse import HEAD_KINDS
+from phrasefuse.fuse import HEAD_KINDS, LABEL_PRIOR, PSEUDO_SHOTS
 from phrasefuse.index import DEFAULT_PHRASES_K, INDEX_KINDS
 
 LIMIT_KEYS = ("max_image_mb", "max_image_megapixels", "max_aspect_ratio")  # [encoders]: images.ImageLimits
 IMAGE = "image"  # the feature name of the labelled images' store
 PHRASES = "phrases"  # the feature name of the generated phrases' store
 QUERY_IMAGE = "query-image"  # the store of the query corpus' images (run/pipeline.py Layout)
-LABEL_PRIOR = "label-prior"  # in an ablation row: the label prior of [ablation] label_prior (fuse/ablate.py)
-PSEUDO_SHOTS = "pseudo-shots"  # in an ablation row: the pseudo-shots of [ablation] pseudo_shots (fuse/ablate.py)
 
 
 @dataclass
