@@ -330,10 +330,9 @@ def _identity(folder: Path, modality: str, dim: int, *, like, encoder, family, n
 
 
 def _spec_identity(spec: str, modality: str) -> dict:
-    from phrasefuse.extract.encoders import load_image_encoder, load_text_encoder
+    from phrasefuse.extract.encoders import load_encoder
 
-    model = load_image_encoder(spec, "cpu") if modality == "image" else load_text_encoder(spec, "cpu")
-    return model.identity
+    return load_encoder(spec, modality, "cpu").identity
 
 
 def _exported_meta(folder: Path) -> dict | None:
