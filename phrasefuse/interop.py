@@ -58,7 +58,7 @@ class InteropSummary:
     dim: int = 0
     seconds: float = 0.0
 
-    def line(self) -> str:
+    def text(self) -> str:
         skipped = f", {self.present} already in store" if self.what == "import" else ""
         return (f"{self.what}: {self.rows} rows of dim {self.dim} in {self.files} .npy files{skipped}; "
                 f"{self.seconds:.1f} s: {self.source} -> {self.out}")

@@ -48,7 +48,7 @@ class BuildSummary:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def line(self) -> str:
+    def text(self) -> str:
         p, c, ix = self.pairs, self.counts, self.index
         dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in p.items()
                             if k not in ("pairs_read", "pairs_used") and v)

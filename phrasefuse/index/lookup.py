@@ -25,7 +25,8 @@ class LookupResult:
     phrases: list[list[str]]
     scores: list[list[float]]
 
-    def as_list(self) -> list[dict]:
+    def as_dict(self) -> list[dict]:
+        """The --json document: a list, one {image, phrases, scores} per image."""
         return [{"image": image, "phrases": p, "scores": s}
                 for image, p, s in zip(self.images, self.phrases, self.scores)]
 
