@@ -104,7 +104,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         summary = extract_images(manifest, out, model=args.model, batch_size=args.batch_size,
                                  workers=args.workers, device=args.device, progress=False)
-        assert summary.embedded == args.n, summary.line()
+        assert summary.embedded == args.n, summary.text()
         extract = args.n / summary.seconds
         speeds.append(model_only())
         ratios.append(extract / ((speeds[-2] + speeds[-1]) / 2))

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from phrasefuse.errors import BadInput
 from phrasefuse.manifests import read_table
 from phrasefuse.manifests.tables import where
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
+from phrasefuse.store import EmbeddingStore, describe_encoder, l2_normalize
 
 PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
@@ -65,33 +65,31 @@ def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, sourc
 
 
 @functools.lru_cache(maxsize=2)
-def _text_encoder(spec: str):
+def _text_encoder(spec: str, device: str = "auto"):
     """Loaded once per process (a sentence-transformers model takes seconds to load)."""
     from phrasefuse.extract.encoders import load_text_encoder
 
-    return load_text_encoder(spec, "auto")
+    return load_text_encoder(spec, device)
 
 
-def embed_texts(texts: Sequence[str], spec: str, expect: dict | None = None, what: str = "") -> tuple[np.ndarray, dict]:
-    """Unit vectors of `texts` with the encoder `spec`; refuses an encoder whose identity
-    differs from `expect` (the store the vectors will be compared with)."""
+def embed_texts(texts: Sequence[str], spec: str) -> tuple[np.ndarray, dict]:
+    """(unit vectors of `texts` with the encoder `spec`, its identity)."""
     encoder = _text_encoder(spec)
-    if expect is not None and encoder_identity(encoder.identity) != encoder_identity(expect):
-        raise BadInput(f"{what}: its vectors come from {describe_encoder(expect)}, but '{spec}' loads "
-                       f"{describe_encoder(encoder.identity)}; label texts must be embedded by the same encoder")
     return encoder.encode(list(texts)), encoder.identity
 
 
 def embed_for_store(texts: Sequence[str], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
-    """Embed label texts with the encoder that made `store` (from its meta.json)."""
+    """Embed label texts with the encoder that made `store` (from its meta.json), checked to be the same model."""
+    from phrasefuse.extract.recorded import load_recorded_encoder
+
     encoder = store.meta["encoder"]
     if store.meta.get("modality") == "image" and encoder.get("family") != "open_clip":
         raise BadInput(f"{store.path}: holds image vectors of {describe_encoder(encoder)}, which has no text "
                        f"tower; pass a text or phrases store")
-    spec = encoder.get("spec")
-    if not spec:
-        raise BadInput(f"{store.meta_path}: no encoder spec recorded; re-create the store with 'phrasefuse'")
-    return embed_texts(texts, spec, expect=encoder, what=str(store.path))
+    loaded = load_recorded_encoder(store.meta, "text", folder=store.path, kind="store", what="label texts: ",
+                                   load=_text_encoder, fix="label texts must be embedded by the same encoder: "
+                                   "restore those weights, or re-create the store with 'phrasefuse'")
+    return loaded.encode(list(texts)), loaded.identity
 
 
 def cosine_scores(text: np.ndarray, present: np.ndarray, label_emb: np.ndarray) -> np.ndarray:

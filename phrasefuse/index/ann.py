@@ -475,16 +475,9 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     plan = plan_index(n, dim, memory, kind)
     device = search_device(plan.kind, device, pq=(plan.pq_m, plan.pq_nbits))
     if plan.kind == "flat":
-        index = make_index(plan)
-        train_and_add(index, plan, vectors)
-        return index, _report(plan, memory, None, 1.0, 0, start, target_recall, device)
+        return _exact_index(vectors, plan, memory, start, target_recall, device)
 
-    if queries is None or len(queries) < 2:
-        raise BadInput(f"--kind {plan.kind}: an approximate index needs at least 2 sample queries (image "
-                       f"embeddings) to tune its search and measure recall; use --kind flat")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    order = np.random.default_rng(seed).permutation(len(queries))
-    tune_q, eval_q = queries[order[: len(order) // 2]], queries[order[len(order) // 2:]]
+    tune_q, eval_q = _split_queries(queries, plan.kind, seed)
     k = min(RECALL_K, n)
     # Ground truth by exact search a chunk of vectors at a time (no second copy of them all in memory).
     flat = Plan("flat", dim, bytes=index_bytes("flat", n, dim))
@@ -505,12 +498,8 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
         flat.reason = (f"exact fallback: {plan.factory} reached recall@10 {chosen.recall:.3f} at "
                        f"{chosen.queries_per_second:.0f} q/s (exact: {exact_qps:.0f} q/s); no setting met "
                        f"{target_recall} at {SPEEDUP_TO_KEEP:g}x exact speed")
-        del index, searcher
-        exact = make_index(flat)
-        train_and_add(exact, flat, vectors)
-        report = _report(flat, memory, None, 1.0, 0, start, target_recall, device)
-        report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
-        return exact, report
+        del index, searcher  # freed before the exact index is built
+        return _exact_index(vectors, flat, memory, start, target_recall, device, steps, exact_qps)
 
     set_search_value(index, plan, chosen.value)  # the saved (CPU) index carries the setting
     set_search_value(searcher, plan, chosen.value)
@@ -520,6 +509,28 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     report.tuning = steps
     report.queries_per_second = round(chosen.queries_per_second, 1)
     report.exact_queries_per_second = round(exact_qps, 1)
+    return index, report
+
+
+def _split_queries(queries: np.ndarray | None, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tuning half, held-out half) of the sample queries, shuffled by `seed`."""
+    if queries is None or len(queries) < 2:
+        raise BadInput(f"--kind {kind}: an approximate index needs at least 2 sample queries (image "
+                       f"embeddings) to tune its search and measure recall; use --kind flat")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    order = np.random.default_rng(seed).permutation(len(queries))
+    return queries[order[: len(order) // 2]], queries[order[len(order) // 2:]]
+
+
+def _exact_index(vectors: np.ndarray, plan: Plan, memory: int, start: float, target_recall: float, device: str,
+                 steps: list[TuneStep] | None = None, exact_qps: float = 0.0):
+    """(exact index over `vectors`, its IndexReport: recall 1 by construction); `steps` and `exact_qps`
+    record the tuning of an approximate index this one replaces."""
+    index = make_index(plan)
+    train_and_add(index, plan, vectors)
+    report = _report(plan, memory, None, 1.0, 0, start, target_recall, device)
+    if steps is not None:
+        report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
     return index, report
 
 

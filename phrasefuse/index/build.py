@@ -34,7 +34,7 @@ from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write
 from phrasefuse.engine import RayOptions
 from phrasefuse.folders import library_versions
 from phrasefuse.index.streaming import RaySums, StoreLayout, StreamedPrototypes, VectorFile, local_sums, stream_prototypes
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
+from phrasefuse.store import EmbeddingStore, describe_encoder, l2_normalize
 
 RECALL_QUERIES = 1000  # sample image embeddings: half tune the search setting, half measure recall@10
 
@@ -48,7 +48,7 @@ class BuildSummary:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def line(self) -> str:
+    def text(self) -> str:
         p, c, ix = self.pairs, self.counts, self.index
         dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in p.items()
                             if k not in ("pairs_read", "pairs_used") and v)
@@ -199,16 +199,14 @@ def _index_meta(store: EmbeddingStore, images, rows: int, dim: int, pairs, pairs
 
 def _text_prototypes(store: EmbeddingStore, texts: list[str], device: str) -> np.ndarray:
     """Prototypes from the image encoder's own text tower (only open_clip shares one space)."""
-    from phrasefuse.extract.encoders import load_text_encoder
+    from phrasefuse.extract.recorded import load_recorded_encoder
 
     encoder_meta = store.meta["encoder"]
     if encoder_meta.get("family") != "open_clip":
         raise BadInput(f"--text-prototypes: store {store.path} was embedded with {describe_encoder(encoder_meta)}, "
                        f"which has no text tower in the same space; use an open_clip image store, or drop the flag")
-    encoder = load_text_encoder(encoder_meta["spec"], device)
-    if encoder_identity(encoder.identity) != encoder_identity(encoder_meta):
-        raise BadInput(f"--text-prototypes: {encoder_meta['spec']} now loads {describe_encoder(encoder.identity)}, "
-                       f"not the model of store {store.path}; restore those weights or re-extract the store")
+    encoder = load_recorded_encoder(store.meta, "text", folder=store.path, kind="store", device=device,
+                                    what="--text-prototypes: ", fix="restore those weights or re-extract the store")
     return encoder.encode(texts)
 
 

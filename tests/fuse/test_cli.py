@@ -131,9 +131,9 @@ def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
                                              "a shape with three corners", "a plus sign", "a hollow circle",
                                              "a long thin rectangle"]}),
                    tmp_path / "descriptions.parquet")
-    described = zeroshot(shapes_dataset, stores / "title-minilm", str(tmp_path / "descriptions.parquet"), split="all")
+    described = zeroshot(shapes_dataset, stores / "title-minilm", str(tmp_path / "descriptions.parquet"), split="all").as_dict()
     assert described["label_texts"] == "descriptions" and described["metrics"]["top1"] > described["chance_top1"]
-    tags = zeroshot(shapes_dataset, stores / "title-minilm", label_col="tags", split="all")
+    tags = zeroshot(shapes_dataset, stores / "title-minilm", label_col="tags", split="all").as_dict()
     assert tags["labels"] == 10 and tags["metrics"]["mAP"] > 0.4  # colours and shapes, each in 1/4 to 1/2 of rows
 
     head = tmp_path / "prior"
