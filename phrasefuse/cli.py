@@ -265,7 +265,7 @@ def fuse_ablate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Train and test every sensible feature subset; print the table (also written as Markdown and JSON)."""
-    from phrasefuse.fuse.ablate import ablate, ablation_text
+    from phrasefuse.fuse.ablate import ablate
 
     check_seed(seed, count=max(1, seeds))
     ks = []
@@ -281,8 +281,7 @@ def fuse_ablate(
                     label_descriptions=label_descriptions, pseudo_shots=pseudo_shots,
                     progress=False if as_json else None)
     _warn(report.data.get("warnings", []))
-    # AblationReport (fuse/ablate.py) has no text() of its own yet: its table is ablation_text's
-    typer.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else ablation_text(report))
+    _print(report, as_json)
 
 
 @fuse_app.command("zeroshot")

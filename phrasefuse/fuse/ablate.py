@@ -337,7 +337,3 @@ def render_markdown(data: dict) -> str:
         out += ["Warnings:", ""] + [f"- {w}" for w in data["warnings"]] + [""]
     return "\n".join(out)
 
-
-def ablation_text(report: AblationReport) -> str:
-    """The command's output (AblationReport.text; the CLI imports this name)."""
-    return report.text()
