@@ -165,3 +165,27 @@ def test_fuse_library_modules_import_no_command_and_no_cycle():
     assert not into_commands, "fuse modules importing a command module:\n" + "\n".join(into_commands)
     found = cycles(edges)
     assert not found, "import cycles inside fuse: " + "; ".join(" <-> ".join(group) for group in found)
+
+
+MAX_FUNCTION_LINES = 60  # a longer function is split into named steps (issue 15)
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function or method of the package longer than `limit` lines (decorators excluded)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_the_length_scan_sees_a_long_function(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n" + "    x = 1\n" * 61, encoding="utf-8")
+    assert long_functions(tmp_path) == [f"{tmp_path.name}/m.py:1 f (62 lines)"]
+
+
+def test_no_function_over_60_lines():
+    assert long_functions() == []
