@@ -250,7 +250,7 @@ def log_of(p: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- one seed
 
 
-def run_seed(lab: Lab, variant: Variant, k: int, seed: int, per_label: int) -> dict[str, float]:
+def run_seed(lab: Lab, variant: Variant, k: int, seed: int, per_label: int, fast: bool = False) -> dict[str, float]:
     y, cos = lab.y, variant.cos
     yt, cos_t = y[lab.test], cos[lab.test]
     pool, scheme, blocks, outcome = image_only(lab, k, seed)
@@ -261,6 +261,9 @@ def run_seed(lab: Lab, variant: Variant, k: int, seed: int, per_label: int) -> d
     crit_b = permutation_critical(cos[pool], y[pool], seed=seed)
     out["prior_b"], out["prior_lr_pass"] = b, float(lr_b > crit_b)
     # pseudo-shots + leave-one-shot-out (any k: one shot of each class out at a time is k=1's case)
+    out["rule:prior-gate w=b"] = top1(apply_prior(p0, cos_t, b), yt) if lr_b > crit_b else out["image"]
+    if k == 1 and fast:
+        return out
     if k == 1:
         out.update(one_shot_arms(lab, variant, blocks, pool, outcome, p0, b, lr_b > crit_b, seed, per_label))
     else:
@@ -274,6 +277,11 @@ def run_seed(lab: Lab, variant: Variant, k: int, seed: int, per_label: int) -> d
         out["nb(a oof, b shots)"] = top1(apply_prior(p0, cos_t, b / a), yt)
         fit_nb = _nb_gate(lp, cos[trial.rows], y[trial.rows], b)
         out["rule:nb-gate"] = top1(apply_prior(p0, cos_t, b / fit_nb), yt) if fit_nb > 0 else out["image"]
+        out["oof_a"] = a
+        out["rule:current-gate w=b/a_oof"] = out["nb(a oof, b shots)"] if w > 0 else out["image"]
+        out["rule:prior-gate w=b/a_oof"] = out["nb(a oof, b shots)"] if lr_b > crit_b else out["image"]
+        if fast:
+            return out
         # product pseudo-shots rule + current prior rule on top
         ps = fit_and_choose("linear", blocks, y, lab.task, ["image"], lab.hp, seed, scheme,
                             pseudo=variant.pseudo)
@@ -337,10 +345,48 @@ def one_shot_arms(lab: Lab, variant: Variant, blocks, pool, outcome, p0, b, prio
     out["head_a"] = a
     out["nb(a pseudo, b shots) ungated"] = top1(a * log_of(p0) + b * cos_t, yt)
     out["rule:prior-gate nb"] = out["nb(a pseudo, b shots) ungated"] if prior_pass else top1(p0, yt)
-    out["rule:prior-gate w=b"] = top1(apply_prior(p0, cos_t, b), yt) if prior_pass else top1(p0, yt)
     both = lr_t > crit_t
+    # head sharpness from agreement with the (shot-calibrated) prior on unlabelled rows
+    unlabelled = np.setdiff1d(lab.train, pool)
+    unlabelled = np.random.default_rng(seed).permutation(unlabelled)[:3000]
+    pu = outcome.saved.predict(lab.blocks.take(unlabelled).select([0]))
+    a_agree, acc_h = agreement_sharpness(pu, cos[unlabelled], b)
+    out["agree_a"], out["agree_acc_head"] = a_agree, acc_h
+    w_agree = b / a_agree if prior_pass else 0.0
+    out["agree_w"] = w_agree
+    out["rule:prior-gate w=b/a_agree"] = top1(apply_prior(p0, cos_t, w_agree), yt)
+    grid = np.r_[0.0, np.geomspace(0.5, 200, 25)]
+    oracle = [top1(apply_prior(p0, cos_t, w), yt) for w in grid]
+    out["oracle_w"], out["oracle(test-chosen w)"] = float(grid[int(np.argmax(oracle))]), max(oracle)
     out["rule:centroid-gate+prior-gate w=b"] = top1(apply_prior(pps if both else p0, cos_t, b if prior_pass else 0.0), yt)
     return out
+
+
+def agreement_sharpness(p_head: np.ndarray, cos: np.ndarray, b: float) -> tuple[float, float]:
+    """(a, estimated head top-1) from unlabelled rows: the prior's top-1 is its expected one under
+    softmax(b cos) (b fitted on the shots); if head and prior erred independently, their agreement
+    rate P = h r + (1 - h)(1 - r) / (C - 1) gives the head's top-1 h; a makes the head's mean
+    max probability equal h. Correlated errors (both read the image) inflate P, so h and a come
+    out too high: the prior's weight b / a errs small."""
+    C = cos.shape[1]
+    z = b * cos.astype(np.float64)
+    z -= z.max(1, keepdims=True)
+    pr = np.exp(z)
+    pr /= pr.sum(1, keepdims=True)
+    r = float(pr.max(1).mean())
+    agree = float(np.mean(np.argmax(p_head, 1) == np.argmax(cos, 1)))
+    chance = (1 - r) / (C - 1)
+    h = float(np.clip((agree - chance) / max(r - chance, 1e-6), 1.0 / C, 1.0))
+    lp = log_of(p_head)
+    best, arg = np.inf, 1.0
+    for a in np.geomspace(0.02, 5.0, 61):
+        q = a * lp
+        q -= q.max(1, keepdims=True)
+        q = np.exp(q)
+        conf = float((q.max(1) / q.sum(1)).mean())
+        if abs(conf - h) < best:
+            best, arg = abs(conf - h), float(a)
+    return arg, h
 
 
 def _nb_gate(log_p: np.ndarray, cos: np.ndarray, y: np.ndarray, b: float, n: int = 19) -> float:
@@ -379,9 +425,9 @@ def summarise(results: list[dict]) -> dict[str, tuple[float, float, float]]:
     out = {"image": (100 * base.mean(), 0.0, 0.0)}
     for key in keys:
         v = np.array([r[key] for r in results], float)
-        if key.endswith(("_w", "_b", "_a")) or key in ("loo_w", "head_a", "prior_b"):
+        if key.endswith(("_w", "_b", "_a")) or key in ("loo_w", "head_a", "prior_b", "agree_a", "oracle_w", "oof_a"):
             out[key] = (float(v.mean()), float("nan"), float("nan"))
-        elif key.endswith(("pass", "kept")) or key == "loo_top1":
+        elif key.endswith(("pass", "kept")) or key in ("loo_top1", "agree_acc_head", "centroid_shots_top1"):
             out[key] = (100 * float(v.mean()), float("nan"), float("nan"))
         else:
             out[key] = (100 * float(v.mean()), 100 * float((v - base).mean()), 100 * float((v - base).std()))
@@ -397,6 +443,7 @@ def main() -> None:
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 2, 5])
     ap.add_argument("--variants", nargs="+", default=["names", "templates", "shuffled", "half", "garbled", "noise"])
     ap.add_argument("--per-label", type=int, default=4, help="Pseudo-shots per label in the 1-shot LOO arm.")
+    ap.add_argument("--fast", action="store_true", help="Prior arms only (no leave-one-out, no pseudo-shot arms).")
     ap.add_argument("--out", type=Path, help="JSON of every seed's figures.")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -406,7 +453,7 @@ def main() -> None:
     everything = {"zero_shot": zs, "runs": {}}
     for name in args.variants:
         for k in args.shots:
-            results = [run_seed(lab, lab.variants[name], k, s, args.per_label) for s in range(args.seeds)]
+            results = [run_seed(lab, lab.variants[name], k, s, args.per_label, args.fast) for s in range(args.seeds)]
             everything["runs"][f"{name}/{k}"] = results
             print(f"\n## {name}, {k} shot(s), {args.seeds} seeds ({time.perf_counter() - start:.0f} s)", flush=True)
             for key, (mean, gain, std) in summarise(results).items():

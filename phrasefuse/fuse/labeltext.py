@@ -169,13 +169,13 @@ def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) ->
     """The label prior's weight on held-out labelled rows `y` (rows of an unseen label, -1, are
     left out), given the head's probabilities `probs` for them (out-of-fold or validation).
 
-    `probs` None: there is no held-out head (1 labelled example per class): nothing can show
-    that the prior helps the head, so it is left out (weight 0). Otherwise softmax(a * log probs
-    + w * cos) is fitted by likelihood (a: the head's sharpness, fitted with and without the
-    prior), and w / a is kept only when a likelihood-ratio test of w against w = 0 is
-    significant at 5% and top-1 on those rows does not drop by more than one standard error."""
+    `probs` None: there is no held-out head (1 labelled example per class); `cos` and `y` are then
+    the shots themselves, which the prior never trained on (calibrate_prior_on_shots). Otherwise
+    softmax(a * log probs + w * cos) is fitted by likelihood (a: the head's sharpness, fitted with
+    and without the prior), and w / a is kept only when a likelihood-ratio test of w against w = 0
+    is significant at 5% and top-1 on those rows does not drop by more than one standard error."""
     if probs is None:
-        return PriorFit(0.0, 0.0, 0.0, 0.0, int((y >= 0).sum()), NO_HELD_OUT_HEAD)
+        return calibrate_prior_on_shots(cos, y)
     known = y >= 0
     cos, y = cos[known].astype(np.float64), y[known]
     log_base = np.log(np.clip(probs[known].astype(np.float64), 1e-12, None))
@@ -183,12 +183,7 @@ def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) ->
     if n < 2:
         return PriorFit(0.0, 0.0, 0.0, 0.0, n, "fewer than 2 held-out rows: prior left out")
     fitted, lr = _fit_weight(log_base, cos, y)
-    critical = LR_CRITICAL
-    rng = np.random.default_rng(0)
-    for _ in range(PERMUTATIONS if lr > LR_CRITICAL else 0):  # stops at the first shuffle that does as well
-        critical = max(critical, _fit_weight(log_base, cos[rng.permutation(n)], y)[1])
-        if critical >= lr:
-            break
+    critical = _permutation_critical(lambda c: _fit_weight(log_base, c, y)[1], cos, lr)
     change = (np.argmax(log_base + fitted * cos, axis=1) == y).astype(float) - \
         (np.argmax(log_base, axis=1) == y).astype(float)
     top1, se = float(change.mean()), float(change.std(ddof=1) / np.sqrt(n))
@@ -201,6 +196,50 @@ def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) ->
     return PriorFit(float(fitted) if kept else 0.0, float(fitted), lr, top1, n, rule)
 
 
+def calibrate_prior_on_shots(cos: np.ndarray, y: np.ndarray) -> PriorFit:
+    """The label prior's weight from the labelled shots alone, for when no head can be scored on
+    a held-out row (1 shot per class). The prior never trained on the shots, so its own
+    temperature b (softmax(b * cos)) is fitted on them by likelihood and kept, as the weight on
+    the head's log-probabilities, only when its likelihood ratio against b = 0 (uniform) beats
+    those of PERMUTATIONS priors shuffled across the shots and the chi-square 5% level. The head's
+    probabilities are taken as they are: a head fitted to one example per class is overconfident,
+    so the prior's weight errs small (bench/README.md: CIFAR-10 and weak-prior checks)."""
+    known = y >= 0
+    cos, y = cos[known].astype(np.float64), y[known]
+    n = len(y)
+    if n < 2 or cos.shape[1] < 2:
+        return PriorFit(0.0, 0.0, 0.0, 0.0, n, NO_SHOTS_GIVEN)
+    fitted, lr = _fit_temperature(cos, y)
+    critical = _permutation_critical(lambda c: _fit_temperature(c, y)[1], cos, lr)
+    top1 = float(np.mean(np.argmax(cos, axis=1) == y))
+    kept = fitted > 0 and lr > critical
+    rule = (f"no head can be scored on a held-out example (1 per class), but the prior never trained on the shots: "
+            f"its temperature fitted by likelihood on the {n} shots (prior alone, top-1 {100 * top1:.1f}%, chance "
+            f"{100 / cos.shape[1]:.1f}%), added to the head's log-probabilities as they are; kept only if its "
+            f"likelihood ratio against a uniform prior beats those of {PERMUTATIONS} priors shuffled across the shots "
+            f"and the chi-square 5% level (2 dlogL = {lr:.2f} vs {critical:.2f})")
+    return PriorFit(float(fitted) if kept else 0.0, float(fitted), lr, top1, n, rule)
+
+
+def _permutation_critical(statistic, cos: np.ndarray, observed: float) -> float:
+    """The largest of the chi-square(1) 5% level and `statistic` of PERMUTATIONS row shuffles of
+    `cos`; stops at the first shuffle that does as well as `observed` (the test has failed)."""
+    critical = LR_CRITICAL
+    rng = np.random.default_rng(0)
+    for _ in range(PERMUTATIONS if observed > LR_CRITICAL else 0):
+        critical = max(critical, statistic(cos[rng.permutation(len(cos))]))
+        if critical >= observed:
+            break
+    return critical
+
+
+def _fit_temperature(cos: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(b at the likelihood maximum of softmax(b * cos), likelihood-ratio statistic against b = 0)."""
+    total = product_log_likelihood(np.zeros_like(cos), cos, y, (1.0,), CALIBRATION_WEIGHTS)[0]
+    g = int(np.argmax(total))
+    return CALIBRATION_WEIGHTS[g], float(2 * (total[g] - total[0]))
+
+
 def _fit_weight(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(w / a at the likelihood maximum, likelihood-ratio statistic against w = 0)."""
     total = product_log_likelihood(log_base, cos, y, HEAD_SHARPNESS, CALIBRATION_WEIGHTS)
@@ -208,5 +247,5 @@ def _fit_weight(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray) -> tuple[f
     return CALIBRATION_WEIGHTS[g] / HEAD_SHARPNESS[i], float(2 * (total[i, g] - total[:, 0].max()))
 
 
-NO_HELD_OUT_HEAD = ("1 labelled example per class: no head can be scored on a held-out example, so nothing shows "
-                    "that the prior helps it; prior left out")
+NO_SHOTS_GIVEN = ("1 labelled example per class and no shots given to fit the prior on (fewer than 2 rows): no head "
+                  "can be scored on a held-out example, so nothing shows that the prior helps it; prior left out")
