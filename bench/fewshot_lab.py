@@ -225,6 +225,19 @@ def fit_prior_temperature(cos: np.ndarray, y: np.ndarray) -> tuple[float, float]
     return float(grid[i]), float(2 * (ll[i] - ll[0]))
 
 
+def temperature_lower_bound(cos: np.ndarray, y: np.ndarray) -> float:
+    """The smallest b whose likelihood is within the chi-square(1) 95% level of the best."""
+    grid = np.r_[0.0, np.geomspace(0.1, 1000.0, 81)]
+    rows = np.arange(len(y))
+    ll = []
+    for b in grid:
+        z = b * cos.astype(np.float64)
+        z -= z.max(1, keepdims=True)
+        ll.append(float((z[rows, y] - np.log(np.exp(z).sum(1))).sum()))
+    ll = np.array(ll)
+    return float(grid[np.flatnonzero(2 * (ll.max() - ll) <= 3.841)[0]])
+
+
 def permutation_critical(cos: np.ndarray, y: np.ndarray, n: int = 19, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     return max([3.841] + [fit_prior_temperature(cos, y[rng.permutation(len(y))])[1] for _ in range(n)])
@@ -262,6 +275,17 @@ def run_seed(lab: Lab, variant: Variant, k: int, seed: int, per_label: int, fast
     out["prior_b"], out["prior_lr_pass"] = b, float(lr_b > crit_b)
     # pseudo-shots + leave-one-shot-out (any k: one shot of each class out at a time is k=1's case)
     out["rule:prior-gate w=b"] = top1(apply_prior(p0, cos_t, b), yt) if lr_b > crit_b else out["image"]
+    if k == 1:  # the product's rule (labeltext.calibrate_prior with no held-out head: fitted on the shots)
+        fit = calibrate_prior(None, cos[pool], y[pool])
+        out["product: prior fitted on the shots"] = top1(apply_prior(p0, cos_t, fit.weight), yt)
+        out["product_w"] = fit.weight
+        b_low = temperature_lower_bound(cos[pool], y[pool]) if fit.weight > 0 else 0.0
+        out["rule: gate, w = 95% lower bound of b"] = top1(apply_prior(p0, cos_t, b_low), yt)
+        out["low_w"] = b_low
+        grid = np.r_[0.0, np.geomspace(0.5, 200, 25)]
+        oracle = [top1(apply_prior(p0, cos_t, w), yt) for w in grid]
+        out["oracle_w"], out["oracle(test-chosen w)"] = float(grid[int(np.argmax(oracle))]), max(oracle)
+        out["test_a"] = fit_sharpness(log_of(p0), yt)  # the 1-shot head's sharpness on test: < 1 = overconfident
     if k == 1 and fast:
         return out
     if k == 1:
@@ -425,7 +449,7 @@ def summarise(results: list[dict]) -> dict[str, tuple[float, float, float]]:
     out = {"image": (100 * base.mean(), 0.0, 0.0)}
     for key in keys:
         v = np.array([r[key] for r in results], float)
-        if key.endswith(("_w", "_b", "_a")) or key in ("loo_w", "head_a", "prior_b", "agree_a", "oracle_w", "oof_a"):
+        if key.endswith(("_w", "_b", "_a")) or key in ("loo_w", "head_a", "prior_b", "agree_a", "oracle_w", "oof_a", "test_a", "product_w", "low_w"):
             out[key] = (float(v.mean()), float("nan"), float("nan"))
         elif key.endswith(("pass", "kept")) or key in ("loo_top1", "agree_acc_head", "centroid_shots_top1"):
             out[key] = (100 * float(v.mean()), float("nan"), float("nan"))
