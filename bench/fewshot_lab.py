@@ -8,6 +8,7 @@ scored on the CIFAR-10 test split against the image-only head of the same seed a
 Label-text variants (a weak prior simulated on a strong dataset, for the safety check):
   names       the label names as the product embeds them
   templates   names split into words (underscores, camelCase) in 4 templates, embeddings averaged
+              (labeltext.label_texts(..., prompts=True))
   shuffled    names assigned to the wrong classes (a derangement): prior and pseudo-shots confidently wrong
   half        half the classes' names swapped among themselves
   garbled     names clipped to 3 capitals and a number (`AIR_0x`): odd names as some datasets have
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.fuse.ablate import prior_weight
 from phrasefuse.fuse.data import Blocks
 from phrasefuse.fuse.heads import Task, head_params
-from phrasefuse.fuse.labeltext import apply_prior, calibrate_prior, cosine_scores, embed_texts
+from phrasefuse.fuse.labeltext import apply_prior, calibrate_prior, cosine_scores, embed_texts, label_texts
 from phrasefuse.fuse.pseudo import PseudoShots, _prototypes, match_labels, with_pseudo_rows
 from phrasefuse.fuse.select import Scheme, Tuner, cross_validation, sample_shots
 from phrasefuse.fuse.train import fit_and_choose, prepare
@@ -40,19 +40,6 @@ from phrasefuse.store import encoder_identity, l2_normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realdev"
-TEMPLATES = ("{}", "a photo of a {}", "a {}", "a picture of a {}")
-
-
-def label_words(label: str) -> str:
-    """`car_side` -> `car side`, `FacesEasy` -> `faces easy`."""
-    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(label)).replace("_", " ").replace("-", " ")
-    return " ".join(spaced.split()).lower()
-
-
-def template_texts(label: str) -> list[str]:
-    return [t.format(label_words(label)) for t in TEMPLATES]
-
-
 @dataclass
 class Variant:
     name: str
@@ -90,7 +77,7 @@ def make_variants(vocab: list[str], text: np.ndarray, present: np.ndarray, phras
     half[swap] = np.roll(swap, 1)
     makers = {
         "names": lambda: names_emb,
-        "templates": lambda: l2_normalize(np.stack([embed(template_texts(v)).mean(0) for v in vocab])),
+        "templates": lambda: embed_texts(label_texts(vocab, None, prompts=True), DEFAULT_TEXT_MODEL)[0],
         "shuffled": lambda: names_emb[derange],
         "half": lambda: names_emb[half],
         # odd, clipped names (as `Faces_easy`, `BACKGROUND_Google` are for their images)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -53,10 +54,28 @@ def read_descriptions(path: str | os.PathLike) -> dict[str, str]:
     return dict(zip(values, texts.to_pylist()))
 
 
-def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, source: str | None = None) -> list[str]:
-    """The text embedded for each label: its description, or its name without a table."""
+# A label name said several ways; their embeddings are averaged (name_prompts, embed_texts).
+NAME_TEMPLATES = ("{}", "a photo of a {}", "a {}", "a picture of a {}")
+LabelText = Union[str, Sequence[str]]  # one text, or several whose embeddings are averaged
+
+
+def label_words(name: str) -> str:
+    """A label name as words: `car_side` -> `car side`, `FacesEasy` -> `faces easy`."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(name))
+    return " ".join(re.sub(r"[_\-./]+", " ", spaced).split()).lower() or str(name)
+
+
+def name_prompts(name: str) -> list[str]:
+    """The label name in words, in each of NAME_TEMPLATES."""
+    return [t.format(label_words(name)) for t in NAME_TEMPLATES]
+
+
+def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, source: str | None = None,
+                prompts: bool = False) -> list[LabelText]:
+    """The text embedded for each label: its description, or its name without a table (with
+    `prompts`: the name in words in several templates, embeddings averaged by embed_texts)."""
     if descriptions is None:
-        return [str(v) for v in vocab]
+        return [name_prompts(v) for v in vocab] if prompts else [str(v) for v in vocab]
     missing = [v for v in vocab if v not in descriptions]
     if missing:
         raise BadInput(f"{source}: no description for label '{missing[0]}' ({len(missing)} of {len(vocab)} labels "
@@ -72,17 +91,30 @@ def _text_encoder(spec: str):
     return load_text_encoder(spec, "auto")
 
 
-def embed_texts(texts: Sequence[str], spec: str, expect: dict | None = None, what: str = "") -> tuple[np.ndarray, dict]:
-    """Unit vectors of `texts` with the encoder `spec`; refuses an encoder whose identity
-    differs from `expect` (the store the vectors will be compared with)."""
+def embed_texts(texts: Sequence[LabelText], spec: str, expect: dict | None = None,
+                what: str = "") -> tuple[np.ndarray, dict]:
+    """Unit vectors of `texts` with the encoder `spec` (an entry that is a list of texts: the
+    re-normalised mean of their vectors); refuses an encoder whose identity differs from `expect`
+    (the store the vectors will be compared with)."""
     encoder = _text_encoder(spec)
     if expect is not None and encoder_identity(encoder.identity) != encoder_identity(expect):
         raise BadInput(f"{what}: its vectors come from {describe_encoder(expect)}, but '{spec}' loads "
                        f"{describe_encoder(encoder.identity)}; label texts must be embedded by the same encoder")
-    return encoder.encode(list(texts)), encoder.identity
+    groups = [[t] if isinstance(t, str) else list(t) for t in texts]
+    if all(len(g) == 1 for g in groups):
+        return encoder.encode([g[0] for g in groups]), encoder.identity
+    return mean_per_group(encoder.encode([t for g in groups for t in g]), [len(g) for g in groups]), encoder.identity
 
 
-def embed_for_store(texts: Sequence[str], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
+def mean_per_group(vectors: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """(len(sizes), d): the re-normalised mean of each consecutive group of unit `vectors`."""
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    sums = np.zeros((len(sizes), vectors.shape[1]), np.float64)
+    np.add.at(sums, group, l2_normalize(vectors).astype(np.float64))
+    return l2_normalize(sums).astype(np.float32)
+
+
+def embed_for_store(texts: Sequence[LabelText], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
     """Embed label texts with the encoder that made `store` (from its meta.json)."""
     encoder = store.meta["encoder"]
     if store.meta.get("modality") == "image" and encoder.get("family") != "open_clip":

@@ -1,11 +1,12 @@
-"""The label prior's weight on held-out rows (labeltext.calibrate_prior): arrays in, arrays out."""
+"""The label prior: its weight on held-out rows or on the shots (labeltext.calibrate_prior), and its label texts."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from phrasefuse.fuse.labeltext import LR_CRITICAL, apply_prior, calibrate_prior
+from phrasefuse.fuse.labeltext import (LR_CRITICAL, apply_prior, calibrate_prior, embed_texts, label_texts, label_words,
+                                       mean_per_group)
 
 
 def prior_scores(rng, y: np.ndarray, classes: int, signal: float) -> np.ndarray:
@@ -95,3 +96,23 @@ def test_unseen_labels_are_left_out():
     fit = calibrate_prior(head_probs(rng, np.maximum(y, 0), 10, 0.5), prior_scores(rng, np.maximum(y, 0), 10, 0.3), y)
     assert fit.rows == 40 and fit.weight > 0
     assert calibrate_prior(np.full((1, 10), 0.1), np.zeros((1, 10)), np.array([3])).weight == 0.0
+
+
+def test_label_names_become_words_in_several_templates():
+    assert [label_words(n) for n in ("car_side", "Faces_easy", "BACKGROUND_Google", "FacesEasy", "airplane",
+                                     "t-shirt", "___")] == \
+        ["car side", "faces easy", "background google", "faces easy", "airplane", "t shirt", "___"]
+    texts = label_texts(["car_side", "cat"], None, prompts=True)
+    assert texts[0][0] == "car side" and "a photo of a car side" in texts[0] and len(texts[1]) == len(texts[0]) > 1
+    assert label_texts(["car_side"], None) == ["car_side"]  # names as they are unless asked
+    assert label_texts(["cat"], {"cat": "a small feline"}, prompts=True) == ["a small feline"]  # descriptions: as written
+
+
+def test_several_texts_of_a_label_are_averaged(tiny_clip_spec):
+    single, _ = embed_texts(["a cat", "a dog"], tiny_clip_spec)
+    mixed, _ = embed_texts([["a cat", "a dog"], "a dog"], tiny_clip_spec)
+    assert mixed.shape == single.shape
+    expected = single.sum(0) / np.linalg.norm(single.sum(0))
+    np.testing.assert_allclose(mixed[0], expected, atol=1e-5)
+    np.testing.assert_allclose(mixed[1], single[1], atol=1e-5)
+    np.testing.assert_allclose(mean_per_group(single, [2])[0], expected, atol=1e-6)
