@@ -105,7 +105,8 @@ def test_label_names_become_words_in_several_templates():
     texts = label_texts(["car_side", "cat"], None, prompts=True)
     assert texts[0][0] == "car side" and "a photo of a car side" in texts[0] and len(texts[1]) == len(texts[0]) > 1
     assert label_texts(["car_side"], None) == ["car_side"]  # names as they are unless asked
-    assert label_texts(["cat"], {"cat": "a small feline"}, prompts=True) == ["a small feline"]  # descriptions: as written
+    # descriptions are embedded as written
+    assert label_texts(["cat"], {"cat": "a small feline"}, prompts=True) == ["a small feline"]
 
 
 def test_several_texts_of_a_label_are_averaged(tiny_clip_spec):
