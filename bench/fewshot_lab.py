@@ -3,7 +3,7 @@
 Reads the stores `bench/real.py` caches (c10-img, c10-phrases, tin-index in --work) with
 phrasefuse's own readers and fits heads with phrasefuse's own functions (fit_and_choose, Tuner,
 calibrate_prior, apply_prior), so a figure here is what the product would give. Every arm is
-scored on the CIFAR-10 test split against the image-only head of the same seed and shots.
+scored on the target's test split against the image-only head of the same seed and shots.
 
 Label-text variants (a weak prior simulated on a strong dataset, for the safety check):
   names       the label names as the product embeds them
