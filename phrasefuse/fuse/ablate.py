@@ -30,10 +30,10 @@ from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
 from phrasefuse.fuse import LABEL_PRIOR, PSEUDO_SHOTS
 from phrasefuse.fuse.data import Prepared, data_warnings, prepare, shots_warning
 from phrasefuse.fuse.heads import HEADS, head_params
-from phrasefuse.fuse.labeltext import apply_prior, choose_prior_weight, prior_scores, read_descriptions
+from phrasefuse.fuse.labeltext import apply_prior, prior_scores, read_descriptions
 from phrasefuse.fuse.metrics import evaluate_probs, summary
 from phrasefuse.fuse.pseudo import PseudoShots, pseudo_shots_for
-from phrasefuse.fuse.select import Outcome, Scheme, fit_and_choose, shots_scheme, val_split_schemes
+from phrasefuse.fuse.select import Outcome, Scheme, choose_label_prior, fit_and_choose, shots_scheme, val_split_schemes
 
 
 def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -101,18 +101,6 @@ def label_prior_scores(prep: Prepared, prior: str, label_descriptions: str | Non
     cos, _ = prior_scores(prep.features[j].store, prep.blocks.arrays[j], prep.blocks.present[:, j], prep.task.vocab,
                           descriptions, label_descriptions)
     return cos
-
-
-def prior_weight(outcome: Outcome, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
-    """The label prior's weight and how it was chosen (labeltext.choose_prior_weight), on the saved
-    head's out-of-fold (or validation) probabilities; with 1 shot per class there are none and
-    the prior is left out."""
-    trial = outcome.held_out()
-    if trial is None:
-        weight, record = choose_prior_weight(None, cos[:0], y[:0])
-        return weight, {"scheme": "nothing held out (1 shot): left out", **record}
-    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
-    return weight, {"scheme": outcome.scheme, **record}
 
 
 @dataclass
@@ -242,7 +230,7 @@ def _run(setting: _Setting, label: str, which: list[int], outcome: Outcome, seed
         run["pseudo_per_label"] = outcome.pseudo["per_label"]
         run["pseudo_rows"] = outcome.pseudo["rows"]
     if label.endswith(f"label prior ({setting.label_prior})"):
-        run["prior_weight"], run["prior_choice"] = prior_weight(outcome, setting.cos, prep.labels.y)
+        run["prior_weight"], run["prior_choice"] = choose_label_prior(outcome, setting.cos, prep.labels.y)
         probs = apply_prior(probs, setting.cos[test], run["prior_weight"])
     run["metrics"] = summary(evaluate_probs(probs, prep.labels.take(test)))
     return run

@@ -287,7 +287,7 @@ def zeroshot(manifest_path: str | os.PathLike, phrases: str | os.PathLike, label
     vocab = build_vocab(values, np.ones(len(manifest), bool), multi)  # every label of the manifest is a candidate
     feature = resolve_features([phrases])[0]
     descriptions = read_descriptions(label_descriptions) if label_descriptions else None
-    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, label_descriptions), feature.store)
+    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, label_descriptions, prompts=True), feature.store)
     blocks = load_blocks([feature], manifest.ids.take(pa.array(rows)), manifest.source)
     covered = blocks.present[:, 0]
     scores = cosine_scores(blocks.arrays[0], covered, label_emb)[covered]

@@ -31,6 +31,7 @@ import numpy as np
 
 from phrasefuse.fuse.data import Blocks, rank_within_group
 from phrasefuse.fuse.heads import HEADS, Align, FittedHead, Task, Transform, fit
+from phrasefuse.fuse.labeltext import choose_prior_weight
 from phrasefuse.fuse.metrics import example_scores
 from phrasefuse.fuse.pseudo import PER_LABEL as PSEUDO_PER_LABEL
 from phrasefuse.fuse.pseudo import RULE as PSEUDO_RULE
@@ -245,6 +246,20 @@ class Outcome:
             return None
         trial = self.tuner.trial(self.saved_config)
         return trial if trial.probs is not None else None
+
+
+def choose_label_prior(outcome: Outcome, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight and how it was chosen (labeltext.choose_prior_weight), for `fuse
+    train`, `run` and `fuse ablate` alike: on the saved head's out-of-fold (or validation)
+    probabilities; with 1 shot per class there are none, and the prior's own temperature is
+    fitted on the shots, which it never trained on."""
+    trial = outcome.held_out()
+    if trial is None:
+        shots = outcome.tuner.scheme.pool if outcome.tuner is not None else np.zeros(0, dtype=np.int64)
+        weight, record = choose_prior_weight(None, cos[shots], y[shots])
+        return weight, {"scheme": "1 shot: the prior's temperature fitted on the shots", **record}
+    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
+    return weight, {"scheme": outcome.scheme, **record}
 
 
 def fit_and_choose(kind: str, blocks: Blocks, y: np.ndarray, task: Task, roles: Sequence[str], params: dict,

@@ -32,7 +32,7 @@ from phrasefuse.fuse.labeltext import (apply_prior, choose_prior_weight, embed_t
                                        read_descriptions)
 from phrasefuse.fuse.metrics import DEFAULT_THRESHOLD, evaluate_probs, summary, tune_thresholds
 from phrasefuse.fuse.pseudo import pseudo_shots_for
-from phrasefuse.fuse.select import TEXT_RULE, Outcome, fit_and_choose, val_split_schemes
+from phrasefuse.fuse.select import TEXT_RULE, Outcome, choose_label_prior, fit_and_choose, val_split_schemes
 
 
 @dataclass
@@ -164,14 +164,18 @@ class _Prior:
 
 def _label_prior(prep: Prepared, outcome: Outcome, store: str, descriptions: dict[str, str] | None,
                  label_descriptions: str | None) -> _Prior:
-    """The label prior of `store` (--label-prior), its weight tuned on the saved head's validation probabilities."""
+    """The label prior of `store` (--label-prior), its weight tuned on the saved head's validation probabilities
+    (select.choose_label_prior without a val split)."""
     feature = resolve_features([store])[0]
     loaded = load_blocks([feature], prep.manifest.ids, prep.manifest.source)
     cos, label_emb = prior_scores(feature.store, loaded.arrays[0], loaded.present[:, 0], prep.task.vocab,
                                   descriptions, label_descriptions)
     val = prep.rows["val"]
-    weight, record = choose_prior_weight(_probs(outcome.saved, outcome.saved_blocks, prep, "val"), cos[val],
-                                         prep.labels.y[val])
+    if len(val):  # the saved head itself, on the val split
+        weight, record = choose_prior_weight(_probs(outcome.saved, outcome.saved_blocks, prep, "val"), cos[val],
+                                             prep.labels.y[val])
+    else:  # out-of-fold probabilities, or (1 shot) the prior alone on the shots: as ablate
+        weight, record = choose_label_prior(outcome, cos, prep.labels.y)
     meta = {"store": feature_record(feature), "texts": "descriptions" if descriptions else "label names", **record,
             "weight": weight}
     return _Prior(meta, label_emb.astype(np.float32), cos)
