@@ -9,8 +9,9 @@ Honest few-shot: with K shots per class nothing (text trust, early stopping, the
 image-only fallback) is chosen on more than those K examples per class: choices are made
 by cross-validation within the shots (select.cross_validation) and the val split is never
 read. With K = 1 no fold can hold out an example of every class: no untested default may change
-predictions, so text features and the label prior are left out (image-only). The notes under
-each table say which.
+predictions, so text features are left out (image-only); the label prior, which never trains on
+the shots, is weighted by its own temperature fitted on them, and only when a permutation test
+says it beats chance (labeltext.calibrate_prior_on_shots). The notes under each table say which.
 """
 
 from __future__ import annotations
@@ -279,8 +280,9 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
                 f"reported.")
     elif k == 1:
         note = ("1 labelled example per class (drawn per seed): no fold can hold out an example of every class, so "
-                "nothing can show that text or the label prior helps the head: both are left out (image-only); the "
-                "val split is not used.")
+                "nothing can show that text helps the head: it is left out (image-only). The label prior never trains "
+                "on the shots: its temperature is fitted on them by likelihood and used as its weight, only when it "
+                "beats 19 shuffled priors and the chi-square 5% level. The val split is not used.")
     else:
         note = (f"{k} labelled examples per class (drawn per seed; {int(np.mean(train_rows))} rows on average); text "
                 f"trust, early stopping and the image-only fallback chosen by {scheme_name}, the label prior's "
