@@ -381,7 +381,7 @@ def index_build(
     summary = build_index(pairs, images, out, min_images=min_images, text_prototypes=text_prototypes,
                           kind=kind.value, memory=memory, use_weights=weights, target_recall=target_recall,
                           device=device.value, seed=seed, engine=engine.value,
-                          ray=_ray_options(engine, ray_address, None))
+                          ray=_ray_options(engine, ray_address, None), progress=False if as_json else None)
     _print(summary.as_dict() if as_json else summary.line(), as_json)
 
 
