@@ -34,10 +34,14 @@ TINY_CLIP_CONFIG = {
 # listed keep their order, after these.
 LONGEST_FIRST = [
     "tests/run/test_run.py",
-    "tests/faults/test_kill_points.py",
     "tests/index/test_cli.py",
     "tests/fuse/test_cli.py",
+    "tests/extract/test_ray_engine.py",
+    "tests/fuse/test_train.py",
+    "tests/faults/test_kill_points.py",
+    "tests/faults/test_interrupts.py",
     "tests/test_predict.py",
+    "tests/fuse/test_cli_ablate.py",
     "tests/faults/test_exit_status.py",
 ]
 
