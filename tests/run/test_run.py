@@ -93,6 +93,13 @@ def assert_predictions_and_zeroshot(folder: Path) -> None:
     assert 0 <= zeroshot["metrics"]["top1"] <= 1 and zeroshot["labels"] == len(labels)
 
 
+def run_in_process(config: Path) -> dict[str, dict]:
+    """The stages of `run CONFIG` called as the library (the CLI's `run --json`: the end-to-end test's first run)."""
+    from phrasefuse.run.pipeline import StageResult, run_config
+
+    return {r.stage: r.as_dict() for r in run_config(config, progress=False) if isinstance(r, StageResult)}
+
+
 def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data, tiny_clip_spec):
     config = write_config(demo_data, tiny_clip_spec)
     proc = run_cli("run", config, "--json")
@@ -132,8 +139,9 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert fused_meta["selection"]["pseudo_shots"]["index"] == str(work / "index")
     assert "pseudo-shots from" in page
 
-    # Same config again: every stage is skipped, and the summaries say nothing was embedded.
-    second = stages(run_cli("run", config, "--json"))
+    # Same config again (in process: the CLI's `run --json` is the first run): every stage is
+    # skipped, and the summaries say nothing was embedded.
+    second = run_in_process(config)
     assert all(s["status"] == "skipped" for s in second.values()), second
     assert second["extract image"]["summary"]["embedded"] == 0
     assert second["extract image"]["summary"]["present"] == 60
@@ -142,17 +150,10 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     # Only the head's kind changes: that head, the image-only baseline of the same kind and the
     # report re-run; nothing is re-embedded, the index and the ablation stay.
     write_config(demo_data, tiny_clip_spec, kind="mlp")
-    third = stages(run_cli("run", config, "--json"))
+    third = run_in_process(config)
     ran = {name for name, s in third.items() if s["status"] == "ran"}
     assert ran == {"head fused", "head image-only", "report"}
     assert json.loads((work / "heads" / "fused" / "meta.json").read_text())["kind"] == "mlp"
-
-
-def run_in_process(config: Path) -> dict[str, dict]:
-    """The stages of `run CONFIG` called as the library (the CLI's `run --json` is tested above)."""
-    from phrasefuse.run.pipeline import StageResult, run_config
-
-    return {r.stage: r.as_dict() for r in run_config(config, progress=False) if isinstance(r, StageResult)}
 
 
 def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
