@@ -36,7 +36,8 @@ def test_extract_prints_progress_lines_and_none_with_json(command, shapes_datase
     from phrasefuse.cli import app
 
     monkeypatch.setattr(engine, "LOG_EVERY", 0.0)  # no terminal: a line at every batch, no clock raced
-    args = [*command[:2], str(shapes_dataset), *command[2:], "--model", tiny_clip_spec, "--batch-size", "16"]
+    args = [*command[:2], str(shapes_dataset), *command[2:], "--model", tiny_clip_spec, "--batch-size", "8",
+            "--limit", "16"]
     text = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "text")])
     assert text.exit_code == 0, text.output
     label = " ".join(command[:2]) + (" (title)" if command[1] == "texts" else "")

@@ -122,11 +122,10 @@ def assert_build_progress(err: str, summary, shard_passes: int) -> None:
     """Each step of the build reached its total: pairs coded, store shards summed (every shard of
     every query partition), vectors added to FAISS."""
     pairs, phrases = summary.pairs["pairs_read"], summary.counts["phrases"]
-    assert last_progress_line(err, "index build: coding pairs").startswith(f"index build: coding pairs: {pairs}/{pairs} (100%), ")
-    assert last_progress_line(err, "index build: prototype sums").startswith(
-        f"index build: prototype sums: {shard_passes}/{shard_passes} (100%), ")
+    for label, total in (("coding pairs", pairs), ("prototype sums", shard_passes), ("FAISS flat", phrases)):
+        line = last_progress_line(err, f"index build: {label}")
+        assert line.startswith(f"index build: {label}: {total}/{total} (100%), "), line
     assert " shards/s, ETA " in last_progress_line(err, "index build: prototype sums")
-    assert last_progress_line(err, "index build: FAISS flat").startswith(f"index build: FAISS flat: {phrases}/{phrases} (100%), ")
 
 
 def shard_passes(summary, store) -> int:
