@@ -127,7 +127,8 @@ def extract_images(
     summary = extract_images(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
                   limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
                   engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
-                  limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio))
+                  limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio),
+                  progress=False if as_json else None)
     _print(summary, as_json)
 
 
@@ -169,7 +170,7 @@ def extract_texts(
     summary = extract_texts(_source(manifest, id_col, image_col, label_col), col, out, model=model, batch_size=batch_size,
                   device=device.value, limit=limit,
                   shard_size=shard_size, dtype=dtype.value, engine=engine.value,
-                  ray=_ray_options(engine, ray_address, ray_actors))
+                  ray=_ray_options(engine, ray_address, ray_actors), progress=False if as_json else None)
     _print(summary, as_json)
 
 
@@ -381,7 +382,7 @@ def index_build(
     summary = build_index(pairs, images, out, min_images=min_images, text_prototypes=text_prototypes,
                           kind=kind.value, memory=memory, use_weights=weights, target_recall=target_recall,
                           device=device.value, seed=seed, engine=engine.value,
-                          ray=_ray_options(engine, ray_address, None))
+                          ray=_ray_options(engine, ray_address, None), progress=False if as_json else None)
     _print(summary, as_json)
 
 
@@ -427,7 +428,8 @@ def phrases(
     summary = generate_phrases(index, images, out, k=k, text_model=text_model, score_weighted=score_weighted,
                                batch_size=batch_size, text_batch_size=text_batch_size, device=device.value,
                                shard_size=shard_size, dtype=dtype.value,
-                               engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
+                               engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
+                               progress=False if as_json else None)
     _print(summary, as_json)
 
 

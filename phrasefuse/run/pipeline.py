@@ -377,7 +377,7 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, progress: boo
 
     def index_job() -> tuple[str, dict]:
         s = build_index(ph.pairs, query, layout.index, min_images=ph.min_images, kind=ph.kind,
-                        use_weights=ph.weights, device=enc.device)
+                        use_weights=ph.weights, device=enc.device, progress=progress)
         return s.text(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
 
     yield state.run("index", inputs, lambda: _build_id(layout.index), index_job)
