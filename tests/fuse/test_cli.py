@@ -75,4 +75,4 @@ def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
     assert "shuffled across the rows" in meta["prior"]["rule"] and meta["prior"]["likelihood_ratio"] > 3.841
     from phrasefuse.fuse.evaluate import evaluate  # in process: the CLI's eval is tested above
 
-    assert evaluate(head, shapes_dataset)["rows"] == 6  # the prior's phrases store read back with the head
+    assert evaluate(head, shapes_dataset).as_dict()["rows"] == 6  # the prior's phrases store read back with the head
