@@ -16,7 +16,7 @@ Prints images/s of:
                 extract (A B A B...), and the ratio replicas / extract per pair (median over the
                 repeats): on the summary's clock (store opened to last shard, as "extract") and on
                 the whole call's (model loading included: the replicas load theirs beside this
-                process's); then the largest child process's peak RSS (a replica's)
+                process's); then a replica's peak RSS (VmHWM, polled from /proc: Linux)
 and the efficiency: extract / model only (each extract against the mean of the model-only
 measurements either side of it; the median over the repeats). On a CPU the model already uses
 every core, so preparing images cannot overlap it: the bound is then
@@ -35,6 +35,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -130,7 +131,12 @@ def main() -> None:
               f"whole call {extract_wall:.1f} images/s)")
         print(f"model only   {speeds[-1]:8.1f} images/s")
         if replica_arm:
+            stop = threading.Event()
+            watcher = threading.Thread(target=watch_replicas, args=(stop,), daemon=True)
+            watcher.start()
             fast, fast_wall = run_extract(replicas)
+            stop.set()
+            watcher.join()
             pairs.append((extract, fast, extract_wall, fast_wall))
             print(f"replicas     {fast:8.1f} images/s ({replicas} x {max(1, cpu_cores() // replicas)} thread; "
                   f"{fast / extract:.2f}x extract; whole call {fast_wall:.1f} images/s, {fast_wall / extract_wall:.2f}x)")
@@ -152,16 +158,34 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
+replica_peak_rss = 0  # bytes: the largest VmHWM seen of a replica process (`watch_replicas`)
+
+
+def watch_replicas(stop: threading.Event) -> None:
+    """Until `stop`: every 0.2 s, the peak RSS (VmHWM) of this process's spawned children (the replicas)."""
+    global replica_peak_rss
+    while not stop.wait(0.2):
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                text = status.read_text()
+                spawned = b"multiprocessing.spawn" in (status.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            if spawned and int(fields.get("PPid", "0")) == os.getpid() and "VmHWM" in fields:
+                replica_peak_rss = max(replica_peak_rss, int(fields["VmHWM"].split()[0]) * 1024)
+
+
 def report_replicas(pairs: list[tuple[float, float, float, float]], replicas: int) -> dict:
     """Prints the replica arm's medians (pairs: extract, replicas images/s on the summary's clock, then
     on the whole call's) and the largest child's peak RSS; returns them for --json."""
     speedup = statistics.median(b / a for a, b, _, _ in pairs)
     wall_speedup = statistics.median(d / c for _, _, c, d in pairs)
     fast, single = statistics.median(b for _, b, _, _ in pairs), statistics.median(a for a, _, _, _ in pairs)
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+    child_rss = replica_peak_rss / 2**30
     print(f"replicas / extract {speedup:.2f}x (median of {', '.join(f'{b / a:.2f}' for a, b, _, _ in pairs)}); "
           f"whole call {wall_speedup:.2f}x; medians: replicas {fast:.1f} images/s, extract {single:.1f}")
-    print(f"largest child peak RSS {child_rss:.2f} GiB (a replica: model, batch and activations), "
+    print(f"replica peak RSS {child_rss:.2f} GiB (the largest replica's: model, batch, activations), "
           f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return {"replicas": replicas, "replicas_over_extract": round(speedup, 3),
             "replicas_over_extract_whole_call": round(wall_speedup, 3), "replicas_images_per_s": round(fast, 1),
