@@ -87,8 +87,9 @@ RAY_ACTORS_HELP = "--engine ray: model actors (default: one per GPU, else one pe
 
 REPLICAS_HELP = ("Model processes on the CPU, each single-threaded and reading its own images (--workers then "
                  "unused). auto: one per core when the model runs on the CPU with --engine local, on 2 or more "
-                 "cores, for 2,000 rows or more and a model of 1M parameters or more; else 1 (the model in this "
-                 "process over every core). Each replica holds its own model and batch: see README.")
+                 "cores, for 2,000 rows or more and a model of 1M parameters or more (fewer when 3 GB each do "
+                 "not fit in the available memory); else 1 (the model in this process over every core). Each "
+                 "replica holds its own model and batch: see README.")
 
 
 def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):

@@ -166,6 +166,7 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
 
 AUTO_REPLICA_ROWS = 2_000  # fewer rows: starting the replicas (seconds) costs more than they save
 AUTO_REPLICA_PARAMETERS = 1_000_000  # a smaller model is cheap beside decoding, which the workers spread already
+AUTO_REPLICA_MEMORY = 3 << 30  # bytes a replica may take: EfficientNet-Lite0 at batch 64 peaks at 2.6 GiB
 
 
 def planned_replicas(replicas: int | str, device: str, engine: str, rows: int) -> int:
@@ -174,7 +175,8 @@ def planned_replicas(replicas: int | str, device: str, engine: str, rows: int) -
     "auto": one single-threaded replica per core when the model runs on the CPU (`device` cpu, or
     auto without CUDA), the engine is local, there are at least 2 cores and AUTO_REPLICA_ROWS rows
     (and, once the model is loaded, it has AUTO_REPLICA_PARAMETERS parameters: `_keep_replicas`);
-    else 1. N > 1 asks for N replicas (the cores shared out between them), on the CPU only."""
+    fewer (the cores shared out) when the available memory does not hold AUTO_REPLICA_MEMORY per
+    replica; else 1. N > 1 asks for N replicas (the cores shared out between them), on the CPU only."""
     from phrasefuse.engine import cpu_cores
 
     if replicas != "auto":
@@ -190,7 +192,18 @@ def planned_replicas(replicas: int | str, device: str, engine: str, rows: int) -
         return count
     if engine != "local" or _on_cuda(device) or cpu_cores() < 2 or rows < AUTO_REPLICA_ROWS:
         return 1
-    return cpu_cores()
+    fit = available_memory() // AUTO_REPLICA_MEMORY  # many cores, little memory: fewer, wider replicas
+    return max(1, min(cpu_cores(), fit))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new processes (Linux: MemAvailable); unknown: as if plenty."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 60
 
 
 def _on_cuda(device: str) -> bool:

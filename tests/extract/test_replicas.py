@@ -91,6 +91,11 @@ def test_auto_replicas_only_for_a_cpu_model_on_several_cores_and_enough_rows(mon
     assert planned_replicas("auto", "cuda", "local", many) == 1  # the CUDA path is unchanged
     assert planned_replicas("auto", "cpu", "ray", many) == 1
     assert planned_replicas("3", "cpu", "local", 5) == 3  # asked for: whatever the size
+    monkeypatch.setattr(jobs, "available_memory", lambda: 2 * jobs.AUTO_REPLICA_MEMORY + 1)
+    assert planned_replicas("auto", "cpu", "local", many) == 2  # two fit in memory: two of two threads
+    monkeypatch.setattr(jobs, "available_memory", lambda: jobs.AUTO_REPLICA_MEMORY - 1)
+    assert planned_replicas("auto", "cpu", "local", many) == 1
+    monkeypatch.setattr(jobs, "available_memory", lambda: 1 << 50)
     monkeypatch.setattr(engine, "cpu_cores", lambda: 1)
     assert planned_replicas("auto", "cpu", "local", many) == 1
     for bad, device, engine_name in (("0", "cpu", "local"), ("two", "cpu", "local"), ("2", "cuda", "local"),
