@@ -18,6 +18,11 @@ the ones the driver recorded in meta.json, and `Job.collect` turns the Arrow tab
 back (`iter_batches`, in whatever order the actors finish: stores are keyed by id) into the
 job's mapped batches.
 
+`ReplicaPool` runs a job's actor class without Ray, in N spawned processes on this machine (the
+local engine on a CPU: `extract images --replicas`): N single-threaded copies of the model instead
+of one over N threads; blocks of pending rows go to the least busy replica and the outputs come
+back in order, to the same conversion as Ray's (`Job.collect`) and the same writer.
+
 Nothing of Ray is imported with the local engine. Ray starts on first use: `RayOptions.address`
 (`--ray-address`), else $RAY_ADDRESS, else a local instance on this machine (a few seconds).
 Every file path (manifest images, the index, the image store) must be readable at the same
@@ -314,8 +319,12 @@ class ReplicaPool:
         self.procs = [ctx.Process(target=_replica_main, name=f"phrasefuse-replica-{i}", daemon=True,
                                   args=(actor, args, threads, i, os.getpid(), self.tasks[i], self.results))
                       for i in range(replicas)]
-        for proc in self.procs:
-            proc.start()
+        try:
+            for proc in self.procs:
+                proc.start()
+        except BaseException:
+            self.close()  # those already started
+            raise
 
     def __enter__(self) -> "ReplicaPool":
         return self
@@ -399,10 +408,11 @@ class ReplicaPool:
         if self.closed:
             return
         self.closed = True
-        for proc in self.procs:
+        started = [proc for proc in self.procs if proc.pid is not None]
+        for proc in started:
             if proc.exitcode is None:
                 proc.kill()
-        for proc in self.procs:
+        for proc in started:
             proc.join(timeout=10)
         for q in (*self.tasks, self.results):
             q.cancel_join_thread()  # a block still in a pipe to a killed replica must not hang the exit
