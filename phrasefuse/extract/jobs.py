@@ -166,7 +166,7 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
 
 AUTO_REPLICA_ROWS = 2_000  # fewer rows: starting the replicas (seconds) costs more than they save
 AUTO_REPLICA_PARAMETERS = 1_000_000  # a smaller model is cheap beside decoding, which the workers spread already
-AUTO_REPLICA_MEMORY = 3 << 30  # bytes a replica may take: EfficientNet-Lite0 at batch 64 peaks at 2.6 GiB
+AUTO_REPLICA_MEMORY = 3 << 30  # bytes a replica may take: EfficientNet-Lite0 at batch 64 peaks at 2.6-2.8 GiB
 
 
 def planned_replicas(replicas: int | str, device: str, engine: str, rows: int) -> int:
