@@ -38,8 +38,9 @@ $(VENV)/.gpu $(VENV)/.cpu:
 	touch $@
 
 # One worker per core (pytest-xdist); a file's tests stay on one worker, so its fixtures are built once.
+# Files are handed out in collection order, longest first (tests/conftest.py), not by number of tests.
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 demo: install
 	$(VENV)/bin/phrasefuse demo --work work/demo

@@ -120,7 +120,7 @@ def main() -> None:
         start = time.perf_counter()
         summary = extract_images(manifest, out, model=args.model, batch_size=args.batch_size,
                                  workers=args.workers, device=args.device, progress=False, replicas=count)
-        assert summary.embedded == args.n, summary.line()
+        assert summary.embedded == args.n, summary.text()
         return args.n / summary.seconds, args.n / (time.perf_counter() - start)
 
     for _ in range(args.repeat):

@@ -216,11 +216,11 @@ def bench_phrases(args: argparse.Namespace) -> None:
     built = build_index(work / "pairs.parquet", work / "img", work / "index", seed=args.seed,
                                device=args.device)
     build_seconds = time.perf_counter() - t0
-    print(f"index build  {build_seconds:7.1f} s  {built.line()}")
+    print(f"index build  {build_seconds:7.1f} s  {built.text()}")
     t0 = time.perf_counter()
     done = generate_phrases(work / "index", work / "img", work / "phrases", k=3, device=args.device)
     seconds = time.perf_counter() - t0
-    print(f"phrases      {seconds:7.1f} s  {args.images / seconds:,.0f} images/s; {done.line()}")
+    print(f"phrases      {seconds:7.1f} s  {args.images / seconds:,.0f} images/s; {done.text()}")
     write_json(args.json, {"device": args.device, "images": args.images, "prototypes": args.prototypes,
                            "dim": args.dim, "index_build_seconds": round(build_seconds, 2),
                            "index": built.index["factory"], "recall_at_10": built.index["recall_at_10"],

@@ -16,7 +16,7 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import click
 import typer
@@ -135,8 +135,9 @@ def extract_images(
     summary = extract_images(_source(manifest, id_col, image_col, label_col), out, model=model, batch_size=batch_size, workers=workers, device=device.value,
                   limit=limit, shard_size=shard_size, dtype=dtype.value, allow_outside_paths=allow_outside_paths,
                   engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
-                  limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio), replicas=replicas)
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+                  limits=_image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio),
+                  progress=False if as_json else None, replicas=replicas)
+    _print(summary, as_json)
 
 
 def _image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio):
@@ -177,8 +178,8 @@ def extract_texts(
     summary = extract_texts(_source(manifest, id_col, image_col, label_col), col, out, model=model, batch_size=batch_size,
                   device=device.value, limit=limit,
                   shard_size=shard_size, dtype=dtype.value, engine=engine.value,
-                  ray=_ray_options(engine, ray_address, ray_actors))
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+                  ray=_ray_options(engine, ray_address, ray_actors), progress=False if as_json else None)
+    _print(summary, as_json)
 
 
 # ---------------------------------------------------------------- fuse: heads on cached embeddings
@@ -231,7 +232,7 @@ def fuse_train(
                         text_model=text_model, label_prior=label_prior, tune_rows=tune_rows,
                         pseudo_shots=pseudo_shots)
     _warn(report.warnings)
-    _print(report.as_dict() if as_json else report.text(), as_json)
+    _print(report, as_json)
 
 
 @fuse_app.command("eval")
@@ -246,10 +247,10 @@ def fuse_eval(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Top-1/top-5/macro-F1/per-class accuracy, or mAP and micro P/R/F1 (multi-label), on one split."""
-    from phrasefuse.fuse.evaluate import eval_text, evaluate
+    from phrasefuse.fuse.evaluate import evaluate
 
     report = evaluate(head, _source(manifest, id_col, image_col), split=split, feature_args=feature, label_col=label_col)
-    _print(report if as_json else eval_text(report), as_json)
+    _print(report, as_json)
 
 
 @fuse_app.command("ablate")
@@ -273,7 +274,7 @@ def fuse_ablate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Train and test every sensible feature subset; print the table (also written as Markdown and JSON)."""
-    from phrasefuse.fuse.ablate import ablate, ablation_text
+    from phrasefuse.fuse.ablate import ablate
 
     check_seed(seed, count=max(1, seeds))
     ks = []
@@ -289,7 +290,7 @@ def fuse_ablate(
                     label_descriptions=label_descriptions, pseudo_shots=pseudo_shots,
                     progress=False if as_json else None)
     _warn(report.data.get("warnings", []))
-    _print(report.as_dict() if as_json else ablation_text(report), as_json)
+    _print(report, as_json)
 
 
 @fuse_app.command("zeroshot")
@@ -305,11 +306,11 @@ def fuse_zeroshot(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Classify with no labelled image: cos(text feature, label text embedding) as class scores."""
-    from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
+    from phrasefuse.fuse.evaluate import zeroshot
 
     report = zeroshot(_source(manifest, id_col, image_col), phrases, label_descriptions=label_descriptions, split=split, label_col=label_col,
                       multilabel=multilabel)
-    _print(report if as_json else zeroshot_text(report), as_json)
+    _print(report, as_json)
 
 
 @app.command("predict")
@@ -339,7 +340,7 @@ def predict(
         if out is None:
             raise BadInput("predict --manifest: --out is required (the predictions file)")
         summary = predict_manifest(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature)
-        _print(summary.as_dict() if as_json else summary.line(), as_json)
+        _print(summary, as_json)
         return
     if not inputs:
         raise BadInput("predict: give INPUT images (files, folders, manifests) or --manifest M --out P")
@@ -347,7 +348,7 @@ def predict(
 
     result = predict_new(head, inputs, top_k=top_k, out=out, index=index, model=model, device=device.value,
                          id_col=id_col, image_col=image_col)
-    _print(result.as_list() if as_json else result.text(), as_json)
+    _print(result, as_json)
 
 
 # ---------------------------------------------------------------- index (phrasefuse/index/)
@@ -389,8 +390,8 @@ def index_build(
     summary = build_index(pairs, images, out, min_images=min_images, text_prototypes=text_prototypes,
                           kind=kind.value, memory=memory, use_weights=weights, target_recall=target_recall,
                           device=device.value, seed=seed, engine=engine.value,
-                          ray=_ray_options(engine, ray_address, None))
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+                          ray=_ray_options(engine, ray_address, None), progress=False if as_json else None)
+    _print(summary, as_json)
 
 
 @index_app.command("lookup")
@@ -405,7 +406,7 @@ def index_lookup(
     from phrasefuse.index.lookup import lookup
 
     result = lookup(index, images, k=k, device=device.value)
-    _print(result.as_list() if as_json else result.text(), as_json)
+    _print(result, as_json)
 
 
 @app.command("phrases")
@@ -435,8 +436,9 @@ def phrases(
     summary = generate_phrases(index, images, out, k=k, text_model=text_model, score_weighted=score_weighted,
                                batch_size=batch_size, text_batch_size=text_batch_size, device=device.value,
                                shard_size=shard_size, dtype=dtype.value,
-                               engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors))
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+                               engine=engine.value, ray=_ray_options(engine, ray_address, ray_actors),
+                               progress=False if as_json else None)
+    _print(summary, as_json)
 
 
 # ---------------------------------------------------------------- interop (phrasefuse/interop.py)
@@ -464,7 +466,7 @@ def export_store(
     from phrasefuse.interop import export_npy
 
     summary = export_npy(store, out)
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+    _print(summary, as_json)
 
 
 @app.command("import")
@@ -490,7 +492,7 @@ def import_store(
     summary = import_npy(folder, out, modality=modality.value if modality else None, like=like, encoder=encoder,
                          encoder_family=encoder_family, encoder_name=encoder_name, weights_sha256=weights_sha256,
                          id_col=id_col, dtype=dtype.value if dtype else None, shard_size=shard_size)
-    _print(summary.as_dict() if as_json else summary.line(), as_json)
+    _print(summary, as_json)
 
 
 @app.command("inspect")
@@ -504,7 +506,7 @@ def inspect(
     from phrasefuse.inspect import describe
 
     report = describe(path, verify=verify, quarantine=quarantine)
-    _print(report.as_dict() if as_json else report.text(), as_json)
+    _print(report, as_json)
     if report.problems:
         raise BadInput(f"{path}: {len(report.problems)} problem(s) found, first: {report.problems[0]}")
 
@@ -535,32 +537,17 @@ def demo(
 
 
 def _print_stages(results, as_json: bool) -> None:
-    """Each stage's line as it completes, then the ablation table and the report's path."""
-    from phrasefuse.run.pipeline import StageResult
+    """Each result's text as it completes (demo: its data first, then every stage), then the run's
+    summary; with --json only the summary, which lists the stages."""
+    from phrasefuse.run.pipeline import RunSummary, StageResult
 
-    stages, work = [], None
+    stages = []
     for result in results:
-        if not isinstance(result, StageResult):  # a line about the data (demo)
-            if not as_json:
-                typer.echo(result)
-            continue
-        stages.append(result.as_dict())
         if not as_json:
             typer.echo(result.text())
-        if result.stage == "report" and result.summary.get("files"):
-            work = Path(result.summary["files"][0]).parent
-    table = work / "ablation" / "ablation.md" if work else None
-    if as_json:  # the same as the text: the stages, then the ablation table
-        ablation = work / "ablation" / "ablation.json" if work else None
-        _print({"stages": stages, "work": str(work) if work else None,
-                "report": str(work / "report.html") if work else None,
-                "ablation": json.loads(ablation.read_text(encoding="utf-8"))
-                if ablation is not None and ablation.is_file() else None}, True)
-        return
-    if table is not None and table.is_file():
-        typer.echo("\n" + table.read_text(encoding="utf-8"))
-    if work is not None:
-        typer.echo(f"report: {work / 'report.html'}")
+        if isinstance(result, StageResult):
+            stages.append(result)
+    _print(RunSummary.of(stages), as_json)
 
 
 def _warn(lines) -> None:
@@ -569,8 +556,18 @@ def _warn(lines) -> None:
         typer.echo(f"phrasefuse: warning: {line}", err=True)
 
 
-def _print(obj, as_json: bool) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str) if as_json else obj)
+class CommandResult(Protocol):
+    """What every command returns: its --json document and its text."""
+
+    def as_dict(self) -> dict | list: ...
+
+    def text(self) -> str: ...
+
+
+def _print(result: CommandResult, as_json: bool) -> None:
+    text = json.dumps(result.as_dict(), indent=2, default=str) if as_json else result.text()
+    if text:
+        typer.echo(text)
 
 
 # Typer >= 0.29 raises usage errors (missing option, bad choice) and aborts from its own vendored click.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -20,9 +21,27 @@ def demo_config_text() -> str:
     return resources.files("phrasefuse.run").joinpath("demo.toml").read_text(encoding="utf-8")
 
 
+@dataclass
+class DemoData:
+    """The generated dataset, announced before the run's stages."""
+
+    images: int
+    classes: int
+    query_images: int
+    folder: Path
+
+    def as_dict(self) -> dict:
+        return {"images": self.images, "classes": self.classes, "query_images": self.query_images,
+                "folder": str(self.folder)}
+
+    def text(self) -> str:
+        return (f"demo data: {self.images} labelled images of {self.classes} classes (five look-alike pairs), "
+                f"{self.query_images} query-corpus images, pairs and label descriptions -> {self.folder}")
+
+
 def run_demo(work: str | os.PathLike, n: int = DEFAULT_N, progress: bool | None = None) -> Iterator:
-    """Generate the data (once; it is deterministic), write WORK/demo.toml, run it. Yields a
-    line about the data, then each stage's result."""
+    """Generate the data (once; it is deterministic), write WORK/demo.toml, run it. Yields the
+    data's `DemoData`, then each stage's result."""
     from phrasefuse.run.pipeline import run_config
     from phrasefuse.synthetic import DEMO_CLASSES, generate_demo
 
@@ -32,8 +51,7 @@ def run_demo(work: str | os.PathLike, n: int = DEFAULT_N, progress: bool | None 
     work = Path(work)
     make_folder(work, "--work")
     paths = generate_demo(work / "data", n=n, n_query=QUERY_IMAGES)
-    yield (f"demo data: {n} labelled images of {len(DEMO_CLASSES)} classes (five look-alike pairs), "
-           f"{QUERY_IMAGES} query-corpus images, pairs and label descriptions -> {paths['manifest'].parent}")
+    yield DemoData(n, len(DEMO_CLASSES), QUERY_IMAGES, paths["manifest"].parent)
     config = work / "demo.toml"
     write_atomic(config, lambda tmp: Path(tmp).write_text(demo_config_text(), encoding="utf-8"))
     yield from run_config(config, progress=progress)

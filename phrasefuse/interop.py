@@ -58,7 +58,7 @@ class InteropSummary:
     dim: int = 0
     seconds: float = 0.0
 
-    def line(self) -> str:
+    def text(self) -> str:
         skipped = f", {self.present} already in store" if self.what == "import" else ""
         return (f"{self.what}: {self.rows} rows of dim {self.dim} in {self.files} .npy files{skipped}; "
                 f"{self.seconds:.1f} s: {self.source} -> {self.out}")
@@ -330,10 +330,9 @@ def _identity(folder: Path, modality: str, dim: int, *, like, encoder, family, n
 
 
 def _spec_identity(spec: str, modality: str) -> dict:
-    from phrasefuse.extract.encoders import load_image_encoder, load_text_encoder
+    from phrasefuse.extract.encoders import load_encoder
 
-    model = load_image_encoder(spec, "cpu") if modality == "image" else load_text_encoder(spec, "cpu")
-    return model.identity
+    return load_encoder(spec, modality, "cpu").identity
 
 
 def _exported_meta(folder: Path) -> dict | None:

@@ -62,3 +62,18 @@ def test_every_contract_command_documents_its_options(command):
                and f"{option}," not in result.output]
     assert not missing, f"{' '.join(command)} --help does not document {missing}:\n{result.output}"
 
+
+
+@pytest.mark.parametrize("command", list(CONTRACT), ids=" ".join)
+def test_usage_lines_show_arguments_as_the_readme_writes_them(command):
+    """`run CONFIG`, `index lookup INDEX IMAGE...`: no Typer type marks ({config}, <list[Path]>) in usage."""
+    from click.testing import CliRunner
+
+    from phrasefuse.cli import _command
+
+    result = CliRunner().invoke(_command(), [*command, "--help"], prog_name="phrasefuse",
+                                env={"COLUMNS": "250", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    usage = next(line for line in result.output.splitlines() if line.startswith("Usage:"))
+    assert not any(mark in usage for mark in "{}<>"), usage
+    assert "later" not in result.output, result.output  # no stale promise ("or, later, an index or a head")

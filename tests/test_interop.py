@@ -1,4 +1,5 @@
-"""`phrasefuse export` / `phrasefuse import`: the .npy + metadata Parquet layout, through the real CLI."""
+"""`phrasefuse export` / `phrasefuse import`: the .npy + metadata Parquet layout, through the real CLI
+(and the library where only its behaviour is checked)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phrasefuse.interop import import_npy
+from phrasefuse.errors import BadInput
+from phrasefuse.interop import export_npy, import_npy
 from phrasefuse.store import EmbeddingStore, StoreWriter, encoder_identity, l2_normalize, new_meta
 from tests.conftest import run_cli
 from tests.index.conftest import random_encoder
@@ -27,14 +29,18 @@ def image_store(tmp_path_factory):
     return path
 
 
-def exported(tmp_path, store, name="export"):
+def exported(tmp_path, store, name="export", cli: bool = False):
+    """`store` exported to .npy: through the real CLI, or the library call (a test's input)."""
     out = tmp_path / name
-    run_cli("export", store, "--format", "npy", "--out", out, check=True)
+    if cli:
+        run_cli("export", store, "--format", "npy", "--out", out, check=True)
+    else:
+        export_npy(store, out)
     return out
 
 
 def test_export_writes_the_ecosystem_layout_in_store_row_order(image_store, tmp_path):
-    out = exported(tmp_path, image_store)
+    out = exported(tmp_path, image_store, cli=True)
     arrays = sorted((out / "img_emb").iterdir())
     metadata = sorted((out / "metadata").iterdir())
     assert [p.name for p in arrays] == [f"img_emb_{n:05d}.npy" for n in range(3)]
@@ -72,7 +78,7 @@ def test_export_then_import_gives_the_same_ids_and_embeddings(image_store, tmp_p
 def test_an_imported_store_refuses_another_identity(image_store, tmp_path):
     out = exported(tmp_path, image_store)
     store = tmp_path / "imported"
-    run_cli("import", out, "--out", store, "--like", image_store, check=True)
+    import_npy(out, store, like=image_store)
     proc = run_cli("import", out, "--out", store, "--encoder-name", "ViT-B-32", "--weights-sha256", "f" * 64)
     assert proc.returncode == 2, proc.stderr
     assert f"{store}: holds embeddings of random:24" in proc.stderr and "Traceback" not in proc.stderr
@@ -157,13 +163,14 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_inputs_exit_2_naming_the_file(tmp_path, case):
+    """The library's one-line error naming the file (the CLI prints it, exit 2: the tests below)."""
     make, names, message = CASES[case]
     folder, npy, metadata = make(tmp_path)
-    proc = run_cli("import", folder, "--out", tmp_path / "store", "--encoder-name", "m", "--weights-sha256", "w")
-    assert proc.returncode == 2, proc.stderr
+    with pytest.raises(BadInput) as refused:
+        import_npy(folder, tmp_path / "store", encoder_name="m", weights_sha256="w")
+    error = str(refused.value)
     named = {"npy": npy, "metadata": metadata, "folder": metadata.parent}[names]
-    assert f"{named}:" in proc.stderr and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert error.startswith(f"{named}:") and message in error and "\n" not in error, error
     assert not (tmp_path / "store").exists()  # checked before anything is written
 
 

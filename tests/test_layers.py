@@ -32,9 +32,9 @@ LAYERS = [
     ["__main__"],
 ]
 
-# Edges inside a unit are not checked here. Inside `fuse`, `ablate` imports the `fuse train`
-# command module (train.py) for its library parts: a zig-zag that issue 15's fuse wing removes
-# (train.py becomes the command only; its parts move to data / select / metrics).
+# Edges inside a unit are checked for `fuse` only (below): its command modules, which nothing
+# else in fuse imports, over library modules without a cycle.
+FUSE_COMMANDS = ["train", "ablate", "evaluate"]  # `fuse train`, `fuse ablate`, `fuse eval` / `predict` / `zeroshot`
 
 
 def _unit_of(module: str) -> str:
@@ -141,3 +141,51 @@ def test_every_import_points_down_the_layers():
     upward = [f"{a} -> {b} ({', '.join(where)})" for (a, b), where in sorted(import_edges().items())
               if layer[b] > layer[a]]
     assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
+
+
+def module_edges(unit: str) -> dict[tuple[str, str], list[str]]:
+    """(module, module it imports) -> where, for the imports between modules of one unit."""
+    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
+    prefix = f"phrasefuse.{unit}."
+    for path in sorted((PACKAGE / unit).rglob("*.py")):
+        module, package = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            for target in _imported(node, package):
+                if target.startswith(prefix) and _is_module(target) and target != module:
+                    where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                    edges[module.removeprefix(prefix), target.removeprefix(prefix)].append(where)
+    return edges
+
+
+def test_fuse_library_modules_import_no_command_and_no_cycle():
+    edges = module_edges("fuse")
+    assert ("ablate", "select") in edges and ("heads.torch_heads", "heads.base") in edges  # the scan sees them
+    into_commands = [f"{a} -> {b} ({', '.join(where)})" for (a, b), where in sorted(edges.items())
+                     if b in FUSE_COMMANDS]
+    assert not into_commands, "fuse modules importing a command module:\n" + "\n".join(into_commands)
+    found = cycles(edges)
+    assert not found, "import cycles inside fuse: " + "; ".join(" <-> ".join(group) for group in found)
+
+
+MAX_FUNCTION_LINES = 60  # a longer function is split into named steps (issue 15)
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function or method of the package longer than `limit` lines (decorators excluded)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_the_length_scan_sees_a_long_function(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n" + "    x = 1\n" * 61, encoding="utf-8")
+    assert long_functions(tmp_path) == [f"{tmp_path.name}/m.py:1 f (62 lines)"]
+
+
+def test_no_function_over_60_lines():
+    assert long_functions() == []

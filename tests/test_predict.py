@@ -49,7 +49,7 @@ def test_predict_files_and_a_folder_match_the_stores(trained, shapes_dataset, tm
         shutil.copy(p, folder / p.name)
     files = [str(p) for p in images[:3]]
     result = predict_new(trained / "head", files + [str(folder)], top_k=3, out=tmp_path / "p.jsonl")
-    rows = result.as_list()
+    rows = result.as_dict()
     assert [r["id"] for r in rows] == files + [p.name for p in images[10:14]]
     assert all(len(r["top_labels"]) == 3 and len(r["phrases"]) == 3 and r["error"] is None for r in rows)
     # the same images through their stores (`predict --manifest`) give the same answer: these
@@ -74,7 +74,7 @@ def test_predict_files_and_a_folder_match_the_stores(trained, shapes_dataset, tm
 def test_predict_new_images_from_a_tar_and_a_bad_one(trained, tmp_path):
     shards = data.tar_shards(tmp_path / "shards", shards=1, per_shard=3, corrupt="000000001")
     result = predict_new(trained / "head", [str(shards / "00000.tar")], out=tmp_path / "p.csv")
-    rows = {r["id"]: r for r in result.as_list()}
+    rows = {r["id"]: r for r in result.as_dict()}
     assert rows["000000001"]["label"] is None and "not an image" in rows["000000001"]["error"]
     assert rows["000000000"]["label"] is not None and rows["000000002"]["error"] is None
     assert "000000001" in (tmp_path / "p.csv").read_text()
@@ -87,7 +87,7 @@ def test_moved_index_is_refused_then_found_with_index(trained, shapes_dataset, t
     try:
         bad = run_cli("predict", trained / "head", image)
         assert bad.returncode == 2 and str(trained / "index") in bad.stderr and "--index" in bad.stderr
-        assert predict_new(trained / "head", [image], index=str(moved)).as_list()[0]["phrases"]
+        assert predict_new(trained / "head", [image], index=str(moved)).as_dict()[0]["phrases"]
         # another index (another build) is refused, naming it
         other = tmp_path / "other"
         from phrasefuse.index.build import build_index

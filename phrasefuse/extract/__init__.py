@@ -1,5 +1,6 @@
-"""Extract: encoders (one registry of spec strings) and the batch jobs that embed
-every image and text of a manifest once, into embedding stores.
+"""Extract: encoders (one registry of spec strings; `recorded.py` reloads the one a folder
+records), and the batch jobs that embed every image and text of a manifest once, into
+embedding stores.
 
 Nothing heavy is imported here, so the CLI's --help stays instant.
 """

@@ -261,6 +261,11 @@ def load_text_encoder(spec: str = DEFAULT_TEXT_MODEL, device: str = "auto") -> T
     return load(s, dev)
 
 
+def load_encoder(spec: str, modality: str, device: str = "auto") -> ImageEncoder | TextEncoder:
+    """The encoder `spec` names, for `modality` ("image" or "text")."""
+    return (load_image_encoder if modality == "image" else load_text_encoder)(spec, device)
+
+
 def list_families(modality: str) -> list[str]:
     """The encoder families that embed `modality` ("image" or "text"), as open_clip's `list_models`."""
     return list((IMAGE_LOADERS if modality == "image" else TEXT_LOADERS))

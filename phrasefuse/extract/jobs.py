@@ -55,7 +55,7 @@ class ExtractSummary:
         done = self.embedded + self.reused
         return done / self.seconds if self.seconds > 0 else 0.0
 
-    def line(self) -> str:
+    def text(self) -> str:
         broken = self.failed - self.no_text
         failed = f"{broken} failed" + (f" (see {self.store}/errors.parquet)" if broken else "")
         if self.no_text:
@@ -64,7 +64,7 @@ class ExtractSummary:
                 f"{failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
 
     def as_dict(self) -> dict:
-        """As `line` counts them: `failed` the broken rows, `no_text` the rows without text
+        """As `text` counts them: `failed` the broken rows, `no_text` the rows without text
         (`errors`: both, the rows of errors.parquet this run)."""
         return asdict(self) | {"failed": self.failed - self.no_text, "errors": self.failed,
                                "rows_per_second": round(self.rows_per_second, 2)}

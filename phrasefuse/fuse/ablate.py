@@ -9,8 +9,9 @@ Honest few-shot: with K shots per class nothing (text trust, early stopping, the
 image-only fallback) is chosen on more than those K examples per class: choices are made
 by cross-validation within the shots (select.cross_validation) and the val split is never
 read. With K = 1 no fold can hold out an example of every class: no untested default may change
-predictions, so text features and the label prior are left out (image-only). The notes under
-each table say which.
+predictions, so text features are left out (image-only); the label prior, which never trains on
+the shots, is weighted by its own temperature fitted on them, and only when a permutation test
+says it beats chance (labeltext.calibrate_prior_on_shots). The notes under each table say which.
 """
 
 from __future__ import annotations
@@ -26,17 +27,14 @@ import numpy as np
 from phrasefuse.engine import progress as progress_lines
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
-from phrasefuse.fuse import HEAD_KINDS
-from phrasefuse.fuse.heads import head_params
-from phrasefuse.fuse.labeltext import apply_prior
-from phrasefuse.fuse.metrics import summary
-from phrasefuse.fuse.select import cross_validation, holdout, sample_shots, stratified_subsample
 from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
-from phrasefuse.fuse.train import (Prepared, data_warnings, evaluate_probs, fit_and_choose, prepare, pseudo_shots_for,
-                                   shots_warning)
-
-LABEL_PRIOR = "label-prior"  # in a row: add the label prior of the --label-prior feature
-PSEUDO_SHOTS = "pseudo-shots"  # in a row: offer the --pseudo-shots index's pseudo-labelled prototypes
+from phrasefuse.fuse import LABEL_PRIOR, PSEUDO_SHOTS
+from phrasefuse.fuse.data import Prepared, data_warnings, prepare, shots_warning
+from phrasefuse.fuse.heads import HEADS, head_params
+from phrasefuse.fuse.labeltext import apply_prior, prior_scores, read_descriptions
+from phrasefuse.fuse.metrics import evaluate_probs, summary
+from phrasefuse.fuse.pseudo import PseudoShots, pseudo_shots_for
+from phrasefuse.fuse.select import Outcome, Scheme, choose_label_prior, fit_and_choose, shots_scheme, val_split_schemes
 
 
 def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -92,10 +90,8 @@ def named_subsets(rows: Sequence[Sequence[str]], names: Sequence[str], roles: Se
     return out
 
 
-def prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> np.ndarray:
-    """(n, C) cosine of feature `prior` to each label's embedded name or description."""
-    from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_texts, read_descriptions
-
+def label_prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> np.ndarray:
+    """(n, C) label prior scores of feature `prior` (labeltext.prior_scores)."""
     names = [f.name for f in prep.features]
     if prior not in names:
         raise BadInput(f"--label-prior {prior}: not one of the features ({', '.join(names)})")
@@ -103,24 +99,9 @@ def prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> 
         raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
     j = names.index(prior)
     descriptions = read_descriptions(label_descriptions) if label_descriptions else None
-    label_emb, _ = embed_for_store(label_texts(prep.task.vocab, descriptions, label_descriptions),
-                                   prep.features[j].store)
-    return cosine_scores(prep.blocks.arrays[j], prep.blocks.present[:, j], label_emb)
-
-
-def prior_weight(outcome, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
-    """The label prior's weight and how it was chosen (train.choose_prior_weight), on the saved
-    head's out-of-fold (or validation) probabilities; with 1 shot per class there are none and
-    the prior is left out."""
-    from phrasefuse.fuse.train import choose_prior_weight
-
-    trial = outcome.tuner.trial(outcome.saved_config) if outcome.tuner is not None and outcome.tuner.scheme.folds \
-        else None
-    if trial is None or trial.probs is None:
-        weight, record = choose_prior_weight(None, cos[:0], y[:0])
-        return weight, {"scheme": "nothing held out (1 shot): left out", **record}
-    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
-    return weight, {"scheme": outcome.scheme, **record}
+    cos, _ = prior_scores(prep.features[j].store, prep.blocks.arrays[j], prep.blocks.present[:, j], prep.task.vocab,
+                          descriptions, label_descriptions)
+    return cos
 
 
 @dataclass
@@ -130,6 +111,22 @@ class AblationReport:
 
     def as_dict(self) -> dict:
         return self.data
+
+    def text(self) -> str:
+        """The tables (markdown), then the files written."""
+        return self.markdown + "\n" + "".join(f"written: {f}\n" for f in self.data.get("files", []))
+
+
+@dataclass
+class _Setting:
+    """What every row of every regime shares."""
+
+    prep: Prepared
+    kind: str
+    params: dict
+    label_prior: str | None
+    cos: np.ndarray | None  # label prior scores (n, C)
+    pseudo: PseudoShots | None
 
 
 def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, *, shots: Sequence[int] = (),
@@ -150,27 +147,21 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     (fuse/pseudo.py), kept by the same rule; `text_model` matches phrases to label texts
     (default: the built-in text encoder). `progress`: as every long job's (engine.progress); False: none."""
     start = time.perf_counter()
-    if kind not in HEAD_KINDS:
-        raise BadInput(f"--head {kind}: expected one of {', '.join(HEAD_KINDS)}")
-    if seeds < 1:
-        raise BadInput(f"--seeds {seeds}: must be at least 1")
-    for k in shots:
-        if k < 1:
-            raise BadInput(f"--shots {k}: must be at least 1 (zero-shot is 'phrasefuse fuse zeroshot')")
+    _check_options(kind, shots, seeds)
     full = not shots if full is None else (full or not shots)
     prep = prepare(manifest, feature_args, label_col, multilabel,
                    need=("train", "val", "test") if full else ("train", "test"))
-    task, y, split_rows = prep.task, prep.labels.y, prep.rows
-    hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
+    split_rows = prep.rows
     names = [f.name for f in prep.features]
     default_subsets = named_subsets(rows, names, prep.roles, label_prior, bool(pseudo_shots)) if rows else \
         feature_subsets(prep.roles, names)
     shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior, bool(pseudo_shots)) if shot_rows \
         else default_subsets
-    cos = prior_scores(prep, label_prior, label_descriptions) if label_prior else None
+    cos = label_prior_scores(prep, label_prior, label_descriptions) if label_prior else None
     pseudo = pseudo_shots_for(prep, pseudo_shots, label_descriptions, text_model or DEFAULT_TEXT_MODEL) \
         if pseudo_shots else None
-    test_labels = prep.labels.take(split_rows["test"])
+    setting = _Setting(prep, kind, head_params(kind, {**(params or {}), "tune_rows": tune_rows}), label_prior, cos,
+                       pseudo)
     warnings = data_warnings(prep.labels, split_rows, ("val", "test") if full else ("test",), check_val=full)
     warnings += [w for w in (shots_warning(prep.labels, split_rows["train"], int(k)) for k in shots) if w]
     regimes = [("full", None)] * full + [(f"{k}-shot", int(k)) for k in shots]
@@ -179,53 +170,81 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     with progress_lines(len(regimes) * seeds, f"ablate ({kind} head)", progress, unit="seeds") as advance:
         for regime, k in regimes:
             subsets = default_subsets if k is None else shot_subsets
-            runs: dict[str, list[dict]] = {label: [] for label, _ in subsets}
-            scheme_name = ""
-            train_rows_used = []
-            for s in range(seed, seed + seeds):
-                if k is None:
-                    scheme = holdout(split_rows["train"], split_rows["val"])
-                    tune = stratified_subsample(split_rows["train"], y, task.multilabel,
-                                                int(hp.get("tune_rows") or len(split_rows["train"])), s)
-                    tuning = holdout(tune, split_rows["val"]) if len(tune) < len(split_rows["train"]) else None
-                else:
-                    pool = sample_shots(split_rows["train"], y, task.multilabel, k, s)
-                    scheme, tuning = cross_validation(pool, y, task.multilabel, k, s), None
-                scheme_name = scheme.describe()
-                train_rows_used.append(len(scheme.pool))
-                fitted: dict[tuple, object] = {}  # a row with the label prior reuses the head of the row without it
-                for label, which in subsets:
-                    key = (tuple(which), f" + {PSEUDO_SHOTS}" in label)
-                    if key not in fitted:
-                        fitted[key] = fit_and_choose(kind, prep.blocks.select(which), y, task,
-                                                     [prep.roles[j] for j in which], hp, s, scheme, tuning,
-                                                     pseudo=pseudo if key[1] else None)
-                    outcome = fitted[key]
-                    kept = [which[j] for j in outcome.saved_blocks]
-                    probs = outcome.saved.predict(prep.blocks.take(split_rows["test"]).select(kept))
-                    run = {"seed": s, "choice": outcome.choice}
-                    if outcome.pseudo is not None:
-                        run["pseudo_per_label"] = outcome.pseudo["per_label"]
-                        run["pseudo_rows"] = outcome.pseudo["rows"]
-                    if label.endswith(f"label prior ({label_prior})"):
-                        run["prior_weight"], run["prior_choice"] = prior_weight(outcome, cos, y)
-                        probs = apply_prior(probs, cos[split_rows["test"]], run["prior_weight"])
-                    run["metrics"] = summary(evaluate_probs(probs, test_labels))
-                    runs[label].append(run)
-                advance(1)
-            tables.append(_table(regime, k, subsets, runs, prep, scheme_name, train_rows_used, seeds))
-    data = {"manifest": str(manifest), "head": kind, "task": "multilabel" if task.multilabel else "multiclass",
+            tables.append(_regime_table(setting, regime, k, subsets, range(seed, seed + seeds), advance))
+    data = {"manifest": str(manifest), "head": kind, "task": "multilabel" if prep.task.multilabel else "multiclass",
             "features": [{"name": n, "role": r, "path": str(f.path)}
                          for n, r, f in zip(names, prep.roles, prep.features)],
             "seeds": list(range(seed, seed + seeds)), "test_rows": int(len(split_rows["test"])), "tables": tables,
             "warnings": warnings, "seconds": round(time.perf_counter() - start, 1)}
-    markdown = render_markdown(data)
+    return _written(AblationReport(data, render_markdown(data)), out)
+
+
+def _check_options(kind: str, shots: Sequence[int], seeds: int) -> None:
+    if kind not in HEADS:
+        raise BadInput(f"--head {kind}: expected one of {', '.join(HEADS)}")
+    if seeds < 1:
+        raise BadInput(f"--seeds {seeds}: must be at least 1")
+    for k in shots:
+        if k < 1:
+            raise BadInput(f"--shots {k}: must be at least 1 (zero-shot is 'phrasefuse fuse zeroshot')")
+
+
+def _schemes(setting: _Setting, k: int | None, seed: int) -> tuple[Scheme, Scheme | None]:
+    """Full data: the val split (trust tuned on at most tune_rows train rows); K shots:
+    cross-validation within K shots per class drawn with `seed`."""
+    prep = setting.prep
+    if k is None:
+        return val_split_schemes(prep.rows["train"], prep.rows["val"], prep.labels.y, prep.task.multilabel,
+                                 setting.params.get("tune_rows"), seed)
+    return shots_scheme(prep.rows["train"], prep.labels.y, prep.task.multilabel, k, seed), None
+
+
+def _regime_table(setting: _Setting, regime: str, k: int | None, subsets: list[tuple[str, list[int]]],
+                  seeds: range, advance) -> dict:
+    """One table: every row of `subsets` trained and tested once per seed."""
+    runs: dict[str, list[dict]] = {label: [] for label, _ in subsets}
+    scheme_name, train_rows_used = "", []
+    for s in seeds:
+        scheme, tuning = _schemes(setting, k, s)
+        scheme_name = scheme.describe()
+        train_rows_used.append(len(scheme.pool))
+        fitted: dict[tuple, Outcome] = {}  # a row with the label prior reuses the head of the row without it
+        for label, which in subsets:
+            key = (tuple(which), f" + {PSEUDO_SHOTS}" in label)
+            if key not in fitted:
+                prep = setting.prep
+                fitted[key] = fit_and_choose(setting.kind, prep.blocks.select(which), prep.labels.y, prep.task,
+                                             [prep.roles[j] for j in which], setting.params, s, scheme, tuning,
+                                             pseudo=setting.pseudo if key[1] else None)
+            runs[label].append(_run(setting, label, which, fitted[key], s))
+        advance(1)
+    return _table(regime, k, subsets, runs, setting.prep, scheme_name, train_rows_used, len(seeds))
+
+
+def _run(setting: _Setting, label: str, which: list[int], outcome: Outcome, seed: int) -> dict:
+    """A row's kept head (with its label prior when the row lists it) scored on the test split."""
+    prep, test = setting.prep, setting.prep.rows["test"]
+    kept = [which[j] for j in outcome.saved_blocks]
+    probs = outcome.saved.predict(prep.blocks.take(test).select(kept))
+    run = {"seed": seed, "choice": outcome.choice}
+    if outcome.pseudo is not None:
+        run["pseudo_per_label"] = outcome.pseudo["per_label"]
+        run["pseudo_rows"] = outcome.pseudo["rows"]
+    if label.endswith(f"label prior ({setting.label_prior})"):
+        run["prior_weight"], run["prior_choice"] = choose_label_prior(outcome, setting.cos, prep.labels.y)
+        probs = apply_prior(probs, setting.cos[test], run["prior_weight"])
+    run["metrics"] = summary(evaluate_probs(probs, prep.labels.take(test)))
+    return run
+
+
+def _written(report: AblationReport, out: str | os.PathLike | None) -> AblationReport:
+    """The report, its markdown and JSON written to folder `out` when given."""
     if out is not None:
         folder = make_folder(out)
-        write_json_atomic(folder / "ablation.json", data)
-        write_atomic(folder / "ablation.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
-        data["files"] = [str(folder / "ablation.md"), str(folder / "ablation.json")]
-    return AblationReport(data, markdown)
+        write_json_atomic(folder / "ablation.json", report.data)
+        write_atomic(folder / "ablation.md", lambda tmp: Path(tmp).write_text(report.markdown, encoding="utf-8"))
+        report.data["files"] = [str(folder / "ablation.md"), str(folder / "ablation.json")]
+    return report
 
 
 def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, scheme_name: str,
@@ -261,8 +280,9 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
                 f"reported.")
     elif k == 1:
         note = ("1 labelled example per class (drawn per seed): no fold can hold out an example of every class, so "
-                "nothing can show that text or the label prior helps the head: both are left out (image-only); the "
-                "val split is not used.")
+                "nothing can show that text helps the head: it is left out (image-only). The label prior never trains "
+                "on the shots: its temperature is fitted on them by likelihood and used as its weight, only when it "
+                "beats 19 shuffled priors and the chi-square 5% level. The val split is not used.")
     else:
         note = (f"{k} labelled examples per class (drawn per seed; {int(np.mean(train_rows))} rows on average); text "
                 f"trust, early stopping and the image-only fallback chosen by {scheme_name}, the label prior's "
@@ -307,6 +327,3 @@ def render_markdown(data: dict) -> str:
         out += ["Warnings:", ""] + [f"- {w}" for w in data["warnings"]] + [""]
     return "\n".join(out)
 
-
-def ablation_text(report: AblationReport) -> str:
-    return report.markdown + "\n" + "".join(f"written: {f}\n" for f in report.data.get("files", []))

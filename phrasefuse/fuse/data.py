@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests import Manifest
+from phrasefuse.manifests import Manifest, read_manifest
 from phrasefuse.manifests.dataset import LABELS_SEPARATOR
 from phrasefuse.store import EmbeddingStore, encoder_identity
 
@@ -193,6 +193,20 @@ class BlockNorm:
 
 
 @dataclass
+class Task:
+    """What a head predicts: the label vocabulary, one label per row or several."""
+
+    vocab: list[str]
+    multilabel: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.vocab)
+
+
+
+
+@dataclass
 class Labels:
     """Encoded labels of some rows against a vocabulary.
 
@@ -282,6 +296,17 @@ def encode_labels(values: pa.Array, vocab: Sequence[str], multilabel: bool) -> L
     return Labels(list(vocab), True, y, unknown)
 
 
+def rank_within_group(groups: np.ndarray) -> np.ndarray:
+    """0, 1, 2... for the successive occurrences of each value (in order of appearance)."""
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups) != 0) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(groups), np.int64)
+    rank[order] = np.arange(len(order)) - first
+    return rank
+
+
 def split_rows(manifest: Manifest) -> dict[str, np.ndarray]:
     """Row indices of each split."""
     split = manifest.table["split"].combine_chunks().to_numpy(zero_copy_only=False)
@@ -293,3 +318,98 @@ def require_rows(rows: dict[str, np.ndarray], names: Sequence[str], source: str)
         if len(rows[name]) == 0:
             raise BadInput(f"{source}: the '{name}' split has no rows (column 'split'); assign some rows to "
                            f"'{name}', or drop the column for a hash split")
+
+
+# ---------------------------------------------------------------- a manifest with its stores
+
+
+@dataclass
+class Prepared:
+    """A manifest joined with its feature stores: every row, every split."""
+
+    manifest: Manifest
+    features: list[Feature]
+    roles: list[str]  # "image" for the image feature, "text" for the others
+    blocks: Blocks
+    labels: Labels
+    rows: dict[str, np.ndarray]
+    label_col: str
+
+    @property
+    def task(self) -> Task:
+        return Task(self.labels.vocab, self.labels.multilabel)
+
+
+def prepare(manifest_path: str | os.PathLike, feature_args: Sequence[str], label_col: str | None = None,
+            multilabel: bool = False, need: Sequence[str] = ("train", "val")) -> Prepared:
+    """The manifest read, its labels encoded against the train split's vocabulary, its feature
+    stores loaded as blocks; exit 2 when a split in `need` is empty or a store covers no train row."""
+    manifest = read_manifest(manifest_path)
+    col = label_column(manifest, label_col)
+    multi = is_multilabel(manifest, col, multilabel)
+    rows = split_rows(manifest)
+    require_rows(rows, need, manifest.source)
+    values = label_values(manifest, col, multi, np.ones(len(manifest), bool))
+    train = np.zeros(len(manifest), bool)
+    train[rows["train"]] = True
+    vocab = build_vocab(values, train, multi)
+    if len(vocab) < (1 if multi else 2):
+        raise BadInput(f"{manifest.source}: the train split has {len(vocab)} distinct value(s) in column '{col}'; "
+                       f"a classifier needs at least two labels")
+    labels = encode_labels(values, vocab, multi)
+    features = resolve_features(feature_args)
+    blocks = load_blocks(features, manifest.ids, manifest.source)
+    for j, f in enumerate(features):
+        if not blocks.present[rows["train"], j].any():
+            raise BadInput(f"{f.path}: covers none of the {len(rows['train'])} train rows of {manifest.source}; "
+                           f"extract it for this manifest")
+    img = image_feature(features)
+    roles = ["image" if j == img else "text" for j in range(len(features))]
+    return Prepared(manifest, features, roles, blocks, labels, rows, col)
+
+
+MIN_VAL_ROWS_PER_LABEL = 5  # below this, a validation choice rests on a handful of rows: said out loud
+
+
+def _labels_of(labels: Labels, rows: np.ndarray) -> np.ndarray:
+    """Rows per label among `rows` (multi-class: the known labels; multi-label: positives)."""
+    y = labels.y[rows]
+    if labels.multilabel:
+        return (y > 0.5).sum(axis=0).astype(np.int64)
+    return np.bincount(y[y >= 0], minlength=labels.num_classes)
+
+
+def _examples(vocab: Sequence[str], counts: np.ndarray, which: np.ndarray) -> str:
+    shown = ", ".join(f"'{vocab[c]}': {int(counts[c])}" for c in np.flatnonzero(which)[:3])
+    return shown + (", ..." if which.sum() > 3 else "")
+
+
+def data_warnings(labels: Labels, rows: dict[str, np.ndarray], splits: Sequence[str] = ("val", "test"),
+                  check_val: bool = True) -> list[str]:
+    """One line per statistical caveat of the splits: labels unseen in train (counted as
+    errors), and a val split with fewer than MIN_VAL_ROWS_PER_LABEL rows of some label."""
+    out = []
+    for split in splits:
+        n_unknown = int((labels.unknown[rows[split]] > 0).sum()) if len(rows[split]) else 0
+        if n_unknown:
+            out.append(f"{n_unknown} of {len(rows[split])} {split} rows carry a label the train split lacks; the "
+                       f"head cannot predict it, so those rows count as errors")
+    if check_val and len(rows["val"]):
+        counts = _labels_of(labels, rows["val"])
+        few = counts < MIN_VAL_ROWS_PER_LABEL
+        if few.any():
+            out.append(f"the val split has fewer than {MIN_VAL_ROWS_PER_LABEL} rows of {int(few.sum())} of "
+                       f"{labels.num_classes} labels ({_examples(labels.vocab, counts, few)}): choices made on it "
+                       f"(text trust, label prior weight, early stopping) rest on few rows")
+    return out
+
+
+def shots_warning(labels: Labels, train_rows: np.ndarray, k: int) -> str | None:
+    """A line when some label has fewer than K train rows (--shots K then gives fewer)."""
+    counts = _labels_of(labels, train_rows)
+    short = counts < k
+    if not short.any():
+        return None
+    return (f"--shots {k}: {int(short.sum())} of {labels.num_classes} labels have fewer than {k} train rows "
+            f"({_examples(labels.vocab, counts, short)}); they get all they have, and the table reports the real "
+            f"mean shots per label")

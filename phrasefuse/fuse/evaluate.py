@@ -37,8 +37,38 @@ def split_selection(manifest: Manifest, split: str) -> np.ndarray:
 # ---------------------------------------------------------------- eval
 
 
+@dataclass
+class EvalReport:
+    """`fuse eval`: the head, the manifest and split, the metrics and the rows without each feature."""
+
+    data: dict
+
+    def as_dict(self) -> dict:
+        return self.data
+
+    def text(self) -> str:
+        report = self.data
+        m = report["metrics"]
+        lines = [f"fuse eval: {report['head']} ({report['kind']}, {report['task']}) on {report['manifest']}, "
+                 f"split {report['split']} ({report['rows']} rows)", f"  {format_metrics(m)}"]
+        if "recall_at_80_precision" in m:
+            lines[-1] += f" recall@80%precision={100 * m['recall_at_80_precision']:.1f}"
+            lines.append(f"  threshold {m['threshold']}, max labels {m['max_labels'] or 'none'}")
+        per = m.get("per_class_accuracy") or m.get("per_label_ap") or {}
+        if per:
+            what = "per-class accuracy" if "per_class_accuracy" in m else "per-label AP"
+            lines.append(f"  {what}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in list(per.items())[:20])
+                         + (", ..." if len(per) > 20 else ""))
+        missing = {k: v for k, v in report["missing"].items() if v}
+        if missing:
+            lines.append("  rows without: " + ", ".join(f"{k} {v}" for k, v in missing.items()))
+        if m.get("unknown_labels"):
+            lines.append(f"  {m['unknown_labels']} labels outside the head's vocabulary (counted as errors)")
+        return "\n".join(lines)
+
+
 def evaluate(head_path: str | os.PathLike, manifest_path: str | os.PathLike, split: str = "test",
-             feature_args: Sequence[str] | None = None, label_col: str | None = None) -> dict:
+             feature_args: Sequence[str] | None = None, label_col: str | None = None) -> EvalReport:
     head = load_head(head_path)
     manifest = read_manifest(manifest_path)
     rows = split_selection(manifest, split)
@@ -55,29 +85,9 @@ def evaluate(head_path: str | os.PathLike, manifest_path: str | os.PathLike, spl
     else:
         metrics = multiclass_metrics(probs, labels.y, head.vocab)
     names = [f["name"] for f in head.meta["features"]]
-    return {"head": str(head_path), "manifest": str(manifest_path), "split": split, "kind": head.meta["kind"],
-            "task": head.meta["task"], "rows": int(len(rows)), "metrics": metrics,
-            "missing": {n: int((~blocks.present[:, j]).sum()) for j, n in enumerate(names)}}
-
-
-def eval_text(report: dict) -> str:
-    m = report["metrics"]
-    lines = [f"fuse eval: {report['head']} ({report['kind']}, {report['task']}) on {report['manifest']}, "
-             f"split {report['split']} ({report['rows']} rows)", f"  {format_metrics(m)}"]
-    if "recall_at_80_precision" in m:
-        lines[-1] += f" recall@80%precision={100 * m['recall_at_80_precision']:.1f}"
-        lines.append(f"  threshold {m['threshold']}, max labels {m['max_labels'] or 'none'}")
-    per = m.get("per_class_accuracy") or m.get("per_label_ap") or {}
-    if per:
-        what = "per-class accuracy" if "per_class_accuracy" in m else "per-label AP"
-        lines.append(f"  {what}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in list(per.items())[:20])
-                     + (", ..." if len(per) > 20 else ""))
-    missing = {k: v for k, v in report["missing"].items() if v}
-    if missing:
-        lines.append("  rows without: " + ", ".join(f"{k} {v}" for k, v in missing.items()))
-    if m.get("unknown_labels"):
-        lines.append(f"  {m['unknown_labels']} labels outside the head's vocabulary (counted as errors)")
-    return "\n".join(lines)
+    return EvalReport({"head": str(head_path), "manifest": str(manifest_path), "split": split,
+                       "kind": head.meta["kind"], "task": head.meta["task"], "rows": int(len(rows)), "metrics": metrics,
+                       "missing": {n: int((~blocks.present[:, j]).sum()) for j, n in enumerate(names)}})
 
 
 # ---------------------------------------------------------------- predict
@@ -89,7 +99,7 @@ class PredictSummary:
     rows: int
     seconds: float
 
-    def line(self) -> str:
+    def text(self) -> str:
         return f"predict: {self.rows} rows -> {self.out} ({self.seconds:.1f} s)"
 
     def as_dict(self) -> dict:
@@ -181,14 +191,15 @@ class NewPredictions:
     out: str | None
     seconds: float
 
-    def as_list(self) -> list[dict]:
+    def as_dict(self) -> list[dict]:
+        """The --json document: a list, one row per input (its id, label, top-k, phrases, error)."""
         return [{k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]
                      if isinstance(v, list) and v and isinstance(v[0], float) else v) for k, v in row.items()}
                 for row in self.table.to_pylist()]
 
     def text(self) -> str:
         lines = []
-        for row in self.as_list():
+        for row in self.as_dict():
             if row.get("error"):
                 lines.append(f"{row['id']}: no prediction ({row['error']})")
                 continue
@@ -244,8 +255,27 @@ def phrases_for(feature: Feature, ids: pa.Array) -> pa.Array:
 # ---------------------------------------------------------------- zero-shot
 
 
+@dataclass
+class ZeroshotReport:
+    """`fuse zeroshot`: the label prior alone, its metrics, coverage and chance level."""
+
+    data: dict
+
+    def as_dict(self) -> dict:
+        return self.data
+
+    def text(self) -> str:
+        report = self.data
+        m = report["metrics"]
+        return (f"fuse zeroshot: {report['phrases']} vs {report['labels']} {report['label_texts']} "
+                f"on {report['manifest']}, "
+                f"split {report['split']} ({report['rows']} rows, {100 * report['coverage']:.0f}% with text)\n"
+                f"  {format_metrics(m) or ''}"
+                + (f"  (chance top-1 {100 * report['chance_top1']:.1f})" if "top1" in m else ""))
+
+
 def zeroshot(manifest_path: str | os.PathLike, phrases: str | os.PathLike, label_descriptions: str | None = None,
-             split: str = "test", label_col: str | None = None, multilabel: bool = False) -> dict:
+             split: str = "test", label_col: str | None = None, multilabel: bool = False) -> ZeroshotReport:
     """The label prior alone: cos(text feature, label text embedding) as class scores, with
     no labelled image. Label texts (names, or descriptions) are embedded by the encoder that
     made the store. Rows the store lacks are reported as coverage and left out."""
@@ -257,7 +287,7 @@ def zeroshot(manifest_path: str | os.PathLike, phrases: str | os.PathLike, label
     vocab = build_vocab(values, np.ones(len(manifest), bool), multi)  # every label of the manifest is a candidate
     feature = resolve_features([phrases])[0]
     descriptions = read_descriptions(label_descriptions) if label_descriptions else None
-    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, label_descriptions), feature.store)
+    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, label_descriptions, prompts=True), feature.store)
     blocks = load_blocks([feature], manifest.ids.take(pa.array(rows)), manifest.source)
     covered = blocks.present[:, 0]
     scores = cosine_scores(blocks.arrays[0], covered, label_emb)[covered]
@@ -267,16 +297,7 @@ def zeroshot(manifest_path: str | os.PathLike, phrases: str | os.PathLike, label
         metrics = {k: m[k] for k in ("rows", "mAP", "recall_at_80_precision", "per_label_ap")}
     else:
         metrics = multiclass_metrics(scores, labels.y, vocab)
-    return {"manifest": str(manifest_path), "phrases": str(feature.path), "split": split,
-            "label_texts": "descriptions" if descriptions else "label names", "labels": len(vocab),
-            "rows": int(len(rows)), "coverage": float(covered.mean()) if len(covered) else 0.0,
-            "chance_top1": 1.0 / len(vocab) if vocab else float("nan"), "metrics": metrics}
-
-
-def zeroshot_text(report: dict) -> str:
-    m = report["metrics"]
-    return (f"fuse zeroshot: {report['phrases']} vs {report['labels']} {report['label_texts']} "
-            f"on {report['manifest']}, "
-            f"split {report['split']} ({report['rows']} rows, {100 * report['coverage']:.0f}% with text)\n"
-            f"  {format_metrics(m) or ''}"
-            + (f"  (chance top-1 {100 * report['chance_top1']:.1f})" if "top1" in m else ""))
+    return ZeroshotReport({"manifest": str(manifest_path), "phrases": str(feature.path), "split": split,
+                           "label_texts": "descriptions" if descriptions else "label names", "labels": len(vocab),
+                           "rows": int(len(rows)), "coverage": float(covered.mean()) if len(covered) else 0.0,
+                           "chance_top1": 1.0 / len(vocab) if vocab else float("nan"), "metrics": metrics})

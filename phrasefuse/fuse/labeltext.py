@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 from phrasefuse.errors import BadInput
 from phrasefuse.manifests import read_table
 from phrasefuse.manifests.tables import where
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
+from phrasefuse.store import EmbeddingStore, describe_encoder, l2_normalize
 
 PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
@@ -53,10 +54,28 @@ def read_descriptions(path: str | os.PathLike) -> dict[str, str]:
     return dict(zip(values, texts.to_pylist()))
 
 
-def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, source: str | None = None) -> list[str]:
-    """The text embedded for each label: its description, or its name without a table."""
+# A label name said several ways; their embeddings are averaged (name_prompts, embed_texts).
+NAME_TEMPLATES = ("{}", "a photo of a {}", "a {}", "a picture of a {}")
+LabelText = Union[str, Sequence[str]]  # one text, or several whose embeddings are averaged
+
+
+def label_words(name: str) -> str:
+    """A label name as words: `car_side` -> `car side`, `FacesEasy` -> `faces easy`."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(name))
+    return " ".join(re.sub(r"[_\-./]+", " ", spaced).split()).lower() or str(name)
+
+
+def name_prompts(name: str) -> list[str]:
+    """The label name in words, in each of NAME_TEMPLATES."""
+    return [t.format(label_words(name)) for t in NAME_TEMPLATES]
+
+
+def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, source: str | None = None,
+                prompts: bool = False) -> list[LabelText]:
+    """The text embedded for each label: its description, or its name without a table (with
+    `prompts`: the name in words in several templates, embeddings averaged by embed_texts)."""
     if descriptions is None:
-        return [str(v) for v in vocab]
+        return [name_prompts(v) for v in vocab] if prompts else [str(v) for v in vocab]
     missing = [v for v in vocab if v not in descriptions]
     if missing:
         raise BadInput(f"{source}: no description for label '{missing[0]}' ({len(missing)} of {len(vocab)} labels "
@@ -65,33 +84,48 @@ def label_texts(vocab: Sequence[str], descriptions: dict[str, str] | None, sourc
 
 
 @functools.lru_cache(maxsize=2)
-def _text_encoder(spec: str):
+def _text_encoder(spec: str, device: str = "auto"):
     """Loaded once per process (a sentence-transformers model takes seconds to load)."""
     from phrasefuse.extract.encoders import load_text_encoder
 
-    return load_text_encoder(spec, "auto")
+    return load_text_encoder(spec, device)
 
 
-def embed_texts(texts: Sequence[str], spec: str, expect: dict | None = None, what: str = "") -> tuple[np.ndarray, dict]:
-    """Unit vectors of `texts` with the encoder `spec`; refuses an encoder whose identity
-    differs from `expect` (the store the vectors will be compared with)."""
+def embed_texts(texts: Sequence[LabelText], spec: str) -> tuple[np.ndarray, dict]:
+    """(unit vectors of `texts` with the encoder `spec`, its identity)."""
     encoder = _text_encoder(spec)
-    if expect is not None and encoder_identity(encoder.identity) != encoder_identity(expect):
-        raise BadInput(f"{what}: its vectors come from {describe_encoder(expect)}, but '{spec}' loads "
-                       f"{describe_encoder(encoder.identity)}; label texts must be embedded by the same encoder")
-    return encoder.encode(list(texts)), encoder.identity
+    return encode_label_texts(encoder, texts), encoder.identity
 
 
-def embed_for_store(texts: Sequence[str], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
-    """Embed label texts with the encoder that made `store` (from its meta.json)."""
+def encode_label_texts(encoder, texts: Sequence[LabelText]) -> np.ndarray:
+    """Unit vectors of `texts`; an entry that is a list of texts (a label's templates) gives the
+    re-normalised mean of their vectors."""
+    groups = [[t] if isinstance(t, str) else list(t) for t in texts]
+    if all(len(g) == 1 for g in groups):
+        return encoder.encode([g[0] for g in groups])
+    return mean_per_group(encoder.encode([t for g in groups for t in g]), [len(g) for g in groups])
+
+
+def mean_per_group(vectors: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """(len(sizes), d): the re-normalised mean of each consecutive group of unit `vectors`."""
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    sums = np.zeros((len(sizes), vectors.shape[1]), np.float64)
+    np.add.at(sums, group, l2_normalize(vectors).astype(np.float64))
+    return l2_normalize(sums).astype(np.float32)
+
+
+def embed_for_store(texts: Sequence[LabelText], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
+    """Embed label texts with the encoder that made `store` (from its meta.json), checked to be the same model."""
+    from phrasefuse.extract.recorded import load_recorded_encoder
+
     encoder = store.meta["encoder"]
     if store.meta.get("modality") == "image" and encoder.get("family") != "open_clip":
         raise BadInput(f"{store.path}: holds image vectors of {describe_encoder(encoder)}, which has no text "
                        f"tower; pass a text or phrases store")
-    spec = encoder.get("spec")
-    if not spec:
-        raise BadInput(f"{store.meta_path}: no encoder spec recorded; re-create the store with 'phrasefuse'")
-    return embed_texts(texts, spec, expect=encoder, what=str(store.path))
+    loaded = load_recorded_encoder(store.meta, "text", folder=store.path, kind="store", what="label texts: ",
+                                   load=_text_encoder, fix="label texts must be embedded by the same encoder: "
+                                   "restore those weights, or re-create the store with 'phrasefuse'")
+    return encode_label_texts(loaded, texts), loaded.identity
 
 
 def cosine_scores(text: np.ndarray, present: np.ndarray, label_emb: np.ndarray) -> np.ndarray:
@@ -169,13 +203,13 @@ def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) ->
     """The label prior's weight on held-out labelled rows `y` (rows of an unseen label, -1, are
     left out), given the head's probabilities `probs` for them (out-of-fold or validation).
 
-    `probs` None: there is no held-out head (1 labelled example per class): nothing can show
-    that the prior helps the head, so it is left out (weight 0). Otherwise softmax(a * log probs
-    + w * cos) is fitted by likelihood (a: the head's sharpness, fitted with and without the
-    prior), and w / a is kept only when a likelihood-ratio test of w against w = 0 is
-    significant at 5% and top-1 on those rows does not drop by more than one standard error."""
+    `probs` None: there is no held-out head (1 labelled example per class); `cos` and `y` are then
+    the shots themselves, which the prior never trained on (calibrate_prior_on_shots). Otherwise
+    softmax(a * log probs + w * cos) is fitted by likelihood (a: the head's sharpness, fitted with
+    and without the prior), and w / a is kept only when a likelihood-ratio test of w against w = 0
+    is significant at 5% and top-1 on those rows does not drop by more than one standard error."""
     if probs is None:
-        return PriorFit(0.0, 0.0, 0.0, 0.0, int((y >= 0).sum()), NO_HELD_OUT_HEAD)
+        return calibrate_prior_on_shots(cos, y)
     known = y >= 0
     cos, y = cos[known].astype(np.float64), y[known]
     log_base = np.log(np.clip(probs[known].astype(np.float64), 1e-12, None))
@@ -183,12 +217,7 @@ def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) ->
     if n < 2:
         return PriorFit(0.0, 0.0, 0.0, 0.0, n, "fewer than 2 held-out rows: prior left out")
     fitted, lr = _fit_weight(log_base, cos, y)
-    critical = LR_CRITICAL
-    rng = np.random.default_rng(0)
-    for _ in range(PERMUTATIONS if lr > LR_CRITICAL else 0):  # stops at the first shuffle that does as well
-        critical = max(critical, _fit_weight(log_base, cos[rng.permutation(n)], y)[1])
-        if critical >= lr:
-            break
+    critical = _permutation_critical(lambda c: _fit_weight(log_base, c, y)[1], cos, lr)
     change = (np.argmax(log_base + fitted * cos, axis=1) == y).astype(float) - \
         (np.argmax(log_base, axis=1) == y).astype(float)
     top1, se = float(change.mean()), float(change.std(ddof=1) / np.sqrt(n))
@@ -201,6 +230,50 @@ def calibrate_prior(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) ->
     return PriorFit(float(fitted) if kept else 0.0, float(fitted), lr, top1, n, rule)
 
 
+def calibrate_prior_on_shots(cos: np.ndarray, y: np.ndarray) -> PriorFit:
+    """The label prior's weight from the labelled shots alone, for when no head can be scored on
+    a held-out row (1 shot per class). The prior never trained on the shots, so its own
+    temperature b (softmax(b * cos)) is fitted on them by likelihood and kept, as the weight on
+    the head's log-probabilities, only when its likelihood ratio against b = 0 (uniform) beats
+    those of PERMUTATIONS priors shuffled across the shots and the chi-square 5% level. The head's
+    probabilities are taken as they are: a head fitted to one example per class is overconfident,
+    so the prior's weight errs small (bench/README.md: CIFAR-10 and weak-prior checks)."""
+    known = y >= 0
+    cos, y = cos[known].astype(np.float64), y[known]
+    n = len(y)
+    if n < 2 or cos.shape[1] < 2:
+        return PriorFit(0.0, 0.0, 0.0, 0.0, n, NO_SHOTS_GIVEN)
+    fitted, lr = _fit_temperature(cos, y)
+    critical = _permutation_critical(lambda c: _fit_temperature(c, y)[1], cos, lr)
+    top1 = float(np.mean(np.argmax(cos, axis=1) == y))
+    kept = fitted > 0 and lr > critical
+    rule = (f"no head can be scored on a held-out example (1 per class), but the prior never trained on the shots: "
+            f"its temperature fitted by likelihood on the {n} shots (prior alone, top-1 {100 * top1:.1f}%, chance "
+            f"{100 / cos.shape[1]:.1f}%), added to the head's log-probabilities as they are; kept only if its "
+            f"likelihood ratio against a uniform prior beats those of {PERMUTATIONS} priors shuffled across the shots "
+            f"and the chi-square 5% level (2 dlogL = {lr:.2f} vs {critical:.2f})")
+    return PriorFit(float(fitted) if kept else 0.0, float(fitted), lr, top1, n, rule)
+
+
+def _permutation_critical(statistic, cos: np.ndarray, observed: float) -> float:
+    """The largest of the chi-square(1) 5% level and `statistic` of PERMUTATIONS row shuffles of
+    `cos`; stops at the first shuffle that does as well as `observed` (the test has failed)."""
+    critical = LR_CRITICAL
+    rng = np.random.default_rng(0)
+    for _ in range(PERMUTATIONS if observed > LR_CRITICAL else 0):
+        critical = max(critical, statistic(cos[rng.permutation(len(cos))]))
+        if critical >= observed:
+            break
+    return critical
+
+
+def _fit_temperature(cos: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(b at the likelihood maximum of softmax(b * cos), likelihood-ratio statistic against b = 0)."""
+    total = product_log_likelihood(np.zeros_like(cos), cos, y, (1.0,), CALIBRATION_WEIGHTS)[0]
+    g = int(np.argmax(total))
+    return CALIBRATION_WEIGHTS[g], float(2 * (total[g] - total[0]))
+
+
 def _fit_weight(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(w / a at the likelihood maximum, likelihood-ratio statistic against w = 0)."""
     total = product_log_likelihood(log_base, cos, y, HEAD_SHARPNESS, CALIBRATION_WEIGHTS)
@@ -208,5 +281,35 @@ def _fit_weight(log_base: np.ndarray, cos: np.ndarray, y: np.ndarray) -> tuple[f
     return CALIBRATION_WEIGHTS[g] / HEAD_SHARPNESS[i], float(2 * (total[i, g] - total[:, 0].max()))
 
 
-NO_HELD_OUT_HEAD = ("1 labelled example per class: no head can be scored on a held-out example, so nothing shows "
-                    "that the prior helps it; prior left out")
+NO_SHOTS_GIVEN = ("1 labelled example per class and no shots given to fit the prior on (fewer than 2 rows): no head "
+                  "can be scored on a held-out example, so nothing shows that the prior helps it; prior left out")
+
+
+# ---------------------------------------------------------------- the label prior of a head
+
+
+def prior_scores(store: EmbeddingStore, vectors: np.ndarray, present: np.ndarray, vocab: Sequence[str],
+                 descriptions: dict[str, str] | None, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The label prior's scores: (n, C) cosine of each row's vector of `store` to each label's
+    text (its description, or its name) embedded by the store's encoder; and those label
+    embeddings (C, d), which a head saves to score new rows."""
+    label_emb, _ = embed_for_store(label_texts(vocab, descriptions, source, prompts=True), store)
+    return cosine_scores(vectors, present, label_emb), label_emb
+
+
+def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """The label prior's weight on held-out rows (calibrate_prior), and the record behind it:
+    the fit, the rule, and each candidate weight's held-out top-1 and log-likelihood."""
+    fit = calibrate_prior(probs, cos, y)
+    record = fit.as_dict()
+    known = y >= 0
+    if probs is not None and known.any():
+        candidates = sorted({*PRIOR_WEIGHTS, fit.fitted})
+        p, c, yk = probs[known], cos[known], y[known]
+        record["grid"] = [{"weight": float(w), "val_top1": float(np.mean(np.argmax(apply_prior(p, c, w), 1) == yk)),
+                           "val_log_likelihood": float(np.mean(np.log(np.clip(
+                               apply_prior(p, c, w)[np.arange(len(yk)), yk], 1e-12, None))))}
+                          for w in candidates]
+    else:
+        record["grid"] = []
+    return fit.weight, record

@@ -10,9 +10,12 @@ All values are fractions in [0, 1]; reports print them as percentages.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from phrasefuse.fuse.data import Labels
 
 
 # ---------------------------------------------------------------- multi-class
@@ -148,3 +151,30 @@ def headline(metrics: dict) -> float:
 def summary(metrics: dict) -> dict:
     """The metrics without per-class detail (for tables and train reports)."""
     return {k: v for k, v in metrics.items() if k not in ("per_class_accuracy", "per_label_ap")}
+
+
+# ---------------------------------------------------------------- a head's probabilities on labels
+
+DEFAULT_THRESHOLD = 0.3  # multi-label decisions: the tagging study's global threshold
+
+
+def evaluate_probs(probs: np.ndarray, labels: Labels, threshold: float | np.ndarray = DEFAULT_THRESHOLD,
+                   max_labels: int | None = None) -> dict:
+    """Every metric of probabilities (n, C) against `labels` (multi-label: decided at `threshold`)."""
+    if labels.multilabel:
+        return multilabel_metrics(probs, labels.y, labels.vocab, threshold, max_labels, labels.unknown)
+    return multiclass_metrics(probs, labels.y, labels.vocab)
+
+
+def tune_thresholds(probs: np.ndarray, y: np.ndarray, default: float) -> np.ndarray:
+    """Per label, the threshold in 0.05..0.95 with the best F1 on validation (the global one
+    for labels without a validation positive)."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2).astype(np.float32)
+    positive = y > 0.5
+    kept = probs[:, :, None] >= grid
+    tp = (kept & positive[:, :, None]).sum(axis=0)
+    fp = (kept & ~positive[:, :, None]).sum(axis=0)
+    fn = positive.sum(axis=0)[:, None] - tp
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(tp.shape), where=(2 * tp + fp + fn) > 0)
+    best = grid[np.argmax(f1, axis=1)]
+    return np.where(positive.any(axis=0), best, np.float32(default)).astype(np.float32)

@@ -29,7 +29,7 @@ from phrasefuse.fuse.data import Blocks
 from phrasefuse.manifests import Manifest, Source, image_chunks, read_manifest
 from phrasefuse.manifests.sources import FOLDER_IMAGE_EXTS
 from phrasefuse.manifests.tables import FILE_COL, ROW_COL
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity
+from phrasefuse.store import EmbeddingStore, encoder_identity
 
 
 @dataclass
@@ -93,7 +93,7 @@ def compute(head, manifest: Manifest, *, index: str | None = None, model: str | 
     n = len(manifest)
     # indexes first: a moved one is refused before any model loads
     indexes = {r["name"]: open_index(r, index, head.path) for r in records if r["provenance"]["kind"] == "phrases"}
-    image_emb, image_ok, errors = (embed_images(manifest, image_rec, model, device) if needs_image
+    image_emb, image_ok, errors = (embed_images(manifest, image_rec, model, device, head.path) if needs_image
                                    else (None, np.ones(n, bool), pa.nulls(n, pa.string())))
     made: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     phrases: dict[str, pa.Array] = {}
@@ -104,9 +104,9 @@ def compute(head, manifest: Manifest, *, index: str | None = None, model: str | 
         if kind == "image":
             made[r["name"]] = (image_emb, image_ok)
         elif kind == "text":
-            made[r["name"]] = embed_column(manifest, r, device)
+            made[r["name"]] = embed_column(manifest, r, device, head.path)
         else:
-            emb, ok, phrases[r["name"]] = phrase_feature(image_emb, image_ok, r, indexes[r["name"]], device)
+            emb, ok, phrases[r["name"]] = phrase_feature(image_emb, image_ok, r, indexes[r["name"]], device, head.path)
             made[r["name"]] = (emb, ok)
     names = [r["name"] for r in head.meta["features"]]
     blocks = Blocks([made[name][0] for name in names], np.stack([made[name][1] for name in names], axis=1))
@@ -117,33 +117,28 @@ def compute(head, manifest: Manifest, *, index: str | None = None, model: str | 
 # ---------------------------------------------------------------- images
 
 
-def _encoder(load, spec: str, identity: dict, device: str, what: str, flag: str):
-    """The recorded encoder, loaded; exit 2 naming it when it cannot be loaded or is not the same model."""
-    try:
-        encoder = load(spec, device)
-    except BadInput as e:
-        raise BadInput(f"{what} encoder {spec} cannot be loaded ({e}); pass {flag}") from None
-    except Exception as e:  # noqa: BLE001 - a missing checkpoint or hub model is the user's to fix
-        raise BadInput(f"{what} encoder {spec} cannot be loaded ({type(e).__name__}: {str(e)[:160]}); "
-                       f"pass {flag}") from None
-    if encoder_identity(encoder.identity) != encoder_identity(identity):
-        raise BadInput(f"{what} encoder {spec} loads {describe_encoder(encoder.identity)}, but the head was trained "
-                       f"on {describe_encoder(identity)}; pass {flag} with that model")
-    return encoder
+def _encoder(head_path: Path, record: dict, spec: str, modality: str, device: str, fix: str,
+             override: str | None = None):
+    """The encoder a head feature's provenance records (spec `spec`, or `override`), its identity checked."""
+    from phrasefuse.extract.recorded import load_recorded_encoder
+
+    recorded = {"encoder": {**record["provenance"]["identity"], "spec": spec}}
+    return load_recorded_encoder(recorded, modality, folder=head_path, kind="head", device=device, fix=fix,
+                                 what=f"{record['provenance']['kind']} feature '{record['name']}': ",
+                                 override=override)
 
 
-def embed_images(manifest: Manifest, record: dict, model: str | None,
-                 device: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+def embed_images(manifest: Manifest, record: dict, model: str | None, device: str,
+                 head_path: Path) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     """(vectors (n, dim), has a vector, error reason or null): images whose bytes the recorded store
     already holds are copied from it; the others are embedded by the recorded encoder."""
     from phrasefuse.engine import LocalEngine
-    from phrasefuse.extract.encoders import load_image_encoder
     from phrasefuse.extract.jobs import image_job
 
     prov = record["provenance"]
     spec = model or prov["encoder"]
-    encoder = _encoder(load_image_encoder, spec, prov["identity"], device, f"image feature '{record['name']}':",
-                       "--model SPEC")
+    encoder = _encoder(head_path, record, prov["encoder"], "image", device, override=model,
+                       fix="pass --model SPEC naming those weights (where they are now)")
     store = EmbeddingStore(record["path"])
     reuse = store.exists() and encoder_identity(store.meta["encoder"]) == encoder_identity(prov["identity"])
     known_keys = store.ids_and_keys()["key"].combine_chunks() if reuse else pa.array([], pa.string())
@@ -177,9 +172,9 @@ def embed_images(manifest: Manifest, record: dict, model: str | None,
 # ---------------------------------------------------------------- text columns and phrases
 
 
-def embed_column(manifest: Manifest, record: dict, device: str) -> tuple[np.ndarray, np.ndarray]:
+def embed_column(manifest: Manifest, record: dict, device: str,
+                 head_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A text feature: the input's column, each distinct text embedded once; absent column: missing."""
-    from phrasefuse.extract.encoders import load_text_encoder
     from phrasefuse.extract.jobs import text_column
 
     prov = record["provenance"]
@@ -191,8 +186,8 @@ def embed_column(manifest: Manifest, record: dict, device: str) -> tuple[np.ndar
     ok = pc.fill_null(pc.greater(pc.utf8_length(texts), 0), False).to_numpy(zero_copy_only=False)
     out = np.zeros((n, dim), np.float32)
     if ok.any():
-        encoder = _encoder(load_text_encoder, prov["encoder"], prov["identity"], device,
-                           f"text feature '{record['name']}':", "nothing: install that model where the spec says, or re-train")
+        encoder = _encoder(head_path, record, prov["encoder"], "text", device,
+                           fix="install that model where its spec says, or re-train the head")
         distinct = pc.unique(texts.filter(pa.array(ok)))
         vectors = encoder.encode(distinct.to_pylist(), batch_size=256)
         out[ok] = vectors[pc.index_in(texts.filter(pa.array(ok)), value_set=distinct).to_numpy()]
@@ -216,15 +211,15 @@ def open_index(record: dict, override: str | None, head_path: Path):
     return index
 
 
-def phrase_feature(image_emb: np.ndarray, image_ok: np.ndarray, record: dict, index,
-                   device: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+def phrase_feature(image_emb: np.ndarray, image_ok: np.ndarray, record: dict, index, device: str,
+                   head_path: Path) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     """(vectors, present, phrases per row): as `phrases` makes them, for the rows with an image vector."""
-    from phrasefuse.extract.encoders import load_text_encoder
     from phrasefuse.index.phrases import PhraseSearch, list_column
 
     prov = record["provenance"]
-    text_encoder = _encoder(load_text_encoder, prov["text_model"], prov["identity"], device,
-                            f"phrases feature '{record['name']}':", "the text model the phrases store was made with")
+    text_encoder = _encoder(head_path, record, prov["text_model"], "text", device,
+                            fix="install the text model the phrases store was made with where its spec says, "
+                                "or re-train the head")
     n = len(image_ok)
     out, ok = np.zeros((n, int(record["dim"])), np.float32), np.zeros(n, bool)
     rows_with_image = np.flatnonzero(image_ok)

@@ -21,7 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from phrasefuse.errors import BadInput
-from phrasefuse.fuse.data import Blocks
+from phrasefuse.extract import DEFAULT_TEXT_MODEL
+from phrasefuse.fuse.data import Blocks, Prepared, image_feature, rank_within_group
+from phrasefuse.fuse.labeltext import label_texts, read_descriptions
 from phrasefuse.store import describe_encoder, encoder_identity, l2_normalize
 
 # Candidate pseudo-shots per label, fewest first: fewer, surer rows come first, so the rule
@@ -46,8 +48,6 @@ class PseudoShots:
 
     def taken(self, per_label: int) -> np.ndarray:
         """The `per_label` phrases of widest margin among those whose nearest label is each label."""
-        from phrasefuse.fuse.select import rank_within_group
-
         order = np.lexsort((-self.margins, self.labels))
         rank = np.empty(len(order), np.int64)
         rank[order] = rank_within_group(self.labels[order])
@@ -121,3 +121,17 @@ def with_pseudo_rows(blocks: Blocks, y: np.ndarray, img: int, pseudo: PseudoShot
     present[:, img] = True
     return (Blocks(arrays, np.concatenate([blocks.present, present])), np.concatenate([y, pseudo.labels[rows]]),
             np.arange(n, n + extra))
+
+
+def pseudo_shots_for(prep: Prepared, index: str | os.PathLike, label_descriptions: str | None,
+                     text_model: str = DEFAULT_TEXT_MODEL) -> PseudoShots:
+    """The pseudo-shots of phrase `index` for this manifest's labels (names or descriptions),
+    refused when the index's prototypes are not of the image feature's encoder."""
+    img = image_feature(prep.features)
+    if img is None:
+        raise BadInput(f"--pseudo-shots {index}: adds image-space rows; pass an image feature")
+    if prep.task.multilabel:
+        raise BadInput("--pseudo-shots: works for single-label heads; drop it or --multilabel")
+    descriptions = read_descriptions(label_descriptions) if label_descriptions else None
+    return load_pseudo_shots(index, prep.features[img].store.meta["encoder"],
+                             label_texts(prep.task.vocab, descriptions, label_descriptions), text_model)

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from phrasefuse.engine import progress as progress_bar
 from phrasefuse.errors import BadInput
 from phrasefuse.index import INDEX_KINDS
 
@@ -334,9 +335,21 @@ def make_index(plan: Plan, seed: int = 0):
     return index
 
 
-def train_and_add(index, plan: Plan, vectors: np.ndarray, seed: int = 0, device: str = "cpu") -> None:
+def train_and_add(index, plan: Plan, vectors: np.ndarray, seed: int = 0, device: str = "cpu",
+                  progress: bool | None = False) -> None:
     """Train on a random sample (k-means wants ~64 points per cell; PQ ~64 per code), then add all.
-    On 'cuda' the k-means assignments run on the GPU; the trained index is the same CPU index."""
+    On 'cuda' the k-means assignments run on the GPU; the trained index is the same CPU index.
+    `progress` (engine.progress): the vectors added, ADD_CHUNK at a time (the bar shows while training)."""
+    with progress_bar(len(vectors), f"index build: FAISS {plan.kind}", progress, unit="vectors") as advance:
+        _train(index, plan, vectors, seed, device)
+        for start in range(0, len(vectors), ADD_CHUNK):
+            chunk = np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32)
+            index.add(chunk)
+            advance(len(chunk))
+
+
+def _train(index, plan: Plan, vectors: np.ndarray, seed: int, device: str) -> None:
+    """An untrained index (IVF, PQ) trained on its sample; a flat or HNSW one needs none."""
     if not index.is_trained:
         size = max(TRAIN_POINTS_PER_LIST * plan.nlist, TRAIN_POINTS_PER_LIST * 2 ** plan.pq_nbits if plan.pq_nbits else 0)
         sample = np.random.default_rng(seed).choice(len(vectors), size=min(len(vectors), size), replace=False)
@@ -348,8 +361,6 @@ def train_and_add(index, plan: Plan, vectors: np.ndarray, seed: int = 0, device:
                                                                               faiss.IndexFlatIP(plan.dim)))
         else:
             index.train(sample)
-    for start in range(0, len(vectors), ADD_CHUNK):
-        index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
 
 
 def train_with_clustering_index(index, sample: np.ndarray, clustering) -> None:
@@ -459,12 +470,14 @@ class IndexReport:
 
 
 def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *, kind: str = "auto",
-                memory: int | None = None, target_recall: float = 0.95, seed: int = 0, device: str = "cpu"):
+                memory: int | None = None, target_recall: float = 0.95, seed: int = 0, device: str = "cpu",
+                progress: bool | None = False):
     """Build, train and tune an index over `vectors` (unit rows). Returns (faiss index, IndexReport).
 
     `queries` (unit rows, like the ones the index will serve) tune the search setting on one
     half and measure recall@10 on the other, held-out half. `device` auto|cpu|cuda: where FAISS
     trains and searches while building (`search_device`); the returned index is a CPU index.
+    `progress` (engine.progress): the vectors added to the index.
     """
     faiss_threads()
     start = time.perf_counter()
@@ -475,16 +488,9 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     plan = plan_index(n, dim, memory, kind)
     device = search_device(plan.kind, device, pq=(plan.pq_m, plan.pq_nbits))
     if plan.kind == "flat":
-        index = make_index(plan)
-        train_and_add(index, plan, vectors)
-        return index, _report(plan, memory, None, 1.0, 0, start, target_recall, device)
+        return _exact_index(vectors, plan, memory, start, target_recall, device, progress=progress)
 
-    if queries is None or len(queries) < 2:
-        raise BadInput(f"--kind {plan.kind}: an approximate index needs at least 2 sample queries (image "
-                       f"embeddings) to tune its search and measure recall; use --kind flat")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    order = np.random.default_rng(seed).permutation(len(queries))
-    tune_q, eval_q = queries[order[: len(order) // 2]], queries[order[len(order) // 2:]]
+    tune_q, eval_q = _split_queries(queries, plan.kind, seed)
     k = min(RECALL_K, n)
     # Ground truth by exact search a chunk of vectors at a time (no second copy of them all in memory).
     flat = Plan("flat", dim, bytes=index_bytes("flat", n, dim))
@@ -493,7 +499,7 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     eval_exact, _, _ = exact_top_k(vectors, eval_q, k, device)
 
     index = make_index(plan, seed)
-    train_and_add(index, plan, vectors, seed, device)
+    train_and_add(index, plan, vectors, seed, device, progress)
     searcher = on_device(index, plan.kind, device)
     steps = _tune(searcher, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
                   if kind == "auto" else 0.0, target_recall=target_recall)
@@ -505,21 +511,38 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
         flat.reason = (f"exact fallback: {plan.factory} reached recall@10 {chosen.recall:.3f} at "
                        f"{chosen.queries_per_second:.0f} q/s (exact: {exact_qps:.0f} q/s); no setting met "
                        f"{target_recall} at {SPEEDUP_TO_KEEP:g}x exact speed")
-        del index, searcher
-        exact = make_index(flat)
-        train_and_add(exact, flat, vectors)
-        report = _report(flat, memory, None, 1.0, 0, start, target_recall, device)
-        report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
-        return exact, report
+        del index, searcher  # freed before the exact index is built
+        return _exact_index(vectors, flat, memory, start, target_recall, device, steps, exact_qps, progress=progress)
 
     set_search_value(index, plan, chosen.value)  # the saved (CPU) index carries the setting
     set_search_value(searcher, plan, chosen.value)
     _, found = search(searcher, eval_q, k)
     report = _report(plan, memory, chosen.value, recall_at_k(vectors, eval_q, found, eval_exact), len(eval_q),
                      start, target_recall, device)
-    report.tuning = steps
+    report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
     report.queries_per_second = round(chosen.queries_per_second, 1)
-    report.exact_queries_per_second = round(exact_qps, 1)
+    return index, report
+
+
+def _split_queries(queries: np.ndarray | None, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tuning half, held-out half) of the sample queries, shuffled by `seed`."""
+    if queries is None or len(queries) < 2:
+        raise BadInput(f"--kind {kind}: an approximate index needs at least 2 sample queries (image "
+                       f"embeddings) to tune its search and measure recall; use --kind flat")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    order = np.random.default_rng(seed).permutation(len(queries))
+    return queries[order[: len(order) // 2]], queries[order[len(order) // 2:]]
+
+
+def _exact_index(vectors: np.ndarray, plan: Plan, memory: int, start: float, target_recall: float, device: str,
+                 steps: list[TuneStep] | None = None, exact_qps: float = 0.0, progress: bool | None = None):
+    """(exact index over `vectors`, its IndexReport: recall 1 by construction); `steps` and `exact_qps`
+    record the tuning of an approximate index this one replaces."""
+    index = make_index(plan)
+    train_and_add(index, plan, vectors, progress=progress)
+    report = _report(plan, memory, None, 1.0, 0, start, target_recall, device)
+    if steps is not None:
+        report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
     return index, report
 
 

@@ -34,7 +34,7 @@ from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write
 from phrasefuse.engine import RayOptions
 from phrasefuse.folders import library_versions
 from phrasefuse.index.streaming import RaySums, StoreLayout, StreamedPrototypes, VectorFile, local_sums, stream_prototypes
-from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity, l2_normalize
+from phrasefuse.store import EmbeddingStore, describe_encoder, l2_normalize
 
 RECALL_QUERIES = 1000  # sample image embeddings: half tune the search setting, half measure recall@10
 
@@ -48,7 +48,7 @@ class BuildSummary:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def line(self) -> str:
+    def text(self) -> str:
         p, c, ix = self.pairs, self.counts, self.index
         dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in p.items()
                             if k not in ("pairs_read", "pairs_used") and v)
@@ -74,11 +74,13 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
                 min_images: int = 1, text_prototypes: bool = False, kind: str = "auto",
                 memory: str | int | None = None, use_weights: bool = True,
                 target_recall: float = DEFAULT_TARGET_RECALL, device: str = "auto", seed: int = 0,
-                engine: str = "local", ray: RayOptions | None = None) -> BuildSummary:
+                engine: str = "local", ray: RayOptions | None = None, progress: bool | None = None) -> BuildSummary:
     """Build the prototype index of the pairs table `pairs` over the image store `images` into `out`.
     `device` auto|cpu|cuda: the text tower of --text-prototypes, and FAISS's k-means and tuning searches
     (the index is saved in the CPU format either way). `memory` bounds the prototype sums and the index
-    (streaming.py); `engine` 'ray' sums the store's shards in Ray tasks."""
+    (streaming.py); `engine` 'ray' sums the store's shards in Ray tasks. `progress` as every batch job's
+    (engine.progress: a bar on a terminal, else a line at most every 30 s; False: none): the pairs coded,
+    the store shards summed per query partition, the vectors added to FAISS."""
     from phrasefuse.index.ann import faiss_device
 
     start = time.perf_counter()
@@ -92,17 +94,17 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     layout = _image_layout(images)
     with tempfile.TemporaryDirectory(prefix="phrasefuse-index-") as work, shard_summer as summer:
         streamed = stream_prototypes(pairs, layout, Path(work), memory=memory_bytes, min_images=min_images,
-                                     use_weights=use_weights, summer=summer)
+                                     use_weights=use_weights, summer=summer, progress=progress)
         summary = _index_from_prototypes(streamed, layout, pairs, images, out, min_images=min_images,
                                          text_prototypes=text_prototypes, kind=kind, memory=memory_bytes,
-                                         target_recall=target_recall, device=device, seed=seed)
+                                         target_recall=target_recall, device=device, seed=seed, progress=progress)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _index_from_prototypes(streamed: StreamedPrototypes, layout: StoreLayout, pairs, images, out, *,
                            min_images: int, text_prototypes: bool, kind: str, memory: int, target_recall: float,
-                           device: str, seed: int) -> BuildSummary:
+                           device: str, seed: int, progress: bool | None = False) -> BuildSummary:
     """Text prototypes appended, the FAISS index chosen, trained, tuned and written."""
     store, phrases, counts = layout.store, streamed.phrases, streamed.images_per_phrase
     kept_idx = streamed.kept
@@ -142,7 +144,8 @@ def _index_from_prototypes(streamed: StreamedPrototypes, layout: StoreLayout, pa
     table = phrases_table(pa.concat_arrays(names), np.concatenate(image_counts), np.concatenate(sources))
     sample = np.random.default_rng(seed).choice(layout.rows, size=min(layout.rows, RECALL_QUERIES), replace=False)
     index, report = build_faiss_index(vectors, l2_normalize(layout.rows_of(np.sort(sample))), kind=kind,
-                                      memory=memory, target_recall=target_recall, seed=seed, device=device)
+                                      memory=memory, target_recall=target_recall, seed=seed, device=device,
+                                      progress=progress)
     meta = _index_meta(store, images, layout.rows, streamed.dim, pairs, streamed, min_images, summary_counts, report)
     write_index_folder(out, index, table, meta)
     return BuildSummary(str(out), streamed.counts.as_dict(), summary_counts, report.as_dict(), 0.0, notes)
@@ -199,16 +202,14 @@ def _index_meta(store: EmbeddingStore, images, rows: int, dim: int, pairs, pairs
 
 def _text_prototypes(store: EmbeddingStore, texts: list[str], device: str) -> np.ndarray:
     """Prototypes from the image encoder's own text tower (only open_clip shares one space)."""
-    from phrasefuse.extract.encoders import load_text_encoder
+    from phrasefuse.extract.recorded import load_recorded_encoder
 
     encoder_meta = store.meta["encoder"]
     if encoder_meta.get("family") != "open_clip":
         raise BadInput(f"--text-prototypes: store {store.path} was embedded with {describe_encoder(encoder_meta)}, "
                        f"which has no text tower in the same space; use an open_clip image store, or drop the flag")
-    encoder = load_text_encoder(encoder_meta["spec"], device)
-    if encoder_identity(encoder.identity) != encoder_identity(encoder_meta):
-        raise BadInput(f"--text-prototypes: {encoder_meta['spec']} now loads {describe_encoder(encoder.identity)}, "
-                       f"not the model of store {store.path}; restore those weights or re-extract the store")
+    encoder = load_recorded_encoder(store.meta, "text", folder=store.path, kind="store", device=device,
+                                    what="--text-prototypes: ", fix="restore those weights or re-extract the store")
     return encoder.encode(texts)
 
 

@@ -25,7 +25,8 @@ class LookupResult:
     phrases: list[list[str]]
     scores: list[list[float]]
 
-    def as_list(self) -> list[dict]:
+    def as_dict(self) -> list[dict]:
+        """The --json document: a list, one {image, phrases, scores} per image."""
         return [{"image": image, "phrases": p, "scores": s}
                 for image, p, s in zip(self.images, self.phrases, self.scores)]
 
@@ -43,8 +44,8 @@ def lookup(index_path: str | os.PathLike, images: list[str | os.PathLike], k: in
     places both the encoder (torch) and the search (FAISS)."""
     import torch
 
-    from phrasefuse.extract.encoders import load_image_encoder
     from phrasefuse.extract.images import image_pixels, read_item
+    from phrasefuse.extract.recorded import load_recorded_encoder
 
     if k < 1:
         raise BadInput(f"-k {k}: must be at least 1")
@@ -55,8 +56,8 @@ def lookup(index_path: str | os.PathLike, images: list[str | os.PathLike], k: in
         if data is None:
             raise BadInput(f"{path}: {reason}; pass readable image files")
         files.append((path, data))
-    encoder = load_image_encoder(index.encoder["spec"], device)
-    index.check_encoder(encoder.identity, what=f"encoder {index.encoder['spec']} (as loaded now)")
+    encoder = load_recorded_encoder(index.meta, "image", folder=index.path, kind="index", device=device,
+                                    fix="install that model where its spec says, or rebuild the index")
     pixels = []
     for path, data in files:
         try:

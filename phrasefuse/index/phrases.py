@@ -75,7 +75,7 @@ class PhrasesSummary:
     batch_size: int = 0  # images per FAISS search
     text_batch_size: int = 0  # phrases per text-model call
 
-    def line(self) -> str:
+    def text(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
         return (f"phrases: {self.written} images done, {self.present} already in store, {self.failed} failed; "
                 f"{self.phrases_embedded} distinct phrases embedded; {self.seconds:.1f} s, {rate:.1f} rows/s "

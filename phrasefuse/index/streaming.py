@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from phrasefuse.engine import progress as progress_bar
 from phrasefuse.index.pairs import PairCounts, _FirstOfEachPair, clean_batch, pairs_columns
 from phrasefuse.index.prototypes import scaled_per_segment, segment_sums
 from phrasefuse.manifests.tables import BATCH_ROWS, iter_batches
@@ -37,6 +38,10 @@ from phrasefuse.store import EmbeddingStore, embeddings_to_numpy, l2_normalize
 PAIR = np.dtype([("code", "<i8"), ("row", "<i8"), ("weight", "<f8")])
 PAIR_COPIES = 4  # a partition's pairs while deduplicated: the records, the keys, the sort, the kept rows
 SUMS_SHARE = 0.25  # of --memory: one partition's sums; as much again for its pairs
+
+
+def _no_progress(n: int) -> None:
+    """The default `advance` of a step run without progress."""
 
 
 @dataclass
@@ -120,8 +125,9 @@ class SpilledPairs:
 
 
 def spill_pairs(pattern, weighted: bool, phrases: pa.Array, store_ids: pa.Array, per_partition: int,
-                folder: Path) -> SpilledPairs:
-    """Pass 2: code every pair as (phrase rank, store row, weight) into its partition's file."""
+                folder: Path, advance: Callable[[int], None] = _no_progress) -> SpilledPairs:
+    """Pass 2: code every pair as (phrase rank, store row, weight) into its partition's file;
+    advance(rows) after each batch of the pairs table."""
     counts, named = PairCounts(), 0
     missing = _FirstOfEachPair()  # pairs naming ids not in the store: counted once each (usually few)
     partitions = max(1, math.ceil(len(phrases) / per_partition))
@@ -151,6 +157,7 @@ def spill_pairs(pattern, weighted: bool, phrases: pa.Array, store_ids: pa.Array,
             records, part = records[order], part[order]
             for p, lo, hi in _runs(part):
                 records[lo:hi].tofile(files[p])
+            advance(clean.rows)
     finally:
         for f in files:
             f.close()
@@ -177,15 +184,18 @@ def first_of_each(records: np.ndarray, n_store: int) -> np.ndarray:
     return records[np.sort(first)]
 
 
-# A shard summer: (layout, [(shard, codes, rows in shard, weights)], n_segments) -> sums (n_segments, dim)
-ShardSummer = Callable[[StoreLayout, list, int], np.ndarray]
+# A shard summer: (layout, [(shard, codes, rows in shard, weights)], n_segments, advance) -> sums
+# (n_segments, dim); advance(1) as each shard's sums are added (the build's progress).
+ShardSummer = Callable[[StoreLayout, list, int, Callable[[int], None]], np.ndarray]
 
 
-def local_sums(layout: StoreLayout, work: list, n_segments: int) -> np.ndarray:
+def local_sums(layout: StoreLayout, work: list, n_segments: int,
+               advance: Callable[[int], None] = _no_progress) -> np.ndarray:
     """The ShardSummer of the local engine: shard after shard, in this process."""
     sums = np.zeros((n_segments, layout.store.dim), np.float32)
     for shard, code, row, weight in work:
         sums += segment_sums(code, row, l2_normalize(layout.embeddings(shard)), n_segments, weight)
+        advance(1)
     return sums
 
 
@@ -200,8 +210,10 @@ class PartitionResult:
 
 
 def partition_prototypes(records: np.ndarray, lo: int, hi: int, layout: StoreLayout, min_images: int,
-                         weighted: bool, summer: ShardSummer = local_sums) -> PartitionResult:
-    """Prototypes of the phrases ranked [lo, hi) from their spilled pairs."""
+                         weighted: bool, summer: ShardSummer = local_sums,
+                         advance: Callable[[int], None] = _no_progress) -> PartitionResult:
+    """Prototypes of the phrases ranked [lo, hi) from their spilled pairs; advance(1) per store shard
+    (a shard holding none of the partition's rows counts as done at once)."""
     records = first_of_each(records, layout.rows)
     positive = records["weight"] > 0
     usable = records[positive]
@@ -216,7 +228,8 @@ def partition_prototypes(records: np.ndarray, lo: int, hi: int, layout: StoreLay
     weight = None if weight is None else weight[order]
     work = [(shard, code[a:b], row[a:b] - layout.starts[shard], None if weight is None else weight[a:b])
             for shard, a, b in layout.split(row)]
-    sums = summer(layout, work, hi - lo)
+    advance(len(layout.shards) - len(work))
+    sums = summer(layout, work, hi - lo, advance)
     ok = kept & (np.linalg.norm(sums, axis=1) > 1e-6)
     return PartitionResult(np.flatnonzero(ok) + lo, l2_normalize(sums[ok]), images,
                            int((kept & ~ok).sum()), len(records), int((~positive).sum()))
@@ -239,21 +252,26 @@ class StreamedPrototypes:
 
 
 def stream_prototypes(pattern, layout: StoreLayout, work: Path, *, memory: int, min_images: int = 1,
-                      use_weights: bool = True, summer: ShardSummer = local_sums) -> StreamedPrototypes:
-    """Pairs table + store -> prototypes file in `work` (a scratch folder), within about `memory` bytes."""
+                      use_weights: bool = True, summer: ShardSummer = local_sums,
+                      progress: bool | None = False) -> StreamedPrototypes:
+    """Pairs table + store -> prototypes file in `work` (a scratch folder), within about `memory` bytes.
+    `progress` (engine.progress): pass 2 by pairs rows, then the sums by store shard of each partition."""
     weighted = pairs_columns(pattern, use_weights)
     phrases, rows = distinct_phrases(pattern, weighted)
     store_ids = layout.store.read_table(["id"])["id"].combine_chunks()
     per_partition = partition_size(len(phrases), rows, layout.store.dim, memory)
-    spilled = spill_pairs(pattern, weighted, phrases, store_ids, per_partition, work)
+    with progress_bar(rows, "index build: coding pairs", progress, unit="pairs") as advance:
+        spilled = spill_pairs(pattern, weighted, phrases, store_ids, per_partition, work, advance)
     del store_ids
     counts = spilled.counts
     kept, images, zero, distinct = [], [], 0, 0
     vectors_path = work / "prototypes.f32"
-    with open(vectors_path, "wb") as out:
+    shard_passes = spilled.partitions * len(layout.shards)
+    with open(vectors_path, "wb") as out, \
+            progress_bar(shard_passes, "index build: prototype sums", progress, unit="shards") as advance:
         for p in range(spilled.partitions):
             lo, hi = p * per_partition, min(len(phrases), (p + 1) * per_partition)
-            result = partition_prototypes(spilled.load(p), lo, hi, layout, min_images, weighted, summer)
+            result = partition_prototypes(spilled.load(p), lo, hi, layout, min_images, weighted, summer, advance)
             spilled.path(p).unlink(missing_ok=True)
             result.vectors.astype(np.float32).tofile(out)
             kept.append(result.kept)
@@ -310,7 +328,8 @@ class RaySums:
         self.task = ray.remote(num_cpus=1)(shard_file_sums)
         self.in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
-    def __call__(self, layout: StoreLayout, work: list, n_segments: int) -> np.ndarray:
+    def __call__(self, layout: StoreLayout, work: list, n_segments: int,
+                 advance: Callable[[int], None] = _no_progress) -> np.ndarray:
         from phrasefuse.errors import BadInput
 
         sums = np.zeros((n_segments, layout.store.dim), np.float32)
@@ -323,6 +342,7 @@ class RaySums:
                                                     code, row, weight, n_segments))
                 done, pending = self.ray.wait(pending, num_returns=1)
                 sums += self.ray.get(done[0])
+                advance(1)
         except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, BadInput):  # a bad shard: the same one line as the local engine

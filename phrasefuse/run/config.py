@@ -15,15 +15,13 @@ from typing import Any
 
 from phrasefuse.errors import MAX_SEED, BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from phrasefuse.fuse import HEAD_KINDS
+from phrasefuse.fuse import HEAD_KINDS, LABEL_PRIOR, PSEUDO_SHOTS
 from phrasefuse.index import DEFAULT_PHRASES_K, INDEX_KINDS
 
 LIMIT_KEYS = ("max_image_mb", "max_image_megapixels", "max_aspect_ratio")  # [encoders]: images.ImageLimits
 IMAGE = "image"  # the feature name of the labelled images' store
 PHRASES = "phrases"  # the feature name of the generated phrases' store
 QUERY_IMAGE = "query-image"  # the store of the query corpus' images (run/pipeline.py Layout)
-LABEL_PRIOR = "label-prior"  # in an ablation row: the label prior of [ablation] label_prior (fuse/ablate.py)
-PSEUDO_SHOTS = "pseudo-shots"  # in an ablation row: the pseudo-shots of [ablation] pseudo_shots (fuse/ablate.py)
 
 
 @dataclass
@@ -138,12 +136,25 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def parse_config(raw: dict, path: Path) -> Config:
+    """The config `raw` (read from `path`), each section checked by its own step; every mistake of
+    every section is collected, then raised at once, each naming its key."""
     c = _Checker(path)
     base = path.resolve().parent
     c.known(raw, "", {"work", "data", "encoders", "phrases", "heads", "ablation", "report"})
     work = _path(base, c.get(raw, "work", str, "work"))
+    data = _parse_data(c, c.table(raw, "data", required=True), base)
+    encoders = _parse_encoders(c, c.table(raw, "encoders"))
+    phrases = _parse_phrases(c, c.table(raw, "phrases"), base) if "phrases" in raw else None
+    features = [IMAGE, *data.text_columns] + ([PHRASES] if phrases else [])
+    heads = _parse_heads(c, raw.get("heads", []), features, phrases is not None)
+    ablation = _parse_ablation(c, c.table(raw, "ablation"), features, phrases is not None) if "ablation" in raw \
+        else None
+    report = _parse_report(c, c.table(raw, "report"))
+    c.raise_errors()  # every mistake at once, each naming its key
+    return Config(path, work, data, encoders, phrases, heads, ablation, report)
 
-    data_raw = c.table(raw, "data", required=True)
+
+def _parse_data(c: "_Checker", data_raw: dict, base: Path) -> Data:
     c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions",
                                "allow_outside_paths", "id_col", "image_col"})
     text_columns = c.get(data_raw, "text_columns", list, [], item=str, where="data")
@@ -161,8 +172,10 @@ def parse_config(raw: dict, path: Path) -> Config:
                                         f"_ or - other than '{IMAGE}', '{PHRASES}' and '{QUERY_IMAGE}'")
     if len(set(text_columns)) != len(text_columns):
         c.fail("data.text_columns", "lists a column twice; list each once")
+    return data
 
-    enc_raw = c.table(raw, "encoders")
+
+def _parse_encoders(c: "_Checker", enc_raw: dict) -> Encoders:
     c.known(enc_raw, "encoders", {"image", "text", "device", "batch_size", "workers", *LIMIT_KEYS})
     encoders = Encoders(image=c.get(enc_raw, "image", str, DEFAULT_IMAGE_MODEL, where="encoders"),
                         text=c.get(enc_raw, "text", str, DEFAULT_TEXT_MODEL, where="encoders"),
@@ -174,79 +187,80 @@ def parse_config(raw: dict, path: Path) -> Config:
         encoders.image_limits()
     except ValueError as e:
         c.fail(f"encoders.{str(e).split()[0]}", " ".join(str(e).split()[1:]))
+    return encoders
 
-    phrases = None
-    if "phrases" in raw:
-        ph_raw = c.table(raw, "phrases")
-        c.known(ph_raw, "phrases", {"pairs", "images", "k", "min_images", "kind", "weights"})
-        phrases = Phrases(pairs=_path(base, c.get(ph_raw, "pairs", str, where="phrases")),
-                          images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
-                          k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
-                          min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
-                          kind=c.choice(ph_raw, "kind", ("auto", *INDEX_KINDS),
-                                        "auto", where="phrases"),
-                          weights=c.get(ph_raw, "weights", bool, True, where="phrases"))
 
-    features = [IMAGE, *text_columns] + ([PHRASES] if phrases else [])
-    heads = []
-    heads_raw = raw.get("heads", [])
+def _parse_phrases(c: "_Checker", ph_raw: dict, base: Path) -> Phrases:
+    c.known(ph_raw, "phrases", {"pairs", "images", "k", "min_images", "kind", "weights"})
+    return Phrases(pairs=_path(base, c.get(ph_raw, "pairs", str, where="phrases")),
+                   images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
+                   k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
+                   min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
+                   kind=c.choice(ph_raw, "kind", ("auto", *INDEX_KINDS), "auto", where="phrases"),
+                   weights=c.get(ph_raw, "weights", bool, True, where="phrases"))
+
+
+def _parse_heads(c: "_Checker", heads_raw, features: list[str], has_phrases: bool) -> list[Head]:
     if not isinstance(heads_raw, list) or not all(isinstance(h, dict) for h in heads_raw):
         c.fail("heads", "expected an array of tables ([[heads]] sections)")
         heads_raw = []
-    for i, h in enumerate(heads_raw):
-        where = f"heads[{i}]"
-        c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions", "pseudo_shots"})
-        head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
-                    features=c.get(h, "features", list, list(features), item=str, where=where),
-                    seed=c.get(h, "seed", int, 0, where=where),
-                    label_prior=c.get(h, "label_prior", str, None, where=where),
-                    align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)),
-                    pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where))
-        if head.pseudo_shots and not phrases:
-            c.fail(f"{where}.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
-        c.features(head.features, features, f"{where}.features")
-        if not 0 <= head.seed <= MAX_SEED:
-            c.fail(f"{where}.seed", f"expected a whole number from 0 to {MAX_SEED}, got {head.seed}")
-        if not head.align_descriptions >= 0 or head.align_descriptions == float("inf"):
-            c.fail(f"{where}.align_descriptions", f"expected a finite weight of 0 or more, got {head.align_descriptions}")
-        if head.align_descriptions > 0 and head.kind != "mlp":
-            c.fail(f"{where}.align_descriptions", f"aligns the mlp head's image projection; use kind = \"mlp\" "
-                                                  f"or drop it (this head is {head.kind})")
-        if head.label_prior is not None:
-            c.features([head.label_prior], [n for n in features if n != IMAGE], f"{where}.label_prior")
-        if head.name is not None and not head.name.replace("_", "").replace("-", "").isalnum():
-            c.fail(f"{where}.name", f"{head.name!r}: use letters, digits, _ or - (it names a folder)")
-        heads.append(head)
+    heads = [_parse_head(c, h, f"heads[{i}]", features, has_phrases) for i, h in enumerate(heads_raw)]
     if len({h.name for h in heads}) != len(heads):
         c.fail("heads", "two heads have the same name; give each its own name")
+    return heads
 
-    ablation = None
-    if "ablation" in raw:
-        ab_raw = c.table(raw, "ablation")
-        c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows", "label_prior", "pseudo_shots"})
-        label_prior = c.get(ab_raw, "label_prior", str, None, where="ablation")
-        if label_prior is not None:
-            c.features([label_prior], [n for n in features if n != IMAGE], "ablation.label_prior")
-        pseudo_shots = c.get(ab_raw, "pseudo_shots", bool, False, where="ablation")
-        if pseudo_shots and not phrases:
-            c.fail("ablation.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
-        row_names = features + ([LABEL_PRIOR] if label_prior else []) + ([PSEUDO_SHOTS] if pseudo_shots else [])
-        ablation = Ablation(head=c.choice(ab_raw, "head", HEAD_KINDS, "linear", where="ablation"),
-                            seeds=c.positive(ab_raw, "seeds", 3, where="ablation"),
-                            shots=c.get(ab_raw, "shots", list, [], item=int, where="ablation"),
-                            rows=_rows(c, ab_raw, "rows", row_names),
-                            shot_rows=_rows(c, ab_raw, "shot_rows", row_names),
-                            label_prior=label_prior, pseudo_shots=pseudo_shots)
-        if any(k < 1 for k in ablation.shots):
-            c.fail("ablation.shots", "expected whole numbers of at least 1 (labelled examples per class)")
 
-    rep_raw = c.table(raw, "report")
+def _parse_head(c: "_Checker", h: dict, where: str, features: list[str], has_phrases: bool) -> Head:
+    c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions", "pseudo_shots"})
+    head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
+                features=c.get(h, "features", list, list(features), item=str, where=where),
+                seed=c.get(h, "seed", int, 0, where=where),
+                label_prior=c.get(h, "label_prior", str, None, where=where),
+                align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)),
+                pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where))
+    if head.pseudo_shots and not has_phrases:
+        c.fail(f"{where}.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
+    c.features(head.features, features, f"{where}.features")
+    if not 0 <= head.seed <= MAX_SEED:
+        c.fail(f"{where}.seed", f"expected a whole number from 0 to {MAX_SEED}, got {head.seed}")
+    if not head.align_descriptions >= 0 or head.align_descriptions == float("inf"):
+        c.fail(f"{where}.align_descriptions", f"expected a finite weight of 0 or more, got {head.align_descriptions}")
+    if head.align_descriptions > 0 and head.kind != "mlp":
+        c.fail(f"{where}.align_descriptions", f"aligns the mlp head's image projection; use kind = \"mlp\" "
+                                              f"or drop it (this head is {head.kind})")
+    if head.label_prior is not None:
+        c.features([head.label_prior], [n for n in features if n != IMAGE], f"{where}.label_prior")
+    if head.name is not None and not head.name.replace("_", "").replace("-", "").isalnum():
+        c.fail(f"{where}.name", f"{head.name!r}: use letters, digits, _ or - (it names a folder)")
+    return head
+
+
+def _parse_ablation(c: "_Checker", ab_raw: dict, features: list[str], has_phrases: bool) -> Ablation:
+    c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows", "label_prior", "pseudo_shots"})
+    label_prior = c.get(ab_raw, "label_prior", str, None, where="ablation")
+    if label_prior is not None:
+        c.features([label_prior], [n for n in features if n != IMAGE], "ablation.label_prior")
+    pseudo_shots = c.get(ab_raw, "pseudo_shots", bool, False, where="ablation")
+    if pseudo_shots and not has_phrases:
+        c.fail("ablation.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
+    row_names = features + ([LABEL_PRIOR] if label_prior else []) + ([PSEUDO_SHOTS] if pseudo_shots else [])
+    ablation = Ablation(head=c.choice(ab_raw, "head", HEAD_KINDS, "linear", where="ablation"),
+                        seeds=c.positive(ab_raw, "seeds", 3, where="ablation"),
+                        shots=c.get(ab_raw, "shots", list, [], item=int, where="ablation"),
+                        rows=_rows(c, ab_raw, "rows", row_names),
+                        shot_rows=_rows(c, ab_raw, "shot_rows", row_names),
+                        label_prior=label_prior, pseudo_shots=pseudo_shots)
+    if any(k < 1 for k in ablation.shots):
+        c.fail("ablation.shots", "expected whole numbers of at least 1 (labelled examples per class)")
+    return ablation
+
+
+def _parse_report(c: "_Checker", rep_raw: dict) -> Report:
     c.known(rep_raw, "report", {"gallery"})
     report = Report(gallery=c.get(rep_raw, "gallery", int, 24, where="report"))
     if report.gallery < 0:
         c.fail("report.gallery", "expected 0 or more (test images shown)")
-    c.raise_errors()  # every mistake at once, each naming its key
-    return Config(path, work, data, encoders, phrases, heads, ablation, report)
+    return report
 
 
 def _path(base: Path, value: str | None) -> Path | None:

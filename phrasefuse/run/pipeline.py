@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,37 @@ class StageResult:
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "status": self.status, "summary": self.summary}
+
+
+@dataclass
+class RunSummary:
+    """The end of `run` (and `demo`), after each stage's own result: the work folder, the ablation
+    table (Markdown, and its JSON document) and the report. `as_dict` also lists the stages."""
+
+    stages: list[StageResult]
+    work: Path | None = None
+    ablation_markdown: str | None = None
+    ablation: dict | None = None
+
+    @classmethod
+    def of(cls, stages: list[StageResult]) -> "RunSummary":
+        """The summary of a finished run: its work folder found from the report stage's files."""
+        files = [s.summary["files"] for s in stages if s.stage == "report" and s.summary.get("files")]
+        if not files:
+            return cls(list(stages))
+        work = Path(files[-1][0]).parent
+        table, document = work / "ablation" / "ablation.md", work / "ablation" / "ablation.json"
+        return cls(list(stages), work, table.read_text(encoding="utf-8") if table.is_file() else None,
+                   json.loads(document.read_text(encoding="utf-8")) if document.is_file() else None)
+
+    def as_dict(self) -> dict:
+        return {"stages": [s.as_dict() for s in self.stages], "work": str(self.work) if self.work else None,
+                "report": str(self.work / "report.html") if self.work else None, "ablation": self.ablation}
+
+    def text(self) -> str:
+        """The ablation table and where the report is (the stages' texts are printed as they complete)."""
+        parts = ["\n" + self.ablation_markdown] if self.ablation_markdown is not None else []
+        return "\n".join(parts + ([f"report: {self.work / 'report.html'}"] if self.work else []))
 
 
 @dataclass
@@ -221,13 +253,13 @@ def zeroshot_stage(config: Config, layout: Layout, state: RunState, labels: dict
               "descriptions": files_fingerprint(descriptions) if descriptions else None}
 
     def zeroshot_job() -> tuple[str, dict]:
-        from phrasefuse.fuse.evaluate import zeroshot, zeroshot_text
+        from phrasefuse.fuse.evaluate import zeroshot
 
         report = zeroshot(config.data.source, layout.store(PHRASES),
                           str(descriptions) if descriptions else None, label_col=config.data.label_col,
                           multilabel=config.data.multilabel)
-        write_json_atomic(layout.zeroshot, report)
-        return zeroshot_text(report), {"metrics": _headline(report["metrics"]), "coverage": report["coverage"]}
+        write_json_atomic(layout.zeroshot, report.as_dict())
+        return report.text(), {"metrics": _headline(report.data["metrics"]), "coverage": report.data["coverage"]}
 
     return state.run("zeroshot", inputs, lambda: file_fingerprint(layout.zeroshot), zeroshot_job)
 
@@ -345,8 +377,8 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, progress: boo
 
     def index_job() -> tuple[str, dict]:
         s = build_index(ph.pairs, query, layout.index, min_images=ph.min_images, kind=ph.kind,
-                        use_weights=ph.weights, device=enc.device)
-        return s.line(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
+                        use_weights=ph.weights, device=enc.device, progress=progress)
+        return s.text(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
 
     yield state.run("index", inputs, lambda: _build_id(layout.index), index_job)
 
@@ -360,7 +392,7 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, progress: boo
             remove_folder(out)  # derived data, regenerated whole; a kill meanwhile leaves no half of it
         s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device,
                              progress=progress)
-        return s.line(), s.as_dict()
+        return s.text(), s.as_dict()
 
     yield state.run("phrases", inputs, lambda: folder_fingerprint(out), phrases_job)
 
@@ -406,7 +438,8 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
         p = predict(out, config.data.source, predictions)
         d = report.as_dict()
         test = (d["metrics"].get("test") or {}).get("saved") or {}
-        return (report.text().replace("fuse train:", f"head {head.name}:", 1) + "\n  " + p.line()), \
+        # composed, not rewritten: the head's name over the two commands' own texts
+        return (f"head {head.name}:\n" + textwrap.indent(f"{report.text()}\n{p.text()}", "  ")), \
             {"saved": d["saved"], "reason": d["reason"], "test": _headline(test)}
 
     return state.run(f"head {head.name}", inputs,
@@ -417,7 +450,7 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labe
 
 
 def _summary(s) -> tuple[str, dict]:
-    return s.line(), s.as_dict()
+    return s.text(), s.as_dict()
 
 
 def _build_id(index: Path) -> str | None:

@@ -27,7 +27,7 @@ def test_extract_on_cuda_equals_cpu(model, shapes_dataset, tiny_clip_spec, tmp_p
     for device in ("cpu", "cuda"):
         summary = extract_images(shapes_dataset, tmp_path / device, model=spec, device=device, workers=2,
                                  progress=False)
-        assert summary.embedded == 60, summary.line()
+        assert summary.embedded == 60, summary.text()
     cpu_ids, cpu = store_vectors(tmp_path / "cpu")
     cuda_ids, cuda = store_vectors(tmp_path / "cuda")
     assert cpu_ids == cuda_ids

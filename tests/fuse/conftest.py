@@ -10,6 +10,7 @@ every class right.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,36 @@ def write_synthetic(folder: Path, n: int = 900, classes: int = 6, image_dim: int
 def synthetic(tmp_path):
     """A function (folder name, **write_synthetic options) -> Synthetic under tmp_path."""
     return lambda name="data", **kw: write_synthetic(tmp_path / name, **kw)
+
+
+@pytest.fixture(scope="session")
+def stores(shapes_dataset, tiny_clip_spec, tmp_path_factory):
+    """The shapes' img and title stores (tiny open_clip, one space), and title-minilm (built-in text
+    encoder): the fuse commands' CLI tests (test_cli.py, test_cli_ablate.py)."""
+    from phrasefuse.extract.jobs import extract_images, extract_texts
+
+    work = tmp_path_factory.mktemp("fuse-cli")
+    extract_images(shapes_dataset, work / "img", model=tiny_clip_spec, workers=0, progress=False)
+    extract_texts(shapes_dataset, "title", work / "title", model=tiny_clip_spec, progress=False)
+    extract_texts(shapes_dataset, "title", work / "title-minilm", progress=False)
+    return work
+
+
+# The CLI's outcomes, as the fuse commands' CLI tests check them.
+
+
+def ok(proc) -> dict | str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def one_json(proc) -> dict:
+    return json.loads(ok(proc))  # the whole of stdout is one JSON document
+
+
+def refused(proc, *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]

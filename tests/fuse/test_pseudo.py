@@ -9,11 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.fuse.data import Blocks
+from phrasefuse.fuse.data import Blocks, prepare
 from phrasefuse.fuse.heads import Task, head_params
 from phrasefuse.fuse.pseudo import PseudoShots, load_pseudo_shots, match_labels
-from phrasefuse.fuse.select import cross_validation, sample_shots
-from phrasefuse.fuse.train import fit_and_choose, prepare
+from phrasefuse.fuse.select import cross_validation, fit_and_choose, sample_shots
 from phrasefuse.store import EmbeddingStore
 from tests.conftest import run_cli
 from tests.fuse.conftest import generated_encoder, write_store

@@ -94,7 +94,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path, kind, multil
     head = load_head(tmp_path / "h")
     blocks, cos = head.inputs(manifest.ids, manifest.source)
     assert np.array_equal(head.predict(blocks, cos), report.fitted.predict(blocks))
-    again = evaluate(tmp_path / "h", data.manifest, split="test")["metrics"]
+    again = evaluate(tmp_path / "h", data.manifest, split="test").as_dict()["metrics"]
     key = "mAP" if multilabel else "top1"
     assert again[key] == report.metrics["test"]["saved"][key]
     if multilabel:

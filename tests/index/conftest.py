@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from phrasefuse.store import StoreWriter, l2_normalize, new_meta
-from tests.conftest import run_cli
 
 HELD_OUT = 12  # the last 12 shapes images (2 per class) are in no pair: lookup queries
 
@@ -84,8 +83,11 @@ def planted_pairs(shapes_table, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_index(planted_pairs, shapes_img_store, tmp_path_factory) -> Path:
+    """The planted pairs' index, built in this process (the CLI's build is tested in test_cli.py)."""
+    from phrasefuse.index.build import build_index
+
     out = tmp_path_factory.mktemp("index") / "shapes-index"
-    run_cli("index", "build", "--pairs", planted_pairs, "--images", shapes_img_store, "--out", out, check=True)
+    build_index(planted_pairs, shapes_img_store, out, progress=False)
     return out
 
 

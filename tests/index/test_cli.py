@@ -60,10 +60,11 @@ def test_phrases_store_joins_back_and_averages_phrase_embeddings(shapes_index, s
                                                                  tmp_path):
     from phrasefuse.extract.encoders import load_text_encoder
 
-    out = tmp_path / "phrases"
-    proc = run_cli("phrases", "--index", shapes_index, "--images", shapes_img_store, "--out", out,
-                   "--text-model", tiny_clip_spec, "--json", check=True)
-    summary = json.loads(proc.stdout)
+    from phrasefuse.index.phrases import generate_phrases
+
+    out = tmp_path / "phrases"  # the library call (the CLI's `phrases` is run below and in tests/faults)
+    summary = generate_phrases(shapes_index, shapes_img_store, out, text_model=tiny_clip_spec, device="cpu",
+                               progress=False).as_dict()
     assert summary["written"] == 60
 
     store = EmbeddingStore(out)
@@ -87,8 +88,8 @@ def test_phrases_store_joins_back_and_averages_phrase_embeddings(shapes_index, s
 
     # Score-weighted: the same rows, weighted by their cosine scores.
     weighted_out = tmp_path / "weighted"
-    run_cli("phrases", "--index", shapes_index, "--images", shapes_img_store, "--out", weighted_out,
-            "--text-model", tiny_clip_spec, "--score-weighted", "-k", "2", check=True)
+    generate_phrases(shapes_index, shapes_img_store, weighted_out, text_model=tiny_clip_spec, score_weighted=True, k=2,
+                     device="cpu", progress=False)
     weighted = EmbeddingStore(weighted_out).read_table(["id", "emb", "phrases", "scores"])
     rows = weighted.to_pylist()
     # The top-2 of an image are among its top-3, so `vectors` holds them all.
@@ -148,6 +149,8 @@ def write_pairs(path, **columns):
 
 
 def test_bad_pairs_tables_exit_2_with_one_line(shapes_img_store, tmp_path):
+    from phrasefuse.index.build import build_index
+
     cases = {
         "no column": (write_pairs(tmp_path / "a.parquet", query=["x"], image=["img-000000"]), "no column 'image_id'"),
         "no known id": (write_pairs(tmp_path / "b.parquet", query=["x", "y"], image_id=["nope-1", "nope-2"]),
@@ -157,14 +160,19 @@ def test_bad_pairs_tables_exit_2_with_one_line(shapes_img_store, tmp_path):
     }
     csv = tmp_path / "d.csv"
     csv.write_text("query,image_id,weight\ncircle,img-000000,2\nsquare,img-000001,lots\n")
-    cases["bad weight"] = (csv, "row 2: weight 'lots'")
-    for name, (pairs, message) in cases.items():
-        proc = run_cli("index", "build", "--pairs", pairs, "--images", shapes_img_store, "--out", tmp_path / name)
-        assert proc.returncode == 2, (name, proc.stderr)
-        assert message in proc.stderr and str(pairs) in proc.stderr, (name, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / name).exists()
-    assert "'nope-1'" in run_cli("index", "build", "--pairs", tmp_path / "b.parquet", "--images", shapes_img_store,
-                                 "--out", tmp_path / "x").stderr
+    for name, (pairs, message) in cases.items():  # the library's one-line errors (the CLI prints them, exit 2)
+        with pytest.raises(BadInput) as refused:
+            build_index(pairs, shapes_img_store, tmp_path / name, progress=False)
+        error = str(refused.value)
+        assert message in error and str(pairs) in error and "\n" not in error, (name, error)
+        assert not (tmp_path / name).exists()
+        if name == "no known id":
+            assert "'nope-1'" in error
+    # ... and one through the real CLI: exit 2, the one line on stderr, nothing written
+    proc = run_cli("index", "build", "--pairs", csv, "--images", shapes_img_store, "--out", tmp_path / "bad weight")
+    assert proc.returncode == 2, proc.stderr
+    assert "row 2: weight 'lots'" in proc.stderr and str(csv) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad weight").exists()
 
 
 def test_out_folder_is_replaced_whole_or_refused(planted_pairs, shapes_img_store, tmp_path):
@@ -185,6 +193,7 @@ def test_out_folder_is_replaced_whole_or_refused(planted_pairs, shapes_img_store
 
 def test_text_prototypes_come_from_the_same_clip(shapes_tiny_store, shapes_img_store, tiny_clip_spec, tmp_path):
     from phrasefuse.extract.encoders import load_text_encoder
+    from phrasefuse.index.build import build_index
 
     ids = EmbeddingStore(shapes_tiny_store).ids_and_keys()["id"].to_pylist()
     pairs = write_pairs(tmp_path / "pairs.parquet", query=["circle", "circle", "Blue Sky", "ocean"],
@@ -200,6 +209,6 @@ def test_text_prototypes_come_from_the_same_clip(shapes_tiny_store, shapes_img_s
     text = load_text_encoder(tiny_clip_spec, "cpu").encode(["blue sky", "ocean"])
     np.testing.assert_allclose(index.faiss_index.reconstruct_n(1, 2), text, atol=1e-5)
 
-    refused = run_cli("index", "build", "--pairs", pairs, "--images", shapes_img_store, "--out", tmp_path / "no",
-                      "--text-prototypes")
-    assert refused.returncode == 2 and "no text tower" in refused.stderr
+    with pytest.raises(BadInput, match="no text tower"):  # the CLI's exit 2 for a BadInput: the test above
+        build_index(pairs, shapes_img_store, tmp_path / "no", text_prototypes=True, progress=False)
+    assert not (tmp_path / "no").exists()

@@ -1,16 +1,18 @@
 """Streaming `index build` (index/streaming.py): the same phrases and prototypes as the in-memory
 reference (pairs.read_pairs + prototypes.prototypes), whatever the --memory and so the number of
-query partitions, on the local engine and on a tiny local Ray."""
+query partitions, on the local engine and on a tiny local Ray; and the build's progress (issue 14)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from phrasefuse import engine
 from phrasefuse.engine import RayOptions
 from phrasefuse.index.build import build_index
 from phrasefuse.index.folder import PhraseIndex
@@ -110,14 +112,56 @@ def whole_build(sharded_store, messy_pairs, tmp_path_factory):
     return read_index(out)
 
 
-def test_index_build_in_many_passes_equals_one_pass(sharded_store, messy_pairs, tmp_path, whole_build):
-    summary = build_index(messy_pairs, sharded_store, tmp_path / "passes", memory=TINY_MEMORY, kind="flat")
+def last_progress_line(err: str, label: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith(f"{label}: ")]
+    assert lines, f"no progress line {label!r} in:\n{err}"
+    return lines[-1]
+
+
+def assert_build_progress(err: str, summary, shard_passes: int) -> None:
+    """Each step of the build reached its total: pairs coded, store shards summed (every shard of
+    every query partition), vectors added to FAISS."""
+    pairs, phrases = summary.pairs["pairs_read"], summary.counts["phrases"]
+    for label, total in (("coding pairs", pairs), ("prototype sums", shard_passes), ("FAISS flat", phrases)):
+        line = last_progress_line(err, f"index build: {label}")
+        assert line.startswith(f"index build: {label}: {total}/{total} (100%), "), line
+    assert " shards/s, ETA " in last_progress_line(err, "index build: prototype sums")
+
+
+def shard_passes(summary, store) -> int:
+    """Query partitions (the build's note) x store shards."""
+    note = next(n for n in summary.notes if "query partitions" in n)
+    return int(re.search(r"in (\d+) query partitions", note).group(1)) * len(EmbeddingStore(store).shard_paths())
+
+
+def test_index_build_in_many_passes_equals_one_pass(sharded_store, messy_pairs, tmp_path, whole_build,
+                                                    monkeypatch, capsys):
+    monkeypatch.setattr(engine, "LOG_EVERY", 0.0)  # no terminal: a progress line at every step, no clock raced
+    summary = build_index(messy_pairs, sharded_store, tmp_path / "passes", memory=TINY_MEMORY, kind="flat",
+                          progress=None)
     table, vectors, meta = read_index(tmp_path / "passes")
     want_table, want_vectors, want_meta = whole_build
     assert table.equals(want_table)
     np.testing.assert_allclose(vectors, want_vectors, atol=1e-5)
     assert meta["counts"] == want_meta["counts"] and meta["pairs"] == want_meta["pairs"]
     assert any("query partitions" in note for note in summary.notes)
+    assert_build_progress(capsys.readouterr().err, summary, shard_passes(summary, sharded_store))
+
+
+def test_index_build_progress_lines_and_none_with_json(sharded_store, messy_pairs, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from phrasefuse.cli import app
+
+    monkeypatch.setattr(engine, "LOG_EVERY", 0.0)
+    args = ["index", "build", "--pairs", str(messy_pairs), "--images", str(sharded_store), "--kind", "flat",
+            "--memory", str(TINY_MEMORY)]
+    text = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "text")])
+    assert text.exit_code == 0, text.output
+    assert "index build: prototype sums: " in text.stderr and "index build: FAISS flat: " in text.stderr
+    as_json = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "json"), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert as_json.stderr == "" and json.loads(as_json.stdout)["counts"]["phrases"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +172,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_ray_engine_builds_the_same_index(ray_cluster, sharded_store, messy_pairs, tmp_path, whole_build):
-    build_index(messy_pairs, sharded_store, tmp_path / "ray", memory=TINY_MEMORY, kind="flat", engine="ray",
-                ray=RayOptions(address=ray_cluster))
+def test_ray_engine_builds_the_same_index(ray_cluster, sharded_store, messy_pairs, tmp_path, whole_build,
+                                         monkeypatch, capsys):
+    monkeypatch.setattr(engine, "LOG_EVERY", 0.0)
+    summary = build_index(messy_pairs, sharded_store, tmp_path / "ray", memory=TINY_MEMORY, kind="flat",
+                          engine="ray", ray=RayOptions(address=ray_cluster), progress=None)
+    assert_build_progress(capsys.readouterr().err, summary, shard_passes(summary, sharded_store))  # Ray tasks counted
     table, vectors, meta = read_index(tmp_path / "ray")
     want_table, want_vectors, want_meta = whole_build
     assert table.equals(want_table)

@@ -93,6 +93,13 @@ def assert_predictions_and_zeroshot(folder: Path) -> None:
     assert 0 <= zeroshot["metrics"]["top1"] <= 1 and zeroshot["labels"] == len(labels)
 
 
+def run_in_process(config: Path) -> dict[str, dict]:
+    """The stages of `run CONFIG` called as the library (the CLI's `run --json`: the end-to-end test's first run)."""
+    from phrasefuse.run.pipeline import StageResult, run_config
+
+    return {r.stage: r.as_dict() for r in run_config(config, progress=False) if isinstance(r, StageResult)}
+
+
 def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data, tiny_clip_spec):
     config = write_config(demo_data, tiny_clip_spec)
     proc = run_cli("run", config, "--json")
@@ -119,11 +126,14 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert [t["regime"] for t in ablation["tables"]] == ["full", "1-shot", "2-shot"]
     one_shot = {r["features"]: r for r in ablation["tables"][1]["rows"]}
     prior_row = one_shot["image + phrases + label prior (phrases)"]
-    # 1 shot: no untested default changes a prediction: phrases and the label prior are left out
-    assert prior_row["prior_chosen_by"] == "nothing held out (1 shot): left out"
-    assert prior_row["prior_weights"] == [0.0] and one_shot["image + phrases"]["text_kept"] == 0
+    # 1 shot: no untested default changes a prediction: phrases are left out, and the label prior's
+    # weight is its temperature fitted on the shots (0 unless it beats shuffled priors)
+    assert prior_row["prior_chosen_by"] == "1 shot: the prior's temperature fitted on the shots"
+    assert one_shot["image + phrases"]["text_kept"] == 0
     image_only = one_shot["image (image only)"]
-    assert prior_row["top1"] == one_shot["image + phrases"]["top1"] == image_only["top1"]
+    assert one_shot["image + phrases"]["top1"] == image_only["top1"]
+    if prior_row["prior_weights"] == [0.0]:
+        assert prior_row["top1"] == image_only["top1"]
     assert one_shot["image + pseudo-shots"]["pseudo_kept"] == [0]  # nothing held out: left out
     assert one_shot["image + pseudo-shots"]["top1"] == image_only["top1"]
     two_shot = {r["features"]: r for r in ablation["tables"][2]["rows"]}
@@ -132,8 +142,9 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert fused_meta["selection"]["pseudo_shots"]["index"] == str(work / "index")
     assert "pseudo-shots from" in page
 
-    # Same config again: every stage is skipped, and the summaries say nothing was embedded.
-    second = stages(run_cli("run", config, "--json"))
+    # Same config again (in process: the CLI's `run --json` is the first run): every stage is
+    # skipped, and the summaries say nothing was embedded.
+    second = run_in_process(config)
     assert all(s["status"] == "skipped" for s in second.values()), second
     assert second["extract image"]["summary"]["embedded"] == 0
     assert second["extract image"]["summary"]["present"] == 60
@@ -142,7 +153,7 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     # Only the head's kind changes: that head, the image-only baseline of the same kind and the
     # report re-run; nothing is re-embedded, the index and the ablation stay.
     write_config(demo_data, tiny_clip_spec, kind="mlp")
-    third = stages(run_cli("run", config, "--json"))
+    third = run_in_process(config)
     ran = {name for name, s in third.items() if s["status"] == "ran"}
     assert ran == {"head fused", "head image-only", "report"}
     assert json.loads((work / "heads" / "fused" / "meta.json").read_text())["kind"] == "mlp"
@@ -151,9 +162,11 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
 def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
     """Without run-state.json every stage runs again, and the stores say nothing was re-embedded."""
     config = write_config(demo_data, tiny_clip_spec, name="again.toml")
-    run_cli("run", config, "--json", check=True)
+    text = config.read_text()  # no [ablation]: what is embedded is the point, not the ablation's tables
+    config.write_text(text[:text.index("[ablation]")] + text[text.index("[report]"):])
+    assert "ablation" not in run_in_process(config)
     (demo_data / "work" / "run-state.json").unlink()
-    again = stages(run_cli("run", config, "--json"))
+    again = run_in_process(config)
     for name in ("extract image", "extract title", "extract query images"):
         summary = again[name]["summary"]
         assert summary["embedded"] == 0 and summary["reused"] == 0
@@ -176,14 +189,30 @@ def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
     (('pseudo_shots = true\n\n[ablation]', 'pseudo_shots = "yes"\n\n[ablation]'), "heads[0].pseudo_shots"),
 ])
 def test_invalid_config_is_refused_before_any_work(tmp_path, demo_data, edit, key):
+    """The library's one-line error naming the key (the CLI prints it, exit 2: the tests below)."""
+    from phrasefuse.errors import BadInput
+    from phrasefuse.run.pipeline import run_config
+
     text = TINY.format(spec="builtin:efficientnet-lite0", kind="linear").replace("work = \"work\"",
                                                                                   f"work = \"{tmp_path / 'w'}\"")
     assert edit[0] in text
     config = demo_data / f"bad-{key.replace('[', '').replace(']', '')}.toml"
     config.write_text(text.replace(edit[0], edit[1]))
+    with pytest.raises(BadInput) as refused:
+        next(run_config(config, progress=False))
+    error = str(refused.value)
+    assert f"'{key}'" in error and str(config) in error and "\n" not in error
+    assert not (tmp_path / "w").exists()
+
+
+def test_invalid_config_through_the_cli_exits_2_with_one_line(tmp_path, demo_data):
+    text = TINY.format(spec="builtin:efficientnet-lite0", kind="linear").replace("work = \"work\"",
+                                                                                  f"work = \"{tmp_path / 'w'}\"")
+    config = tmp_path / "bad.toml"
+    config.write_text(text.replace("k = 2", 'k = "two"'))
     proc = run_cli("run", config)
     assert proc.returncode == 2, proc.stderr
-    assert f"'{key}'" in proc.stderr and str(config) in proc.stderr
+    assert "'phrases.k'" in proc.stderr and str(config) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
 
