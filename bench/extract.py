@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/extract.py [--n 2048] [--size 640x480] [--model builtin:efficientnet-lite0]
                                       [--repeat 3] [--no-plain] [--workers N] [--device cpu|cuda] [--json PATH]
+                                      [--replicas N | --no-replicas]
 
 Prints images/s of:
   plain loop    PIL open + the encoder's transform + model, one process, batch 64, torch.no_grad
@@ -9,7 +10,13 @@ Prints images/s of:
                 machine), measured before the first and after every extract, so that a load change on
                 a shared machine shows as a spread instead of skewing the ratio
   prepare only  read, hash, decode, resize and crop in the job's DataLoader workers, no model
-  extract       `phrasefuse extract images` (the job function, model already loaded, fresh store)
+  extract       `phrasefuse extract images` (the job function, model already loaded, fresh store),
+                the single-process path (--replicas 1)
+  replicas      on a CPU, the same with --replicas N (default: one per core), run right after each
+                extract (A B A B...), and the ratio replicas / extract per pair (median over the
+                repeats): on the summary's clock (store opened to last shard, as "extract") and on
+                the whole call's (model loading included: the replicas load theirs beside this
+                process's); then a replica's peak RSS (VmHWM, polled from /proc: Linux)
 and the efficiency: extract / model only (each extract against the mean of the model-only
 measurements either side of it; the median over the repeats). On a CPU the model already uses
 every core, so preparing images cannot overlap it: the bound is then
@@ -23,10 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,11 +55,14 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop (the slowest line)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--replicas", type=int, default=None, help="replica arm: model processes (default: cores)")
+    parser.add_argument("--no-replicas", action="store_true", help="skip the replica arm")
     args = parser.parse_args()
 
     import torch
     from PIL import Image
 
+    from phrasefuse.engine import cpu_cores
     from phrasefuse.extract.encoders import load_image_encoder
     from phrasefuse.extract.jobs import extract_images
     from phrasefuse.manifests import read_manifest
@@ -99,17 +111,36 @@ def main() -> None:
     print(f"prepare only {prepare:8.1f} images/s (read, hash, decode, resize, crop in the job's workers; no model)")
 
     out = work / "store"
-    ratios = []
-    for _ in range(args.repeat):
+    ratios, replica_arm = [], device.type == "cpu" and not args.no_replicas
+    replicas = args.replicas or cpu_cores()
+    pairs: list[tuple[float, float, float, float]] = []  # (extract, replicas) images/s: summary's clock, whole call
+
+    def run_extract(count: int) -> tuple[float, float]:
         shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
         summary = extract_images(manifest, out, model=args.model, batch_size=args.batch_size,
-                                 workers=args.workers, device=args.device, progress=False)
+                                 workers=args.workers, device=args.device, progress=False, replicas=count)
         assert summary.embedded == args.n, summary.text()
-        extract = args.n / summary.seconds
+        return args.n / summary.seconds, args.n / (time.perf_counter() - start)
+
+    for _ in range(args.repeat):
+        extract, extract_wall = run_extract(1)
         speeds.append(model_only())
         ratios.append(extract / ((speeds[-2] + speeds[-1]) / 2))
-        print(f"extract      {extract:8.1f} images/s ({summary.seconds:.1f} s; efficiency {ratios[-1]:.2f})")
+        print(f"extract      {extract:8.1f} images/s ({args.n / extract:.1f} s; efficiency {ratios[-1]:.2f}; "
+              f"whole call {extract_wall:.1f} images/s)")
         print(f"model only   {speeds[-1]:8.1f} images/s")
+        if replica_arm:
+            stop = threading.Event()
+            watcher = threading.Thread(target=watch_replicas, args=(stop,), daemon=True)
+            watcher.start()
+            fast, fast_wall = run_extract(replicas)
+            stop.set()
+            watcher.join()
+            pairs.append((extract, fast, extract_wall, fast_wall))
+            print(f"replicas     {fast:8.1f} images/s ({replicas} x {max(1, cpu_cores() // replicas)} thread; "
+                  f"{fast / extract:.2f}x extract; whole call {fast_wall:.1f} images/s, {fast_wall / extract_wall:.2f}x)")
+    replica_figures = report_replicas(pairs, replicas) if pairs else None
     model_speed = statistics.mean(speeds)
     bound = 1 / (1 / model_speed + 1 / prepare)
     if plain:
@@ -122,8 +153,43 @@ def main() -> None:
                    "prepare_only_images_per_s": round(prepare, 1), "extract_images_per_s": round(extract, 1),
                    "efficiency": round(statistics.median(ratios), 3),
                    "extract_over_plain_loop": round(extract / plain, 2) if plain else None,
-                   "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+                   "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                   "replica_arm": replica_figures}
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+replica_peak_rss = 0  # bytes: the largest VmHWM seen of a replica process (`watch_replicas`)
+
+
+def watch_replicas(stop: threading.Event) -> None:
+    """Until `stop`: every 0.2 s, the peak RSS (VmHWM) of this process's spawned children (the replicas)."""
+    global replica_peak_rss
+    while not stop.wait(0.2):
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                text = status.read_text()
+                spawned = b"multiprocessing.spawn" in (status.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            if spawned and int(fields.get("PPid", "0")) == os.getpid() and "VmHWM" in fields:
+                replica_peak_rss = max(replica_peak_rss, int(fields["VmHWM"].split()[0]) * 1024)
+
+
+def report_replicas(pairs: list[tuple[float, float, float, float]], replicas: int) -> dict:
+    """Prints the replica arm's medians (pairs: extract, replicas images/s on the summary's clock, then
+    on the whole call's) and the largest child's peak RSS; returns them for --json."""
+    speedup = statistics.median(b / a for a, b, _, _ in pairs)
+    wall_speedup = statistics.median(d / c for _, _, c, d in pairs)
+    fast, single = statistics.median(b for _, b, _, _ in pairs), statistics.median(a for a, _, _, _ in pairs)
+    child_rss = replica_peak_rss / 2**30
+    print(f"replicas / extract {speedup:.2f}x (median of {', '.join(f'{b / a:.2f}' for a, b, _, _ in pairs)}); "
+          f"whole call {wall_speedup:.2f}x; medians: replicas {fast:.1f} images/s, extract {single:.1f}")
+    print(f"replica peak RSS {child_rss:.2f} GiB (the largest replica's: model, batch, activations), "
+          f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    return {"replicas": replicas, "replicas_over_extract": round(speedup, 3),
+            "replicas_over_extract_whole_call": round(wall_speedup, 3), "replicas_images_per_s": round(fast, 1),
+            "extract_images_per_s_median": round(single, 1), "replica_peak_rss_gib": round(child_rss, 2)}
 
 
 def prepare_only(rows, encoder, batch_size: int, workers: int | None) -> float:

@@ -18,6 +18,11 @@ the ones the driver recorded in meta.json, and `Job.collect` turns the Arrow tab
 back (`iter_batches`, in whatever order the actors finish: stores are keyed by id) into the
 job's mapped batches.
 
+`ReplicaPool` runs a job's actor class without Ray, in N spawned processes on this machine (the
+local engine on a CPU: `extract images --replicas`): N single-threaded copies of the model instead
+of one over N threads; blocks of pending rows go to the least busy replica and the outputs come
+back in order, to the same conversion as Ray's (`Job.collect`) and the same writer.
+
 Nothing of Ray is imported with the local engine. Ray starts on first use: `RayOptions.address`
 (`--ray-address`), else $RAY_ADDRESS, else a local instance on this machine (a few seconds).
 Every file path (manifest images, the index, the image store) must be readable at the same
@@ -272,3 +277,194 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- model replicas (local engine, CPU)
+
+
+REPLICA_IN_FLIGHT = 2  # blocks queued per replica: one it maps, one waiting, so it never idles
+REPLICA_POLL = 0.5  # seconds between checks that every replica is alive while waiting for a result
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class ReplicaPool:
+    """`replicas` processes on this machine, each holding one `actor(**args, device="cpu",
+    threads=threads)` (a Ray actor class of a job: `Job.actor`), so that N single-threaded copies of
+    a CPU model run side by side instead of one model over N threads (whose threads wait for each
+    other at every operator). `map(blocks)` hands each block (an Arrow table of rows) to the least
+    busy replica and yields their outputs in the blocks' order; the caller keeps writing.
+
+    Spawned, not forked: a fresh interpreter per replica, so no OpenMP pool or lock of this process
+    is inherited. Replicas ignore SIGINT and SIGTERM (Ctrl-C reaches the whole process group; this
+    process stops the job and `close` kills them) and die with this process (Linux PR_SET_PDEATHSIG,
+    else within a second of noticing a new parent). A replica that fails or dies fails the job."""
+
+    def __init__(self, actor: type, args: dict, replicas: int, threads: int = 1):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(replicas)]
+        self.identities: list[dict | None] = [None] * replicas
+        self.expected: dict | None = None
+        self.sent = 0  # blocks handed out so far (their seq numbers)
+        self.closed = False
+        self.procs = [ctx.Process(target=_replica_main, name=f"phrasefuse-replica-{i}", daemon=True,
+                                  args=(actor, args, threads, i, os.getpid(), self.tasks[i], self.results))
+                      for i in range(replicas)]
+        try:
+            for proc in self.procs:
+                proc.start()
+        except BaseException:
+            self.close()  # those already started
+            raise
+
+    def __enter__(self) -> "ReplicaPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def expect(self, identity: dict, spec: str) -> None:
+        """Every replica must load these weights (checked as each reports ready)."""
+        self.expected, self.spec = identity, spec
+        for loaded in filter(None, self.identities):
+            self._check(loaded)
+
+    def broadcast(self, method: str, *args) -> None:
+        """`actor.method(*args)` in every replica, before any block sent after this call."""
+        for tasks in self.tasks:
+            tasks.put(("call", method, args))
+
+    def map(self, blocks) -> Iterator:
+        """Each block through one replica's actor; the outputs in the blocks' order."""
+        blocks, more = iter(blocks), True
+        busy, owner, done = [0] * len(self.procs), {}, {}  # blocks queued per replica; seq -> replica; seq -> output
+        first = next_out = self.sent  # seq numbers run on across calls: a result of an abandoned map is dropped
+        while more or owner:
+            while more and min(busy) < REPLICA_IN_FLIGHT:
+                block = next(blocks, None)
+                if block is None:
+                    more = False
+                    break
+                replica = busy.index(min(busy))
+                self.tasks[replica].put(("map", self.sent, block))
+                busy[replica], owner[self.sent], self.sent = busy[replica] + 1, replica, self.sent + 1
+            if not owner:
+                continue
+            seq, out = self._receive()
+            if seq not in owner or seq < first:
+                continue
+            busy[owner.pop(seq)] -= 1
+            done[seq] = out
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+
+    def _receive(self) -> tuple[int, Any]:
+        """The next mapped block (seq, output); readiness reports are checked on the way."""
+        import queue
+
+        while True:
+            try:
+                kind, replica, seq, payload = self.results.get(timeout=REPLICA_POLL)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if kind == "map":
+                return seq, payload
+            if kind == "ready":
+                self.identities[replica] = payload
+                if self.expected is not None and payload is not None:
+                    self._check(payload)
+                continue
+            error, message = payload
+            if error == "BadInput":
+                raise BadInput(message)
+            raise RuntimeError(f"model replica {replica}: {message}")
+
+    def _check(self, loaded: dict) -> None:
+        if encoder_identity(loaded) != encoder_identity(self.expected):
+            raise RuntimeError(f"{self.spec}: a model replica loaded weights {loaded.get('weights_sha256', '')[:12]}, "
+                               f"this process {self.expected.get('weights_sha256', '')[:12]} (the model files "
+                               f"changed while the job started?); run it again")
+
+    def _check_alive(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.exitcode is not None:
+                how = f"signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit {proc.exitcode}"
+                raise RuntimeError(f"model replica {i} ended unexpectedly ({how}; out of memory?); "
+                                   f"the store keeps every finished shard and a rerun resumes (or pass --replicas 1)")
+
+    def close(self) -> None:
+        """Stop every replica (killed: they only map, nothing of theirs needs saving). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        started = [proc for proc in self.procs if proc.pid is not None]
+        for proc in started:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in started:
+            proc.join(timeout=10)
+        for q in (*self.tasks, self.results):
+            q.cancel_join_thread()  # a block still in a pipe to a killed replica must not hang the exit
+            q.close()
+
+
+def _replica_main(actor: type, args: dict, threads: int, index: int, parent: int, tasks, results) -> None:
+    """A replica process: load the actor, then map what `tasks` brings until told to stop or orphaned."""
+    import queue
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent(parent)
+    try:
+        set_threads(threads)
+        worker = actor(**args, device="cpu", threads=threads)
+        results.put(("ready", index, None, getattr(worker, "identity", None)))
+    except Exception as e:  # noqa: BLE001 - reported to the job, which fails with it
+        results.put(("error", index, None, _failure(e)))
+        return
+    while True:
+        try:
+            kind, seq, payload = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        try:
+            if kind == "map":
+                results.put(("map", index, seq, worker(payload)))
+            else:
+                getattr(worker, seq)(*payload)
+        except Exception as e:  # noqa: BLE001 - bad rows are the actor's business; this is a broken job
+            results.put(("error", index, seq, _failure(e)))
+            return
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    if isinstance(e, BadInput):
+        return "BadInput", str(e)
+    return type(e).__name__, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _die_with_parent(parent: int) -> None:
+    """The kernel kills this process when its parent dies (Linux); elsewhere the task loop polls."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(0)

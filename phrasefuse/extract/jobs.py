@@ -15,6 +15,7 @@ A killed job loses at most the shard it was filling; the next run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from phrasefuse.engine import BLOCK_BATCHES, Job, RayOptions, arrow_blocks, get_engine, progress as progress_bar
+from phrasefuse.engine import BLOCK_BATCHES, Job, RayOptions, ReplicaPool, arrow_blocks, get_engine, progress as progress_bar
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.manifests import Manifest, Source, image_chunks, read_manifest
@@ -102,14 +103,18 @@ def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
 
 
 def image_job(todo: pa.Table, known_keys: pa.Array | pa.ChunkedArray, encoder, spec: str, *, batch_size: int,
-              workers: int | None, device: str, limits=None) -> Job:
+              workers: int | None, device: str, limits=None, replicas: ReplicaPool | None = None) -> Job:
     """The image mapper for either engine: pending rows (id, image[, _offset, _size | _bytes]: a chunk of
-    `manifests.image_chunks`) -> `mappers.ImageBatch`es."""
+    `manifests.image_chunks`) -> `mappers.ImageBatch`es. Locally, `replicas` (started by the caller,
+    which has sent them `known_keys`) embed the rows instead of the model of this process."""
     from phrasefuse.extract import mappers
 
     known_keys = known_keys.combine_chunks() if isinstance(known_keys, pa.ChunkedArray) else known_keys
-    return Job(pending=todo.num_rows > 0,
-               local=lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers, limits),
+    if replicas is not None:
+        local = lambda: mappers.embed_images_replicas(todo, replicas, batch_size)  # noqa: E731
+    else:
+        local = lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers, limits)  # noqa: E731
+    return Job(pending=todo.num_rows > 0, local=local,
                actor=mappers.ImageEmbedder,
                actor_args={"spec": spec, "identity": encoder.identity, "known_keys": known_keys, "limits": limits},
                read=lambda ray: arrow_blocks(ray, todo, batch_size * BLOCK_BATCHES),
@@ -120,34 +125,116 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
                    batch_size: int = 64, workers: int | None = None, device: str = "auto",
                    limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float32",
                    progress: bool | None = None, allow_outside_paths: bool = False, engine: str = "local",
-                   ray: RayOptions | None = None, limits=None) -> ExtractSummary:
+                   ray: RayOptions | None = None, limits=None, replicas: int | str = 1) -> ExtractSummary:
     """Embed the `image` column of a manifest into the store `out`. Image paths that resolve
     outside the manifest's folder are refused unless `allow_outside_paths`; images over `limits`
-    (`images.ImageLimits`: file size, pixels, aspect ratio; None: the defaults) are error rows."""
+    (`images.ImageLimits`: file size, pixels, aspect ratio; None: the defaults) are error rows.
+    `replicas` (CPU, local engine): model processes, "auto" as `planned_replicas` decides (the CLI's
+    default; spawned processes re-import the caller's main module: a script needs `if __name__ == "__main__"`)."""
     from phrasefuse.extract.encoders import load_image_encoder
 
     _check_sizes(batch_size, shard_size, limit)
     runner = get_engine(engine, ray)
     rows = image_rows(manifest, limit, allow_outside_paths)
-    encoder = runner.driver_encoder(load_image_encoder, model, device)
-    meta = new_meta(modality="image", encoder=encoder.identity, dtype=dtype, preprocess=encoder.preprocess,
-                    source={"manifest": str(manifest), "column": "image"})
     summary = ExtractSummary("images", str(out), rows=len(rows))
-    start = time.perf_counter()
-    with StoreWriter.open(out, meta, shard_size) as writer:
+    with contextlib.ExitStack() as stack:
+        count = planned_replicas(replicas, device, engine, len(rows))
+        pool = stack.enter_context(_replica_pool(model, limits, count)) if count > 1 else None  # loads beside ours
+        encoder = runner.driver_encoder(load_image_encoder, model, device)
+        pool = _keep_replicas(pool, encoder, model, auto=replicas == "auto")
+        meta = new_meta(modality="image", encoder=encoder.identity, dtype=dtype, preprocess=encoder.preprocess,
+                        source={"manifest": str(manifest), "column": "image"})
+        start = time.perf_counter()
+        writer = stack.enter_context(StoreWriter.open(out, meta, shard_size))
         todo, existing = pending_rows(rows, writer.store)
         summary.present = len(rows) - todo.num_rows
-        known_keys, known = existing["key"].combine_chunks(), []
+        known_keys, known, sent_keys = existing["key"].combine_chunks(), [], 0
         with progress_bar(todo.num_rows, "extract images", progress) as advance:
             for chunk in image_chunks(todo, rows.image_bytes):  # Parquet bytes: a few thousand rows at a time
+                if pool is not None:  # the keys embedded so far, as the local mapper gets them in `known_keys`
+                    pool.broadcast("add_known_keys", known_keys.slice(sent_keys))
+                    sent_keys = len(known_keys)
                 job = image_job(chunk, known_keys, encoder, model, batch_size=batch_size, workers=workers,
-                                device=device, limits=limits)
+                                device=device, limits=limits, replicas=pool)
                 new_keys = _write_image_batches(writer, runner.map(job), summary, advance, known)
                 known_keys = pa.concat_arrays([known_keys, pa.array(new_keys, pa.string())])
         summary.reused = _copy_known(writer, known)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+AUTO_REPLICA_ROWS = 2_000  # fewer rows: starting the replicas (seconds) costs more than they save
+AUTO_REPLICA_PARAMETERS = 1_000_000  # a smaller model is cheap beside decoding, which the workers spread already
+AUTO_REPLICA_MEMORY = 3 << 30  # bytes a replica may take: EfficientNet-Lite0 at batch 64 peaks at 2.6-2.8 GiB
+
+
+def planned_replicas(replicas: int | str, device: str, engine: str, rows: int) -> int:
+    """How many model processes `extract images` runs (1: the model in this process, over every core).
+
+    "auto": one single-threaded replica per core when the model runs on the CPU (`device` cpu, or
+    auto without CUDA), the engine is local, there are at least 2 cores and AUTO_REPLICA_ROWS rows
+    (and, once the model is loaded, it has AUTO_REPLICA_PARAMETERS parameters: `_keep_replicas`);
+    fewer (the cores shared out) when the available memory does not hold AUTO_REPLICA_MEMORY per
+    replica; else 1. N > 1 asks for N replicas (the cores shared out between them), on the CPU only."""
+    from phrasefuse.engine import cpu_cores
+
+    if replicas != "auto":
+        try:
+            count = int(replicas)
+        except (TypeError, ValueError):
+            raise BadInput(f"--replicas {replicas}: expected auto or a number of at least 1") from None
+        if count < 1:
+            raise BadInput(f"--replicas {replicas}: expected auto or a number of at least 1")
+        if count > 1 and (engine != "local" or _on_cuda(device)):
+            raise BadInput(f"--replicas {count}: model replicas run the model on this machine's CPU; "
+                           f"use --device cpu and --engine local, or drop --replicas")
+        return count
+    if engine != "local" or _on_cuda(device) or cpu_cores() < 2 or rows < AUTO_REPLICA_ROWS:
+        return 1
+    fit = available_memory() // AUTO_REPLICA_MEMORY  # many cores, little memory: fewer, wider replicas
+    return max(1, min(cpu_cores(), fit))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new processes (Linux: MemAvailable); unknown: as if plenty."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 60
+
+
+def _on_cuda(device: str) -> bool:
+    import torch
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def _replica_pool(model: str, limits, count: int):
+    """`count` `ImageEmbedder` replicas, the cores shared out between them; stopped on the way out."""
+    from phrasefuse.engine import ReplicaPool, cpu_cores
+    from phrasefuse.extract.mappers import ImageEmbedder
+
+    args = {"spec": model, "identity": None, "known_keys": pa.array([], pa.string()), "limits": limits}
+    pool = ReplicaPool(ImageEmbedder, args, count, threads=max(1, cpu_cores() // count))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _keep_replicas(pool, encoder, model: str, auto: bool):
+    """The replicas to use: none when "auto" started them for a model too small to gain from them."""
+    if pool is None:
+        return None
+    if auto and sum(p.numel() for p in encoder.module.parameters()) < AUTO_REPLICA_PARAMETERS:
+        pool.close()
+        return None
+    pool.expect(encoder.identity, model)
+    return pool
 
 
 def _write_image_batches(writer: StoreWriter, batches: Iterator, summary: ExtractSummary,

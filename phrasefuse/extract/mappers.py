@@ -98,16 +98,26 @@ class ImageEmbedder:
     is the local engine's (`images.ImageRows`: read, hash, skip known keys, decode, transform),
     on `threads` threads; the model runs once per batch."""
 
-    def __init__(self, spec: str, device: str, identity: dict, known_keys: pa.Array, threads: int, limits=None):
+    def __init__(self, spec: str, device: str, identity: dict | None, known_keys: pa.Array, threads: int,
+                 limits=None):
         from phrasefuse.extract.encoders import load_image_encoder
         from phrasefuse.extract.images import DEFAULT_LIMITS
 
         self.limits = limits or DEFAULT_LIMITS  # images.ImageLimits: rows over them are error rows
         set_threads(threads)
         self.encoder = load_image_encoder(spec, device)
-        check_identity(self.encoder.identity, identity, spec)
+        if identity is not None:  # None: a local replica, whose pool checks `identity` as it reports ready
+            check_identity(self.encoder.identity, identity, spec)
         self.known_keys = frozenset(known_keys.to_pylist())
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    @property
+    def identity(self) -> dict:
+        return self.encoder.identity
+
+    def add_known_keys(self, keys: pa.Array) -> None:
+        """Keys embedded since (the store's at the start, then each chunk's): those rows are hashed, not decoded."""
+        self.known_keys = self.known_keys | frozenset(keys.to_pylist())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from phrasefuse.extract.images import ImageRows, collate, image_sources
@@ -127,6 +137,14 @@ class ImageEmbedder:
             "embedded": pa.array(np.arange(len(items)) < n),
             "emb": embedding_array(emb),
         })
+
+
+def embed_images_replicas(todo: pa.Table, replicas, batch_size: int) -> Iterator[ImageBatch]:
+    """The local mapper with model replicas (`engine.ReplicaPool` of `ImageEmbedder`s): each
+    replica reads, decodes and embeds whole batches of rows itself, on one core; the batches come
+    back in order, as `embed_images_local` yields them."""
+    blocks = (todo.slice(start, batch_size) for start in range(0, todo.num_rows, batch_size))
+    yield from image_batches_from_actors(replicas.map(blocks))
 
 
 def image_batches_from_actors(tables: Iterator[pa.Table]) -> Iterator[ImageBatch]:
