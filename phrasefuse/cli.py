@@ -86,10 +86,11 @@ RAY_ACTORS_HELP = "--engine ray: model actors (default: one per GPU, else one pe
 
 
 REPLICAS_HELP = ("Model processes on the CPU, each single-threaded and reading its own images (--workers then "
-                 "unused). auto: one per core when the model runs on the CPU with --engine local, on 2 or more "
-                 "cores, for 2,000 rows or more and a model of 1M parameters or more (fewer when 3 GB each do "
-                 "not fit in the available memory); else 1 (the model in this process over every core). Each "
-                 "replica holds its own model and batch: see README.")
+                 "unused); default 1: the model in this process over every core (on a quiet 2-core machine two "
+                 "replicas ran at 0.82x its speed: see README). auto: one per core when the model runs on the CPU "
+                 "with --engine local, on 2 or more cores, for 2,000 rows or more and a model of 1M parameters or "
+                 "more (fewer when 3 GB each do not fit in the available memory). Each replica holds its own model "
+                 "and batch.")
 
 
 def _ray_options(engine: Engine, address: Optional[str], actors: Optional[int]):
@@ -118,7 +119,7 @@ def extract_images(
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
-    replicas: str = typer.Option("auto", "--replicas", help=REPLICAS_HELP),
+    replicas: str = typer.Option("1", "--replicas", help=REPLICAS_HELP),
     max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Image files larger than this are error rows (default 256)."),
     max_image_megapixels: Optional[float] = typer.Option(None, "--max-image-megapixels", help="Images with more pixels are error rows (default 89.5, Pillow's bomb limit)."),
     max_aspect_ratio: Optional[float] = typer.Option(None, "--max-aspect-ratio", help="Images longer than this times their width (or wider) are error rows (default 50)."),

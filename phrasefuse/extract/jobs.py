@@ -129,8 +129,9 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     """Embed the `image` column of a manifest into the store `out`. Image paths that resolve
     outside the manifest's folder are refused unless `allow_outside_paths`; images over `limits`
     (`images.ImageLimits`: file size, pixels, aspect ratio; None: the defaults) are error rows.
-    `replicas` (CPU, local engine): model processes, "auto" as `planned_replicas` decides (the CLI's
-    default; spawned processes re-import the caller's main module: a script needs `if __name__ == "__main__"`)."""
+    `replicas` (CPU, local engine): model processes (1, the default: this one), or "auto" as
+    `planned_replicas` decides (spawned processes re-import the caller's main module: a script needs
+    `if __name__ == "__main__"`)."""
     from phrasefuse.extract.encoders import load_image_encoder
 
     _check_sizes(batch_size, shard_size, limit)
