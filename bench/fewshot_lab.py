@@ -33,13 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
-from phrasefuse.fuse.ablate import prior_weight
-from phrasefuse.fuse.data import Blocks
+from phrasefuse.fuse.data import Blocks, prepare
 from phrasefuse.fuse.heads import Task, head_params
 from phrasefuse.fuse.labeltext import apply_prior, calibrate_prior, cosine_scores, embed_texts, label_texts
 from phrasefuse.fuse.pseudo import PseudoShots, _prototypes, match_labels, with_pseudo_rows
-from phrasefuse.fuse.select import Scheme, Tuner, cross_validation, sample_shots
-from phrasefuse.fuse.train import fit_and_choose, prepare
+from phrasefuse.fuse.select import Scheme, Tuner, cross_validation, fit_and_choose, sample_shots
+from phrasefuse.fuse.select import choose_label_prior as prior_weight
 from phrasefuse.store import encoder_identity, l2_normalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +124,7 @@ def load_tin200(work: Path, data: Path, which: list[str], k_phrases: int = 3) ->
 
     import pyarrow.parquet as pq
 
-    from phrasefuse.fuse.data import Blocks
+    from phrasefuse.fuse.data import Blocks, prepare
     from phrasefuse.index.prototypes import prototypes
     from phrasefuse.store import EmbeddingStore
 

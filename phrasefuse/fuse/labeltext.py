@@ -238,21 +238,73 @@ def calibrate_prior_on_shots(cos: np.ndarray, y: np.ndarray) -> PriorFit:
     those of PERMUTATIONS priors shuffled across the shots and the chi-square 5% level. The head's
     probabilities are taken as they are: a head fitted to one example per class is overconfident,
     so the prior's weight errs small (bench/README.md: CIFAR-10 and weak-prior checks)."""
-    known = y >= 0
-    cos, y = cos[known].astype(np.float64), y[known]
-    n = len(y)
-    if n < 2 or cos.shape[1] < 2:
-        return PriorFit(0.0, 0.0, 0.0, 0.0, n, NO_SHOTS_GIVEN)
-    fitted, lr = _fit_temperature(cos, y)
-    critical = _permutation_critical(lambda c: _fit_temperature(c, y)[1], cos, lr)
-    top1 = float(np.mean(np.argmax(cos, axis=1) == y))
-    kept = fitted > 0 and lr > critical
+    fit = _prior_alone(cos, y)
+    if fit is None:
+        return PriorFit(0.0, 0.0, 0.0, 0.0, int((y >= 0).sum()), NO_SHOTS_GIVEN)
+    fitted, lr, critical, top1, n = fit
     rule = (f"no head can be scored on a held-out example (1 per class), but the prior never trained on the shots: "
             f"its temperature fitted by likelihood on the {n} shots (prior alone, top-1 {100 * top1:.1f}%, chance "
             f"{100 / cos.shape[1]:.1f}%), added to the head's log-probabilities as they are; kept only if its "
             f"likelihood ratio against a uniform prior beats those of {PERMUTATIONS} priors shuffled across the shots "
             f"and the chi-square 5% level (2 dlogL = {lr:.2f} vs {critical:.2f})")
-    return PriorFit(float(fitted) if kept else 0.0, float(fitted), lr, top1, n, rule)
+    return PriorFit(fitted if lr > critical else 0.0, fitted, lr, top1, n, rule)
+
+
+# Rows the prior alone is fitted on when the held-out rows are inconclusive: enough for the
+# permutation test to be decisive, few enough that 20 fits stay cheap at any training-set size.
+PRIOR_ALONE_MAX_ROWS = 2000
+
+
+def calibrate_prior_on_training_rows(held_out: PriorFit, probs: np.ndarray, cos: np.ndarray, y: np.ndarray,
+                                     train_cos: np.ndarray, train_y: np.ndarray) -> PriorFit:
+    """The second look, when the held-out rows (`probs`, `cos`, `y`) were inconclusive (`held_out`
+    kept no weight): held-out rows are few (1 per class per fold at 5 shots), the head's training
+    rows are all the labelled rows, and the prior never trained on those either. Its temperature
+    is fitted on them as at 1 shot (calibrate_prior_on_shots: likelihood, permutation test) and
+    kept unless the held-out rows show a cost: top-1 there dropping by more than one standard
+    error with it."""
+    if held_out.weight > 0 or probs is None:
+        return held_out
+    take = _at_most(len(train_y), PRIOR_ALONE_MAX_ROWS)
+    fit = _prior_alone(train_cos[take], train_y[take])
+    if fit is None or fit[1] <= fit[2]:
+        detail = "" if fit is None else f" (2 dlogL = {fit[1]:.2f} vs {fit[2]:.2f})"
+        return PriorFit(0.0, held_out.fitted, held_out.lr, held_out.top1, held_out.rows, held_out.rule +
+                        f"; the prior alone on the head's training rows did not pass its own test either{detail}")
+    fitted, lr, critical, alone_top1, n = fit
+    known = y >= 0
+    log_base = np.log(np.clip(probs[known].astype(np.float64), 1e-12, None))
+    change = (np.argmax(log_base + fitted * cos[known], axis=1) == y[known]).astype(float) - \
+        (np.argmax(log_base, axis=1) == y[known]).astype(float)
+    top1 = float(change.mean()) if len(change) else 0.0
+    se = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else 0.0
+    kept = top1 >= -se
+    rule = (f"{held_out.rule}; inconclusive there, so the prior alone (it never trained on the head's training rows "
+            f"either) had its temperature fitted by likelihood on {n} of them (prior alone, top-1 "
+            f"{100 * alone_top1:.1f}%; 2 dlogL = {lr:.2f} vs {critical:.2f} for {PERMUTATIONS} shuffled priors and "
+            f"the chi-square 5% level), added to the head's log-probabilities, kept unless top-1 on the held-out "
+            f"rows drops by more than one standard error with it ({100 * top1:+.1f} pt, se {100 * se:.1f})")
+    return PriorFit(fitted if kept else 0.0, fitted, lr, top1, n, rule)
+
+
+def _prior_alone(cos: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, int] | None:
+    """(b, likelihood ratio, its permutation-test critical value, top-1, rows) of the prior
+    softmax(b * cos) fitted by likelihood on labelled rows it never trained on; None with fewer
+    than 2 rows or classes."""
+    known = y >= 0
+    cos, y = cos[known].astype(np.float64), y[known]
+    if len(y) < 2 or cos.shape[1] < 2:
+        return None
+    fitted, lr = _fit_temperature(cos, y)
+    critical = _permutation_critical(lambda c: _fit_temperature(c, y)[1], cos, lr)
+    return float(fitted), lr, critical, float(np.mean(np.argmax(cos, axis=1) == y)), len(y)
+
+
+def _at_most(n: int, limit: int) -> np.ndarray:
+    """Row positions: all n, or `limit` of them drawn without replacement (fixed seed), in order."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
 
 
 def _permutation_critical(statistic, cos: np.ndarray, observed: float) -> float:
@@ -297,10 +349,15 @@ def prior_scores(store: EmbeddingStore, vectors: np.ndarray, present: np.ndarray
     return cosine_scores(vectors, present, label_emb), label_emb
 
 
-def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
-    """The label prior's weight on held-out rows (calibrate_prior), and the record behind it:
-    the fit, the rule, and each candidate weight's held-out top-1 and log-likelihood."""
+def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray,
+                        trained: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, dict]:
+    """The label prior's weight on held-out rows (calibrate_prior; when they are inconclusive and
+    `trained` gives the scores and labels of the head's training rows,
+    calibrate_prior_on_training_rows), and the record behind it: the fit, the rule, and each
+    candidate weight's held-out top-1 and log-likelihood."""
     fit = calibrate_prior(probs, cos, y)
+    if trained is not None:
+        fit = calibrate_prior_on_training_rows(fit, probs, cos, y, *trained)
     record = fit.as_dict()
     known = y >= 0
     if probs is not None and known.any():

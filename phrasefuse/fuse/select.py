@@ -251,14 +251,16 @@ class Outcome:
 def choose_label_prior(outcome: Outcome, cos: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
     """The label prior's weight and how it was chosen (labeltext.choose_prior_weight), for `fuse
     train`, `run` and `fuse ablate` alike: on the saved head's out-of-fold (or validation)
-    probabilities; with 1 shot per class there are none, and the prior's own temperature is
-    fitted on the shots, which it never trained on."""
+    probabilities, and when those are inconclusive, the prior's own temperature fitted on the
+    head's training rows; with 1 shot per class nothing is held out, and the temperature is
+    fitted on the shots, which the prior never trained on."""
     trial = outcome.held_out()
     if trial is None:
         shots = outcome.tuner.scheme.pool if outcome.tuner is not None else np.zeros(0, dtype=np.int64)
         weight, record = choose_prior_weight(None, cos[shots], y[shots])
         return weight, {"scheme": "1 shot: the prior's temperature fitted on the shots", **record}
-    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows])
+    pool = outcome.tuner.scheme.pool
+    weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows], trained=(cos[pool], y[pool]))
     return weight, {"scheme": outcome.scheme, **record}
 
 

@@ -172,8 +172,9 @@ def _label_prior(prep: Prepared, outcome: Outcome, store: str, descriptions: dic
                                   descriptions, label_descriptions)
     val = prep.rows["val"]
     if len(val):  # the saved head itself, on the val split
+        train = prep.rows["train"]
         weight, record = choose_prior_weight(_probs(outcome.saved, outcome.saved_blocks, prep, "val"), cos[val],
-                                             prep.labels.y[val])
+                                             prep.labels.y[val], trained=(cos[train], prep.labels.y[train]))
     else:  # out-of-fold probabilities, or (1 shot) the prior alone on the shots: as ablate
         weight, record = choose_label_prior(outcome, cos, prep.labels.y)
     meta = {"store": feature_record(feature), "texts": "descriptions" if descriptions else "label names", **record,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phrasefuse.fuse.labeltext import (LR_CRITICAL, apply_prior, calibrate_prior, embed_texts, label_texts, label_words,
-                                       mean_per_group)
+from phrasefuse.fuse.labeltext import (LR_CRITICAL, apply_prior, calibrate_prior, calibrate_prior_on_training_rows,
+                                       choose_prior_weight, embed_texts, label_texts, label_words, mean_per_group)
 
 
 def prior_scores(rng, y: np.ndarray, classes: int, signal: float) -> np.ndarray:
@@ -88,6 +88,49 @@ def test_at_one_shot_an_informative_prior_is_kept_and_helps():
         np.mean(np.argmax(probs, 1) == test_y) + 0.1
     weaker = calibrate_prior(None, one_shot(4, 10, 0.15)[2], y)
     assert weaker.fitted < fit.fitted  # a weaker prior earns a smaller weight
+
+
+def held_out_and_training(seed: int, signal: float, held_out_signal: float | None = None):
+    """5 shots of 10 classes: 10 held-out rows (1 per class, a head right on half of them) and the
+    50 training rows; the prior's scores on both (`held_out_signal` on the held-out rows if given)."""
+    rng = np.random.default_rng(seed)
+    y_out, y_train = np.arange(10), np.repeat(np.arange(10), 5)
+    sig = signal if held_out_signal is None else held_out_signal
+    return (head_probs(rng, y_out, 10, 0.5), prior_scores(rng, y_out, 10, sig), y_out,
+            prior_scores(rng, y_train, 10, signal), y_train)
+
+
+def test_inconclusive_held_out_rows_fall_back_on_the_prior_alone_on_the_training_rows():
+    probs, cos, y, train_cos, train_y = held_out_and_training(3, 0.3, held_out_signal=0.05)
+    held_out = calibrate_prior(probs, cos, y)
+    assert held_out.weight == 0.0  # 10 held-out rows of a weak signal: inconclusive
+    fit = calibrate_prior_on_training_rows(held_out, probs, cos, y, train_cos, train_y)
+    assert fit.weight == fit.fitted > 0 and fit.rows == 50 and "inconclusive there" in fit.rule
+    weight, record = choose_prior_weight(probs, cos, y, trained=(train_cos, train_y))
+    assert weight == fit.weight and record["rule"] == fit.rule and record["grid"]
+    assert choose_prior_weight(probs, cos, y)[0] == 0.0  # without the training rows: no second look
+
+
+def test_the_second_look_keeps_a_noise_prior_out_and_a_costly_one_too():
+    kept = 0
+    for seed in range(20):  # noise everywhere: the prior alone must pass its own permutation test
+        probs, cos, y, train_cos, train_y = held_out_and_training(400 + seed, 0.0)
+        kept += choose_prior_weight(probs, cos, y, trained=(train_cos, train_y))[0] > 0
+    assert kept <= 4  # 5% of 20 is 1
+    # informative on the training rows, but pointing at the wrong class on the held-out rows
+    probs, _, y, train_cos, train_y = held_out_and_training(7, 0.3)
+    wrong = prior_scores(np.random.default_rng(8), (y + 1) % 10, 10, 0.5)
+    fit = calibrate_prior_on_training_rows(calibrate_prior(probs, wrong, y), probs, wrong, y, train_cos, train_y)
+    assert fit.weight == 0.0 and fit.fitted > 0 and fit.top1 < 0
+
+
+def test_a_conclusive_held_out_fit_is_kept_as_it_is():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(8), 10)
+    probs, cos = head_probs(rng, y, 8, 0.6), prior_scores(rng, y, 8, 0.2)
+    held_out = calibrate_prior(probs, cos, y)
+    assert held_out.weight > 0
+    assert calibrate_prior_on_training_rows(held_out, probs, cos, y, cos, y) is held_out
 
 
 def test_unseen_labels_are_left_out():
