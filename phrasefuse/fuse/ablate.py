@@ -276,8 +276,9 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
     if k is None:
         note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping and the image-only "
                 f"fallback chosen on the val split ({len(prep.rows['val'])} rows), the label prior's weight by "
-                f"likelihood on it (kept only when a likelihood-ratio test is significant at 5%); test split "
-                f"reported.")
+                f"likelihood on it (kept only when a likelihood-ratio test is significant at 5%; when it is not, "
+                f"the prior's own temperature fitted on the train split, unless val top-1 drops with it); test "
+                f"split reported.")
     elif k == 1:
         note = ("1 labelled example per class (drawn per seed): no fold can hold out an example of every class, so "
                 "nothing can show that text helps the head: it is left out (image-only). The label prior never trains "
@@ -287,7 +288,8 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
         note = (f"{k} labelled examples per class (drawn per seed; {int(np.mean(train_rows))} rows on average); text "
                 f"trust, early stopping and the image-only fallback chosen by {scheme_name}, the label prior's "
                 f"weight by likelihood on the out-of-fold probabilities (kept only when a likelihood-ratio test is "
-                f"significant at 5%); the val split is not used.")
+                f"significant at 5%; when it is not, the prior's own temperature fitted on the shots, unless "
+                f"out-of-fold top-1 drops with it); the val split is not used.")
     if k is not None and mean_shots < k - 1e-9:
         note += (f" Some labels have fewer than {k} train rows: {mean_shots:.1f} shots per label on average, "
                  f"not {k}.")
