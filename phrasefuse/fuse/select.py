@@ -260,6 +260,7 @@ def choose_label_prior(outcome: Outcome, cos: np.ndarray, y: np.ndarray) -> tupl
         weight, record = choose_prior_weight(None, cos[shots], y[shots])
         return weight, {"scheme": "1 shot: the prior's temperature fitted on the shots", **record}
     pool = outcome.tuner.scheme.pool
+    pool = pool[pool < len(y)]  # the labelled rows; pseudo-shot rows (appended after them) have no prior score
     weight, record = choose_prior_weight(trial.probs, cos[trial.rows], y[trial.rows], trained=(cos[pool], y[pool]))
     return weight, {"scheme": outcome.scheme, **record}
 

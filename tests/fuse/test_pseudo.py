@@ -12,7 +12,7 @@ from phrasefuse.errors import BadInput
 from phrasefuse.fuse.data import Blocks, prepare
 from phrasefuse.fuse.heads import Task, head_params
 from phrasefuse.fuse.pseudo import PseudoShots, load_pseudo_shots, match_labels
-from phrasefuse.fuse.select import cross_validation, fit_and_choose, sample_shots
+from phrasefuse.fuse.select import choose_label_prior, cross_validation, fit_and_choose, sample_shots
 from phrasefuse.store import EmbeddingStore
 from tests.conftest import run_cli
 from tests.fuse.conftest import generated_encoder, write_store
@@ -73,6 +73,10 @@ def test_matching_pseudo_shots_are_kept_and_help(few_shot):
     assert outcome.pseudo["score_without"] < max(c["score"] for c in outcome.pseudo["candidates"])
     assert "pseudo-shots" in outcome.reason
     assert acc(outcome) > acc(without) + 0.05  # on the test split, which chose nothing
+    # the label prior's second look uses the head's labelled training rows, not its pseudo-shot rows
+    cos = np.random.default_rng(0).standard_normal((len(prep.labels.y), CLASSES)).astype(np.float32)
+    weight, record = choose_label_prior(outcome, cos, prep.labels.y)
+    assert weight == 0.0 and "did not pass its own test either" in record["rule"]
 
 
 @pytest.mark.parametrize("seed", range(3))
