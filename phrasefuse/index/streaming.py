@@ -34,7 +34,7 @@ from phrasefuse.engine import progress as progress_bar
 from phrasefuse.index.pairs import PairCounts, _FirstOfEachPair, clean_batch, pairs_columns
 from phrasefuse.index.prototypes import scaled_per_segment, segment_sums
 from phrasefuse.manifests.tables import BATCH_ROWS, iter_batches
-from phrasefuse.store import EmbeddingStore, embeddings_to_numpy, l2_normalize
+from phrasefuse.store import EmbeddingStore, embeddings_to_numpy
 
 PAIR = np.dtype([("code", "<i8"), ("row", "<i8"), ("weight", "<f8")])
 PAIR_COPIES = 4  # a partition's pairs while deduplicated: the records, the keys, the sort, the kept rows
@@ -363,7 +363,7 @@ def shard_file_sums(store_path: str, shard: str, code: np.ndarray, row: np.ndarr
     """One shard's partial sums, from its paths alone (what a Ray task runs, on any node)."""
     store = EmbeddingStore(store_path)
     emb = embeddings_to_numpy(store.read_shard(Path(shard), ["emb"])["emb"])
-    return segment_sums(code, row, l2_normalize(emb), n_segments, weight)
+    return segment_sums(code, row, unit_rows(emb), n_segments, weight)
 
 
 class RaySums:
