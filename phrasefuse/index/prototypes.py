@@ -16,15 +16,17 @@ CHUNK_PAIRS = 65_536
 
 
 def segment_sums(segment: np.ndarray, rows: np.ndarray, embeddings: np.ndarray, n_segments: int,
-                 weights: np.ndarray | None = None, chunk: int = CHUNK_PAIRS) -> np.ndarray:
+                 weights: np.ndarray | None = None, chunk: int = CHUNK_PAIRS,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """(n_segments, dim) float32: row s = sum over pairs p with segment[p] == s of
-    weights[p] * embeddings[rows[p]]. Segments without pairs are zero rows."""
+    weights[p] * embeddings[rows[p]]. Segments without pairs are zero rows. With `out` (float32,
+    (n_segments, dim)) the sums are added into it and it is returned: no second array of sums."""
     segment = np.asarray(segment, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(segment, kind="stable")
     segment, rows = segment[order], rows[order]
     weights = None if weights is None else np.asarray(weights, dtype=np.float32)[order]
-    sums = np.zeros((n_segments, embeddings.shape[1]), dtype=np.float32)
+    sums = np.zeros((n_segments, embeddings.shape[1]), dtype=np.float32) if out is None else out
     for start in range(0, len(segment), chunk):
         seg = segment[start:start + chunk]
         block = np.asarray(embeddings[rows[start:start + chunk]], dtype=np.float32)

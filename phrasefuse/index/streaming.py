@@ -21,6 +21,7 @@ another order: within float tolerance).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from phrasefuse.engine import progress as progress_bar
 from phrasefuse.index.pairs import PairCounts, _FirstOfEachPair, clean_batch, pairs_columns
 from phrasefuse.index.prototypes import scaled_per_segment, segment_sums
 from phrasefuse.manifests.tables import BATCH_ROWS, iter_batches
-from phrasefuse.store import EmbeddingStore, embeddings_to_numpy, l2_normalize
+from phrasefuse.store import EmbeddingStore, embeddings_to_numpy
 
 PAIR = np.dtype([("code", "<i8"), ("row", "<i8"), ("weight", "<f8")])
 PAIR_COPIES = 4  # a partition's pairs while deduplicated: the records, the keys, the sort, the kept rows
@@ -194,9 +195,16 @@ def local_sums(layout: StoreLayout, work: list, n_segments: int,
     """The ShardSummer of the local engine: shard after shard, in this process."""
     sums = np.zeros((n_segments, layout.store.dim), np.float32)
     for shard, code, row, weight in work:
-        sums += segment_sums(code, row, l2_normalize(layout.embeddings(shard)), n_segments, weight)
+        segment_sums(code, row, unit_rows(layout.embeddings(shard)), n_segments, weight, out=sums)
         advance(1)
     return sums
+
+
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """l2_normalize of a shard's embeddings, dividing the float32 copy in place (one copy, not two)."""
+    x = np.array(embeddings, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 @dataclass
@@ -215,24 +223,30 @@ def partition_prototypes(records: np.ndarray, lo: int, hi: int, layout: StoreLay
     """Prototypes of the phrases ranked [lo, hi) from their spilled pairs; advance(1) per store shard
     (a shard holding none of the partition's rows counts as done at once)."""
     records = first_of_each(records, layout.rows)
-    positive = records["weight"] > 0
-    usable = records[positive]
-    code = usable["code"] - lo
+    distinct, positive = len(records), records["weight"] > 0
+    zero_weight = int(distinct - positive.sum())
+    records = records[positive]  # the pairs' records are dropped as soon as what the sums need is out
+    code = records["code"] - lo
     images = np.bincount(code, minlength=hi - lo)
     kept = images >= min_images
     keep = kept[code]
-    code, row = code[keep], usable["row"][keep]
-    weight = scaled_per_segment(usable["weight"][keep], code, hi - lo) if weighted else None
+    code, row = code[keep], records["row"][keep]
+    weight = scaled_per_segment(records["weight"][keep], code, hi - lo) if weighted else None
+    del records, keep
     order = np.argsort(row, kind="stable")
     code, row = code[order], row[order]
     weight = None if weight is None else weight[order]
+    del order
     work = [(shard, code[a:b], row[a:b] - layout.starts[shard], None if weight is None else weight[a:b])
             for shard, a, b in layout.split(row)]
     advance(len(layout.shards) - len(work))
     sums = summer(layout, work, hi - lo, advance)
+    del work, code, row, weight
     ok = kept & (np.linalg.norm(sums, axis=1) > 1e-6)
-    return PartitionResult(np.flatnonzero(ok) + lo, l2_normalize(sums[ok]), images,
-                           int((kept & ~ok).sum()), len(records), int((~positive).sum()))
+    vectors = sums if ok.all() else sums[ok]
+    del sums  # normalised in place: the partition's sums and its prototypes are never held three times
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return PartitionResult(np.flatnonzero(ok) + lo, vectors, images, int((kept & ~ok).sum()), distinct, zero_weight)
 
 
 @dataclass
@@ -273,7 +287,7 @@ def stream_prototypes(pattern, layout: StoreLayout, work: Path, *, memory: int, 
             lo, hi = p * per_partition, min(len(phrases), (p + 1) * per_partition)
             result = partition_prototypes(spilled.load(p), lo, hi, layout, min_images, weighted, summer, advance)
             spilled.path(p).unlink(missing_ok=True)
-            result.vectors.astype(np.float32).tofile(out)
+            result.vectors.astype(np.float32, copy=False).tofile(out)
             kept.append(result.kept)
             images.append(result.images)
             zero += result.zero
@@ -289,7 +303,9 @@ def stream_prototypes(pattern, layout: StoreLayout, work: Path, *, memory: int, 
 
 class VectorFile:
     """Rows of a float32 file, read on demand (indexing returns an in-memory copy): the built index
-    and a chunk are in memory, never the whole file (a memmap kept open would count its pages)."""
+    and a chunk are in memory, never the whole file. Rows are read with pread, not through a memory
+    map: a mapping's pages count in the process's RSS, and a few thousand scattered rows (the tuning's
+    recall checks) fault in far more than they hold (the kernel maps whole neighbourhoods of pages)."""
 
     def __init__(self, path: Path, rows: int, dim: int):
         self.path, self.shape, self.dtype, self.ndim = Path(path), (int(rows), int(dim)), np.dtype(np.float32), 2
@@ -298,17 +314,48 @@ class VectorFile:
         return self.shape[0]
 
     def __getitem__(self, key) -> np.ndarray:
-        if self.shape[0] == 0:
-            return np.zeros((0, self.shape[1]), np.float32)[key]
-        mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
-        try:
-            return np.array(mapped[key])
-        finally:
-            del mapped
+        rows, dim = self.shape
+        if isinstance(key, slice):
+            start, stop, step = key.indices(rows)
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._read_runs(np.array([start]), np.array([max(start, stop)]))
+        index = np.asarray(key)
+        if index.dtype.kind not in "iu":
+            raise TypeError(f"VectorFile rows: a slice or integer indices, not {index.dtype}")
+        index = np.where(index < 0, index + rows, index)
+        if index.size and (index.min() < 0 or index.max() >= rows):
+            raise IndexError(f"row index out of range for {rows} rows")
+        wanted, where = np.unique(index.ravel(), return_inverse=True)
+        # Consecutive wanted rows are read in one call (a sorted sample reads in few runs).
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        firsts = wanted[np.r_[0, breaks]] if len(wanted) else wanted
+        lasts = wanted[np.r_[breaks - 1, len(wanted) - 1]] if len(wanted) else wanted
+        return self._read_runs(firsts, lasts + 1)[where].reshape(*index.shape, dim)
+
+    def _read_runs(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Rows [starts[i], ends[i]) of each run, concatenated, read straight into one array."""
+        dim = self.shape[1]
+        out = np.empty((int((ends - starts).sum()), dim), np.float32)
+        row_bytes = dim * 4
+        if out.size == 0:
+            return out
+        view = memoryview(out.reshape(-1)).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            at = 0
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                size = (end - start) * row_bytes
+                done = 0
+                while done < size:  # pread may return less than asked
+                    got = os.preadv(f.fileno(), [view[at + done:at + size]], start * row_bytes + done)
+                    if got <= 0:
+                        raise OSError(f"{self.path}: ended at byte {start * row_bytes + done}")
+                    done += got
+                at += size
+        return out
 
     def __array__(self, dtype=None, copy=None):
         return self[:] if dtype is None else self[:].astype(dtype)
-
 
 
 def shard_file_sums(store_path: str, shard: str, code: np.ndarray, row: np.ndarray, weight: np.ndarray | None,
@@ -316,7 +363,7 @@ def shard_file_sums(store_path: str, shard: str, code: np.ndarray, row: np.ndarr
     """One shard's partial sums, from its paths alone (what a Ray task runs, on any node)."""
     store = EmbeddingStore(store_path)
     emb = embeddings_to_numpy(store.read_shard(Path(shard), ["emb"])["emb"])
-    return segment_sums(code, row, l2_normalize(emb), n_segments, weight)
+    return segment_sums(code, row, unit_rows(emb), n_segments, weight)
 
 
 class RaySums:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.index.ann import build_faiss_index, parse_memory, plan_index, recall_at_k
+from phrasefuse.index.ann import (build_faiss_index, make_index, parse_memory, plan_index, recall_at_k,
+                                  train_and_add)
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import l2_normalize
 from tests.conftest import run_cli
@@ -119,3 +120,35 @@ def test_cli_refuses_a_memory_budget_too_small(random_store, random_pairs, tmp_p
                    "--kind", "ivf-pq", "--memory", "1K")
     assert proc.returncode == 2 and "--memory 1.0 KiB: too small for 3,000 prototypes" in proc.stderr
     assert not (tmp_path / "i").exists()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-sq8", "hnsw"])
+def test_exact_vectors_are_added_in_place_without_regrowing(kind, monkeypatch):
+    """train_and_add reserves the flat codes first: their buffer never moves while the chunks are
+    added (each move held the old and the new buffer at once), and the index is the same."""
+    import faiss
+
+    from phrasefuse.index import ann
+
+    vectors = l2_normalize(np.random.default_rng(3).standard_normal((3000, 16)).astype(np.float32))
+    plan = plan_index(len(vectors), 16, GiB, kind)
+    monkeypatch.setattr(ann, "ADD_CHUNK", 500)
+    addresses, built = {}, []
+    for reserve in (True, False):
+        if not reserve:
+            monkeypatch.setattr(ann, "reserve_flat_codes", lambda index, n: None)
+        index = make_index(plan)
+        outer = faiss.downcast_index(index)
+        flat = faiss.downcast_index(getattr(outer, "refine_index", None) or getattr(outer, "storage", None) or outer)
+        add = index.add
+
+        def add_and_record(x, add=add, flat=flat, seen=addresses.setdefault(reserve, set())):
+            add(x)
+            seen.add(int(flat.codes.data()))
+
+        index.add = add_and_record
+        train_and_add(index, plan, vectors)
+        built.append(faiss.serialize_index(index))
+    assert len(addresses[True]) == 1  # reserved: one buffer throughout
+    assert len(addresses[False]) > 1  # the check can fail: unreserved, the buffer moves as it grows
+    np.testing.assert_array_equal(built[0], built[1])

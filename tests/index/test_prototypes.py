@@ -35,6 +35,17 @@ def test_segment_sums_match_a_loop_across_chunks():
     assert not got[7:].any()  # segments without pairs stay zero
 
 
+def test_segment_sums_into_out_add_to_what_it_holds():
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((40, 8)).astype(np.float32)
+    segment, rows = rng.integers(0, 5, size=200), rng.integers(0, 40, size=200)
+    start = rng.standard_normal((5, 8)).astype(np.float32)
+    out = start.copy()
+    got = segment_sums(segment, rows, emb, 5, chunk=23, out=out)
+    assert got is out  # no second array of sums
+    np.testing.assert_allclose(out, start + segment_sums(segment, rows, emb, 5), rtol=1e-5, atol=1e-5)
+
+
 def test_prototypes_equal_naive_weighted_means():
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((30, 16)).astype(np.float32) * 3  # not unit: prototypes normalise first

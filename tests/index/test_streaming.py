@@ -18,7 +18,7 @@ from phrasefuse.index.build import build_index
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.index.pairs import read_pairs
 from phrasefuse.index.prototypes import prototypes
-from phrasefuse.index.streaming import StoreLayout, partition_size, stream_prototypes
+from phrasefuse.index.streaming import StoreLayout, VectorFile, partition_size, stream_prototypes
 from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
 from tests.index.conftest import random_encoder
 
@@ -183,3 +183,19 @@ def test_ray_engine_builds_the_same_index(ray_cluster, sharded_store, messy_pair
     assert table.equals(want_table)
     np.testing.assert_allclose(vectors, want_vectors, atol=1e-5)
     assert meta["counts"] == want_meta["counts"]
+
+
+def test_vector_file_rows_equal_the_array(tmp_path):
+    """VectorFile (read with pread, never mapped) returns what indexing the array would."""
+    rng = np.random.default_rng(4)
+    array = rng.standard_normal((1000, 7)).astype(np.float32)
+    array.tofile(tmp_path / "v.f32")
+    rows = VectorFile(tmp_path / "v.f32", 1000, 7)
+    found = rng.integers(0, 1000, (50, 10))  # the tuning's (queries, k) rows
+    sample = np.sort(rng.choice(1000, 300, replace=False))  # the training sample: runs of rows
+    for key in (slice(None), slice(10, 500), slice(990, 2000), slice(5, 3), slice(None, None, 7), slice(-5, None),
+                found, sample, np.array([-1, 0, 0]), np.zeros(0, np.int64)):
+        np.testing.assert_array_equal(rows[key], array[key])
+    np.testing.assert_array_equal(np.asarray(rows), array)
+    with pytest.raises(IndexError):
+        rows[np.array([1000])]
