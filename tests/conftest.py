@@ -56,11 +56,14 @@ def pytest_configure(config: pytest.Config) -> None:
     """Each xdist worker gets its share of the cores for torch/OpenMP, also passed to the CLI
     processes the tests start (set before any test module imports torch). With every worker's
     tiny-model ops spread over all the cores, the workers' threads wait on each other at every
-    operator: several times slower than one thread each. A value set by the caller is kept."""
+    operator: several times slower than one thread each. NumPy's OpenBLAS keeps its default (every
+    core; it would follow OMP_NUM_THREADS): its sums, so some heads' validation choices, depend on
+    its thread count. A value set by the caller is kept."""
     if getattr(config.option, "numprocesses", None):
         return  # the xdist controller: it runs no test, and its workers must compute their own share
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cores))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
