@@ -34,16 +34,20 @@ TINY_CLIP_CONFIG = {
 # xdist's own order, by number of tests, which put the long few-test files last). Files not
 # listed keep their order, after these.
 LONGEST_FIRST = [
+    "tests/extract/test_ray_engine.py",
+    "tests/faults/test_interrupt_replicas.py",
+    "tests/faults/test_interrupts.py",
     "tests/run/test_run.py",
     "tests/index/test_cli.py",
+    "tests/extract/test_replicas.py",
     "tests/fuse/test_cli.py",
-    "tests/extract/test_ray_engine.py",
-    "tests/fuse/test_train.py",
     "tests/faults/test_kill_points.py",
-    "tests/faults/test_interrupts.py",
-    "tests/test_predict.py",
+    "tests/fuse/test_train.py",
+    "tests/extract/test_jobs.py",
     "tests/fuse/test_cli_ablate.py",
+    "tests/extract/test_sources.py",
     "tests/faults/test_exit_status.py",
+    "tests/test_predict.py",
 ]
 
 
