@@ -73,8 +73,9 @@ def test_sigkill_with_replicas_takes_the_replicas_down_and_resume_completes(faul
     proc.communicate(timeout=TIMEOUT)
     wait_until(lambda: not any(running(pid) for pid in replicas))  # the kernel kills them with their parent
     assert [p.name for p in shards(out)] == shard_names(1)
+    # The resume in this process, without replicas (resuming with them: tests/extract/test_replicas.py).
     summary = extract_images(fault_dataset, out, model=tiny_clip_spec, batch_size=1, shard_size=SHARD, device="cpu",
-                             progress=False, replicas=2)
+                             progress=False)
     assert (summary.present, summary.embedded) == (SHARD, ROWS - SHARD)
     assert sorted(assert_sound(out)) == sorted(pq.read_table(fault_dataset)["id"].to_pylist())
 
