@@ -20,6 +20,7 @@ settings.load_profile("phrasefuse")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -33,22 +34,41 @@ TINY_CLIP_CONFIG = {
 # xdist's own order, by number of tests, which put the long few-test files last). Files not
 # listed keep their order, after these.
 LONGEST_FIRST = [
+    "tests/extract/test_ray_engine.py",
+    "tests/faults/test_interrupt_replicas.py",
+    "tests/faults/test_interrupts.py",
     "tests/run/test_run.py",
     "tests/index/test_cli.py",
+    "tests/extract/test_replicas.py",
     "tests/fuse/test_cli.py",
-    "tests/extract/test_ray_engine.py",
-    "tests/fuse/test_train.py",
     "tests/faults/test_kill_points.py",
-    "tests/faults/test_interrupts.py",
-    "tests/test_predict.py",
+    "tests/fuse/test_train.py",
+    "tests/extract/test_jobs.py",
     "tests/fuse/test_cli_ablate.py",
+    "tests/extract/test_sources.py",
     "tests/faults/test_exit_status.py",
+    "tests/test_predict.py",
 ]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONGEST_FIRST)))  # stable: a file stays whole
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker gets its share of the cores for torch/OpenMP, also passed to the CLI
+    processes the tests start (set before any test module imports torch). With every worker's
+    tiny-model ops spread over all the cores, the workers' threads wait on each other at every
+    operator: several times slower than one thread each. NumPy's OpenBLAS keeps its default (every
+    core; it would follow OMP_NUM_THREADS): its sums, so some heads' validation choices, depend on
+    its thread count. A value set by the caller is kept."""
+    if getattr(config.option, "numprocesses", None):
+        return  # the xdist controller: it runs no test, and its workers must compute their own share
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cores))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +90,33 @@ def shapes_dataset(tmp_path_factory) -> Path:
     from phrasefuse.synthetic import generate_images
 
     return generate_images(tmp_path_factory.mktemp("shapes"), 60, seed=0, size=(96, 72))
+
+
+def invoke_cli(*args, check: bool = False) -> subprocess.CompletedProcess:
+    """The same `phrasefuse` CLI (`phrasefuse.cli.main`: parsing, exit status, one-line errors) run
+    in this process: no interpreter start and no model-library import per call. For tests of a
+    command's behaviour; every command also keeps tests through `run_cli`, the real process."""
+    import contextlib
+    import io
+    import signal
+
+    from phrasefuse.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main([str(a) for a in args])
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    proc = subprocess.CompletedProcess(["phrasefuse", *map(str, args)], status, out.getvalue(), err.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"phrasefuse {' '.join(map(str, args))} exited {status}:\n{proc.stderr}")
+    return proc
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The extract jobs on generated data: bad rows, embed-once, refusals.
 (Kills, Ctrl-C, locks, full disks and corrupt shards: tests/faults/.)"""
 
+import json
 import struct
 import zlib
 
@@ -13,7 +14,7 @@ from phrasefuse.errors import BadInput
 from phrasefuse.extract.jobs import extract_images, extract_texts
 from phrasefuse.store import EmbeddingStore, verify_store
 from phrasefuse.synthetic import generate_images
-from tests.conftest import run_cli
+from tests.conftest import TINY_CLIP_CONFIG, invoke_cli, run_cli
 
 
 def bomb_png(path, w=20000, h=20000):
@@ -113,7 +114,10 @@ def test_duplicate_images_within_one_run_run_the_model_once(tmp_path, tiny_clip_
 def test_store_of_another_encoder_is_refused(shapes_dataset, tiny_clip_spec, tmp_path):
     out = tmp_path / "img"
     extract_images(shapes_dataset, out, model=tiny_clip_spec, workers=0, limit=5, progress=False)
-    proc = run_cli("extract", "images", shapes_dataset, "--out", out, "--workers", "0")  # built-in encoder
+    other = tmp_path / "other-tiny-clip.json"  # another tiny CLIP: another dim, other weights
+    other.write_text(json.dumps({**TINY_CLIP_CONFIG, "embed_dim": 16}))
+    proc = invoke_cli("extract", "images", shapes_dataset, "--out", out, "--workers", "0",
+                      "--model", f"open_clip:{other}@")
     assert proc.returncode == 2, proc.stderr
     assert "holds embeddings of" in proc.stderr and str(out) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -129,8 +133,6 @@ def test_texts_missing_empty_lists_and_distinct_texts(tmp_path, tiny_clip_spec):
         {"id": "d", "title": "", "tags": None},
         {"id": "e", "title": "blue square", "tags": ["blue"]},
     ]
-    import json
-
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = extract_texts(manifest, "title", tmp_path / "title", model=tiny_clip_spec, progress=False)
     assert (summary.embedded, summary.reused, summary.failed) == (2, 1, 2)  # "red circle" once for a and b
@@ -155,12 +157,11 @@ def test_texts_cli_with_builtin_encoder_and_inspect(shapes_dataset, tmp_path):
     out = tmp_path / "title"
     proc = run_cli("extract", "texts", shapes_dataset, "--col", "title", "--out", out, check=True)
     assert "embedded" in proc.stdout
-    again = run_cli("extract", "texts", shapes_dataset, "--col", "title", "--out", out, "--json", check=True)
-    import json
-
+    # The resume and `inspect` through cli.main in this process (both run as processes elsewhere).
+    again = invoke_cli("extract", "texts", shapes_dataset, "--col", "title", "--out", out, "--json", check=True)
     summary = json.loads(again.stdout)
     assert summary["embedded"] == 0 and summary["present"] > 0
-    report = json.loads(run_cli("inspect", out, "--verify", "--json", check=True).stdout)
+    report = json.loads(invoke_cli("inspect", out, "--verify", "--json", check=True).stdout)
     assert report["dim"] == 384 and report["rows"] == summary["present"] and report["problems"] == []
 
 

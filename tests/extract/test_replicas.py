@@ -2,7 +2,7 @@
 
 The replicas only map batches; this process's StoreWriter writes, so the store must equal the
 single-process path's: the same ids, errors and counts, vectors within float tolerance. Stopping
-them (Ctrl-C, SIGTERM, SIGKILL): tests/faults/test_interrupts.py."""
+them (Ctrl-C, SIGTERM, SIGKILL): tests/faults/test_interrupt_replicas.py."""
 
 from __future__ import annotations
 

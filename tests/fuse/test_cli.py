@@ -10,7 +10,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 from tests.fuse.conftest import ok, one_json
 
 
@@ -33,16 +33,17 @@ def test_train_eval_predict_inspect(shapes_dataset, stores, tmp_path):
 
     evaluation = one_json(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--json"))
     assert evaluation["rows"] == 6 and evaluation["metrics"]["top1"] == report["metrics"]["test"]["saved"]["top1"]
-    assert "top1=" in ok(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--split", "val"))
+    # the text form and inspect through cli.main in this process (each command runs as a process once here)
+    assert "top1=" in ok(invoke_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--split", "val"))
 
     ok(run_cli("predict", head, "--manifest", shapes_dataset, "--out", tmp_path / "pred.parquet", "--top-k", "3"))
     pred = pq.read_table(tmp_path / "pred.parquet")
     assert pred.num_rows == 60 and {"id", "label", "probability", "top_labels", "top_probs"} <= set(pred.column_names)
     assert all(len(t) == 3 for t in pred["top_labels"].to_pylist())
 
-    text = ok(run_cli("inspect", head))
+    text = ok(invoke_cli("inspect", head))
     assert text.startswith(f"head: {head}") and "feature img" in text
-    verified = one_json(run_cli("inspect", head, "--verify", "--json"))
+    verified = one_json(invoke_cli("inspect", head, "--verify", "--json"))
     assert verified["kind"] == "head" and verified["verified"] and verified["problems"] == []
 
 
@@ -66,8 +67,8 @@ def test_zeroshot_and_label_prior(shapes_dataset, stores, tmp_path):
     assert tags["labels"] == 10 and tags["metrics"]["mAP"] > 0.4  # colours and shapes, each in 1/4 to 1/2 of rows
 
     head = tmp_path / "prior"
-    one_json(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--head", "linear",
-                     "--label-prior", stores / "title-minilm", "--out", head, "--json"))
+    one_json(invoke_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--head",
+                        "linear", "--label-prior", stores / "title-minilm", "--out", head, "--json"))
     meta = json.loads((head / "meta.json").read_text())
     grid = {g["weight"]: g["val_top1"] for g in meta["prior"]["grid"]}
     # the titles' prior is informative: a weight > 0, and a gain on val over the head without it

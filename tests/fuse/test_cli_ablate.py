@@ -1,5 +1,7 @@
-"""The fuse commands through the real CLI (as test_cli.py, whose stores it shares): a multi-label
-head, `fuse ablate`, and bad inputs refused with exit 2 and one line."""
+"""The fuse commands through the CLI (as test_cli.py, whose stores it shares): a multi-label head,
+`fuse ablate`, and bad inputs refused with exit 2 and one line. `fuse ablate` and one refusal run
+the real process; the rest run `cli.main` in this process (test_cli.py runs `fuse train`, `eval`
+and `predict` as processes)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 from tests.fuse.conftest import generated_encoder, ok, one_json, refused, write_store
 
 
 def test_multilabel_mlp_and_ablate(shapes_dataset, stores, tmp_path):
-    report = one_json(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--feature",
-                              stores / "title", "--head", "mlp", "--label-col", "tags", "--per-label-thresholds",
-                              "--max-labels", "2", "--out", tmp_path / "tags", "--json"))
+    report = one_json(invoke_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img",
+                                 "--feature", stores / "title", "--head", "mlp", "--label-col", "tags",
+                                 "--per-label-thresholds", "--max-labels", "2", "--out", tmp_path / "tags", "--json"))
     assert report["task"] == "multilabel" and "mAP" in report["metrics"]["test"]["saved"]
-    ok(run_cli("predict", tmp_path / "tags", "--manifest", shapes_dataset, "--out", tmp_path / "tags.parquet"))
+    ok(invoke_cli("predict", tmp_path / "tags", "--manifest", shapes_dataset, "--out", tmp_path / "tags.parquet"))
     labels = pq.read_table(tmp_path / "tags.parquet")["labels"].to_pylist()
     assert len(labels) == 60 and max(len(x) for x in labels) <= 2
 
@@ -50,9 +52,8 @@ def test_multilabel_mlp_and_ablate(shapes_dataset, stores, tmp_path):
     pq.write_table(manifest.set_column(manifest.column_names.index("label"), "label", pa.array(labels)),
                    tmp_path / "scrambled.parquet")
     features = [str(stores / "img"), str(stores / "title")]
-    runs = [ablate(m, features, "linear", shots=[1, 3], seeds=2).data["tables"]
-            for m in (shapes_dataset, tmp_path / "scrambled.parquet")]
-    assert runs[0] == runs[1] == table["tables"]
+    assert ablate(tmp_path / "scrambled.parquet", features, "linear", shots=[1, 3], seeds=2).data["tables"] == \
+        table["tables"]  # the CLI's tables, on the unscrambled manifest
 
 
 def test_bad_inputs_exit_2_with_one_line(shapes_dataset, stores, tmp_path):
@@ -61,24 +62,24 @@ def test_bad_inputs_exit_2_with_one_line(shapes_dataset, stores, tmp_path):
     refused(run_cli("fuse", "train", "--manifest", tmp_path / "nolabel.parquet", "--feature", stores / "img",
                     "--head", "linear", "--out", tmp_path / "h"), "no 'label' or 'labels' column")
     pq.write_table(table.append_column("split", pa.array(["train"] * 30 + ["test"] * 30)), tmp_path / "noval.parquet")
-    refused(run_cli("fuse", "train", "--manifest", tmp_path / "noval.parquet", "--feature", stores / "img",
-                    "--head", "mlp", "--out", tmp_path / "h"), "'val' split has no rows")
+    refused(invoke_cli("fuse", "train", "--manifest", tmp_path / "noval.parquet", "--feature", stores / "img",
+                       "--head", "mlp", "--out", tmp_path / "h"), "'val' split has no rows")
     other = write_store(tmp_path / "other", "image", ["x1", "x2"], np.ones((2, 32), np.float32),
                         generated_encoder("x", 32))
-    refused(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", other, "--head", "lgbm",
-                    "--out", tmp_path / "h"), str(other), "none of its 2 ids")
+    refused(invoke_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", other, "--head", "lgbm",
+                       "--out", tmp_path / "h"), str(other), "none of its 2 ids")
     assert not (tmp_path / "h").exists()
-    proc = run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--head", "forest",
-                   "--out", tmp_path / "h")
+    proc = invoke_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--head", "forest",
+                      "--out", tmp_path / "h")
     assert proc.returncode == 2 and "forest" in proc.stderr
     head = tmp_path / "head"
-    ok(run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--feature",
-               stores / "title", "--head", "lgbm", "--out", head))
+    ok(invoke_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img", "--feature",
+                  stores / "title", "--head", "lgbm", "--out", head))
     # a feature of the saved head (fused or image-only: val decides), from another encoder
     # (MiniLM, not the tiny CLIP it was trained on)
     name = json.loads((head / "meta.json").read_text())["features"][-1]["name"]
-    refused(run_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--feature",
-                    f"{name}={stores / 'title-minilm'}"),
+    refused(invoke_cli("fuse", "eval", head, "--manifest", shapes_dataset, "--feature",
+                       f"{name}={stores / 'title-minilm'}"),
             "was trained on")
-    refused(run_cli("fuse", "eval", tmp_path / "nolabel.parquet", "--manifest", shapes_dataset),
+    refused(invoke_cli("fuse", "eval", tmp_path / "nolabel.parquet", "--manifest", shapes_dataset),
             "not a phrasefuse head")

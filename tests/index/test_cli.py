@@ -1,4 +1,5 @@
-"""The index stage through the real CLI: build, lookup, phrases, inspect, and what it refuses."""
+"""The index stage through the CLI: build, lookup, phrases, inspect, and what it refuses. Each
+command runs once as the real process; the other calls run `cli.main` in this process."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from phrasefuse.errors import BadInput
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import EmbeddingStore, embeddings_to_numpy, l2_normalize
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 from tests.index.conftest import HELD_OUT, planted_phrase, read_meta
 
 
@@ -52,7 +53,7 @@ def test_lookup_text_form_and_unreadable_images(shapes_index, shapes_table, shap
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(BadInput, match="broken.jpg: not an image"):
         lookup(shapes_index, [path, broken], device="cpu")
-    proc = run_cli("index", "lookup", shapes_index, tmp_path / "missing.jpg")
+    proc = invoke_cli("index", "lookup", shapes_index, tmp_path / "missing.jpg")  # the process: the test above
     assert proc.returncode == 2 and "missing.jpg" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -98,8 +99,8 @@ def test_phrases_store_joins_back_and_averages_phrase_embeddings(shapes_index, s
     assert all(len(r["phrases"]) == 2 for r in rows)
 
     # Other settings into the same store are refused (resuming is tested below).
-    other_k = run_cli("phrases", "--index", shapes_index, "--images", shapes_img_store, "--out", out,
-                      "--text-model", tiny_clip_spec, "-k", "5")
+    other_k = invoke_cli("phrases", "--index", shapes_index, "--images", shapes_img_store, "--out", out,
+                         "--text-model", tiny_clip_spec, "-k", "5")
     assert other_k.returncode == 2 and "k=3" in other_k.stderr and len(other_k.stderr.strip().splitlines()) == 1
 
 
@@ -199,8 +200,8 @@ def test_text_prototypes_come_from_the_same_clip(shapes_tiny_store, shapes_img_s
     pairs = write_pairs(tmp_path / "pairs.parquet", query=["circle", "circle", "Blue Sky", "ocean"],
                         image_id=[ids[0], ids[6], None, "not-in-store"])
     out = tmp_path / "index"
-    proc = run_cli("index", "build", "--pairs", pairs, "--images", shapes_tiny_store, "--out", out,
-                   "--text-prototypes", "--json", check=True)
+    proc = invoke_cli("index", "build", "--pairs", pairs, "--images", shapes_tiny_store, "--out", out,
+                      "--text-prototypes", "--json", check=True)  # the process: test_bad_pairs_tables_exit_2...
     assert json.loads(proc.stdout)["counts"]["prototypes_from_text"] == 2
     index = PhraseIndex(out)
     assert index.table.to_pylist() == [{"phrase": "circle", "images": 2, "source": "image"},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 TINY = """
 work = "work"
@@ -102,7 +102,7 @@ def run_in_process(config: Path) -> dict[str, dict]:
 
 def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data, tiny_clip_spec):
     config = write_config(demo_data, tiny_clip_spec)
-    proc = run_cli("run", config, "--json")
+    proc = invoke_cli("run", config, "--json")  # cli.main in this process (`run` as a process: the exit-2 tests)
     first = stages(proc)
     assert json.loads(proc.stdout)["ablation"]["tables"][0]["regime"] == "full"  # --json has the table too
     assert set(first) == {"extract image", "extract title", "extract tags", "extract query images", "index",
@@ -142,7 +142,7 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert fused_meta["selection"]["pseudo_shots"]["index"] == str(work / "index")
     assert "pseudo-shots from" in page
 
-    # Same config again (in process: the CLI's `run --json` is the first run): every stage is
+    # Same config again (the library: the CLI's `run --json` is the first run): every stage is
     # skipped, and the summaries say nothing was embedded.
     second = run_in_process(config)
     assert all(s["status"] == "skipped" for s in second.values()), second
