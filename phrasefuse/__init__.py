@@ -6,7 +6,7 @@ light heads on cached embeddings; `run/` runs a whole config and `report/` write
 page. `store.py` is the embedding store every stage shares, `folders.py` the atomic
 writes and folder swaps every output uses; `engine.py` runs a batch
 job's mapper locally or on Ray; `manifests/` reads and validates tables; `cli.py` is
-the thin CLI. The layers and their order: README, Code layout (tests/test_layers.py).
+the thin CLI. The layers and their order: docs/architecture.md, Layers (tests/test_layers.py).
 """
 
 __version__ = "0.1.0"

@@ -86,8 +86,8 @@ RAY_ACTORS_HELP = "--engine ray: model actors (default: one per GPU, else one pe
 
 
 REPLICAS_HELP = ("Model processes on the CPU, each single-threaded and reading its own images (--workers then "
-                 "unused); default 1: the model in this process over every core (on a quiet 2-core machine two "
-                 "replicas ran at 0.82x its speed: see README). auto: one per core when the model runs on the CPU "
+                 "unused); default 1: the model in this process over every core, which was faster on a quiet "
+                 "machine (docs/benchmarks.md). auto: one per core when the model runs on the CPU "
                  "with --engine local, on 2 or more cores, for 2,000 rows or more and a model of 1M parameters or "
                  "more (fewer when 3 GB each do not fit in the available memory). Each replica holds its own model "
                  "and batch.")

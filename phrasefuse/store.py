@@ -1,6 +1,6 @@
 """The embedding store: the on-disk format every stage reads and writes.
 
-A store is a folder per feature (DESIGN.md, Data model)::
+A store is a folder per feature (docs/formats.md, Embedding store)::
 
     STORE/meta.json              encoder identity, dim, dtype, normalised, preprocessing, versions
     STORE/part-00000.parquet     id (string), key (string), emb (fixed_size_list<float32|float16>[dim]),

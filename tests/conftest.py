@@ -28,7 +28,7 @@ TINY_CLIP_CONFIG = {
 }
 
 
-# The longest files first (measured with --durations; README "Tests"). Under `--dist loadfile` a
+# The longest files first (measured with --durations; docs/architecture.md, Tests). Under `--dist loadfile` a
 # worker takes the next file when it is done with one; a long file taken last would run alone at
 # the end, so the wall time is shortest when the long ones start first (the Makefile turns off
 # xdist's own order, by number of tests, which put the long few-test files last). Files not

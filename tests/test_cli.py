@@ -1,4 +1,4 @@
-"""The CLI contract's exit statuses and one-line errors (DESIGN.md, The CLI contract)."""
+"""The CLI contract's exit statuses and one-line errors (docs/formats.md, CLI contract)."""
 
 import pytest
 
@@ -24,7 +24,7 @@ def test_help_lists_the_contract_commands():
         assert command in proc.stdout
 
 
-# Every command of the contract (DESIGN.md, The CLI contract) and the options it promises (and the
+# Every command of the contract (docs/formats.md, CLI contract) and the options it promises (and the
 # README documents). Not there yet, so not listed: `phrasefuse --version`, `--id-col`/`--image-col`
 # on the manifest-reading commands, `predict HEAD INPUT...`.
 CONTRACT = {

@@ -1,6 +1,6 @@
 """One registry that turns an encoder spec string into an image or a text encoder.
 
-Specs (DESIGN.md, Encoders):
+Specs (docs/formats.md, Encoder specs):
 
     open_clip:ARCH@PRETRAINED       ARCH: a model name or a path to a model-config JSON;
                                     PRETRAINED: a pretrained tag, a local checkpoint, or empty (random init, seed 0)
@@ -67,7 +67,7 @@ def tune_cpu_allocator() -> None:
 
     glibc serves allocations above its mmap threshold (at most 32 MB) with mmap and unmaps them
     on free, so every batch page-faults (and the kernel zeroes) hundreds of MB again, as much
-    kernel time as model time (figures: bench/README.md). Linux/glibc only; once per process;
+    kernel time as model time (figures: docs/benchmarks.md). Linux/glibc only; once per process;
     an explicit MALLOC_MMAP_THRESHOLD_ in the environment wins.
     """
     global _ALLOCATOR_TUNED
@@ -153,7 +153,7 @@ class ImageEncoder:
         self.plan = self.plan or PixelPlan.from_transform(self.transform)
         self.module.eval().to(self.device)
         if self.device.type == "cpu" and self.channels_last:
-            # Faster for convolutional nets on CPU (figures: bench/README.md).
+            # Faster for convolutional nets on CPU (figures: docs/benchmarks.md).
             self.module.to(memory_format=torch.channels_last)
         self.weights_sha256 = self.weights_sha256 or state_dict_sha256(self.module)
         if not self.dim:

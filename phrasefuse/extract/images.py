@@ -418,7 +418,7 @@ def worker_init(_: int, yield_to_model: bool = False) -> None:
     """A DataLoader worker: one thread. With `yield_to_model` (the model runs on these same CPU
     cores) it runs only on cores the model leaves idle: preempting one of the model's threads
     stalls all the others at the next barrier, so decoding at equal priority costs the model about
-    twice its own CPU time (figures: bench/README.md)."""
+    twice its own CPU time (figures: docs/benchmarks.md)."""
     torch.set_num_threads(1)
     # Ctrl-C in a terminal reaches the whole process group: the main process stops the job and
     # shuts the workers down; a worker raising its own KeyboardInterrupt only prints tracebacks.

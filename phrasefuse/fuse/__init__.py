@@ -1,4 +1,4 @@
-"""Fuse: heads that train in seconds on cached embeddings (DESIGN.md, Pipeline).
+"""Fuse: heads that train in seconds on cached embeddings (docs/architecture.md).
 
 A head reads embedding stores (`--feature`), joined on `id` to a manifest's
 labels and splits, and never re-embeds anything. Read the modules in this order:

@@ -1,4 +1,4 @@
-"""The head folder (DESIGN.md, Data model: Head)::
+"""The head folder (docs/formats.md, Head folder)::
 
     HEAD/meta.json              format, kind, task, label vocabulary, features (store path, encoder
                                 identity, dim, role, trust), architecture and hyper-parameters, seed,

@@ -1,4 +1,4 @@
-"""Index: phrases for images that came with no text (DESIGN.md, Index).
+"""Index: phrases for images that came with no text (docs/formats.md, Index folder).
 
 A prototype is the re-normalised mean embedding of the images a query phrase is
 associated with (a pairs table: query, image_id, optional weight); a FAISS index

@@ -8,11 +8,11 @@ for the loaded index, first that fits:
   ivf-sq8   above that: (spherical) k-means cells; the probed cells are scanned as 8-bit
             codes (a quarter of the bytes: scanning is memory-bound), then the best
             REFINE_FACTOR * k candidates are re-ranked with the exact vectors (kept as well,
-            1.25x the raw size): the recall of ivf-flat at about twice its speed (bench/README.md);
+            1.25x the raw size): the recall of ivf-flat at about twice its speed (docs/benchmarks.md);
   ivf-flat  when that does not fit but the raw vectors do: exact scores inside the probed cells;
   ivf-pq    when they do not fit: the largest product-quantisation code that fits.
   hnsw      only when forced (--kind hnsw): fast single queries, but on 2 CPU cores its
-            graph takes minutes per million 512-d vectors to build (bench/README.md); FAISS has
+            graph takes minutes per million 512-d vectors to build (docs/benchmarks.md); FAISS has
             no GPU version of it.
 The search setting (nprobe, efSearch) is then tuned on sample queries, the smallest that
 reaches the target recall@10 (+ TUNE_MARGIN) against exact search; recall@10 is reported on other,

@@ -1,6 +1,6 @@
 """The dataset manifest: read, validate, resolve image paths, assign splits.
 
-Columns (DESIGN.md, Data model): `id` (unique string, required), `image` (path,
+Columns (docs/formats.md, Manifest): `id` (unique string, required), `image` (path,
 relative to the manifest file's folder unless absolute), text columns, `label`
 (string) or `labels` (list of strings; in CSV/TSV one string separated by `|`),
 `split` (train/val/test; missing or null: assigned by a hash of `id`).
