@@ -1,8 +1,9 @@
 """Benchmark: quality on real images, through the CLI contract (not a test).
 
 Target CIFAR-10 (train / val / test split), query corpus Tiny ImageNet with WordNet synonyms as
-queries (`../shared/data/realdev`, see its README). The whole chain runs as `phrasefuse`
-commands with the built-in encoders:
+queries: the `realdev` folder (cifar10/, tinyimagenet/), read from `../shared/data/realdev` beside the
+repository when present, else given with --data. The whole chain runs as `phrasefuse` commands with
+the built-in encoders:
 
     extract images (both manifests) -> index build (Tiny ImageNet pairs) -> phrases (CIFAR-10)
     -> fuse zeroshot -> fuse ablate per head (1, 2, 5, 20 shots and full data; rows with the label
@@ -10,7 +11,10 @@ commands with the built-in encoders:
 
 Stores, index and phrases are cached in --work: a re-run only re-trains. One table: top-1 mean ±
 std over seeds, the paired gain over image-only, and what was kept and why (text kept in how many
-seeds; the label prior's weight per seed and what chose it).
+seeds; the label prior's weight per seed and what chose it). The table is also written as a
+result file (bench/tables.py's format: command, date, machine, one row per table row) to --results,
+by default WORK/real-results.json; `--results bench/results/real-cifar10.json` then
+`bench/tables.py` updates docs/benchmarks.md.
 
     .venv/bin/python bench/real.py --work /tmp/realwork                  # 5 seeds, linear + mlp + lgbm
     .venv/bin/python bench/real.py --work /tmp/realwork --seeds 3 --heads linear
@@ -21,12 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The data lives outside the repository (too large to commit); this is where it sits on the machine
+# the committed results were measured on. Elsewhere, pass --data.
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realdev"
 ROWS = ("image", "image+phrases", "image+label-prior", "image+phrases+label-prior", "image+pseudo-shots",
         "image+phrases+pseudo-shots+label-prior")
@@ -93,6 +100,56 @@ def kept_text(row: dict, seeds: int) -> str:
     return "; ".join(parts)
 
 
+COLUMNS = [["data", "{data}"], ["head", "{head}"], ["features", "{features}"],
+           ["top-1", "{top1_mean:.1f} ± {top1_std:.1f}"], ["Δ vs image only", "{gain_mean:+.1f} ± {gain_std:.1f}"],
+           ["kept (why)", "{kept}"]]
+
+
+def result_rows(results: dict[str, dict], seeds: int) -> list[dict]:
+    """One dict per table row, in the table's order (regime, then head): raw figures in points, so
+    bench/tables.py formats them (and the committed file stays data, not text)."""
+    entries = []
+    heads = list(results)
+    for head, data in results.items():
+        for t in data["tables"]:
+            for row in t["rows"]:
+                entries.append((t["shots"] if t["shots"] is not None else 10_000, heads.index(head), head, t, row))
+    entries.sort(key=lambda e: (e[0], e[1]))  # stable: within a head, the ablation's own row order
+    rows = []
+    for _, _, head, t, row in entries:
+        gain = row.get("gain")
+        rows.append({"data": "full" if t["shots"] is None else f"{t['shots']}-shot", "head": head,
+                     "features": row["features"].replace(" (image only)", "").replace(" + label prior (phrases)",
+                                                                                     " + label prior"),
+                     "top1_mean": round(100 * row["top1"]["mean"], 2), "top1_std": round(100 * row["top1"]["std"], 2),
+                     "gain_mean": round(100 * gain["mean"], 2) if gain else None,
+                     "gain_std": round(100 * gain["std"], 2) if gain else None,
+                     "kept": kept_text(row, seeds)})
+    return rows
+
+
+def machine() -> str:
+    """What the figures depend on: cores, architecture, OS, and how busy the machine was."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), "
+            f"load average {load:.1f} at the start")
+
+
+def result_file(results: dict[str, dict], zeroshot: dict, seeds: int, command: str, seconds: float,
+                started: str, host: str) -> dict:
+    """The committed-results format of bench/tables.py for this run."""
+    return {"title": "Quality on real images: CIFAR-10 with a Tiny ImageNet query corpus",
+            "command": command, "date": started, "machine": host,
+            "data": "CIFAR-10 as the target, Tiny ImageNet (WordNet synonyms as queries) as the query corpus; "
+                    "built-in encoders",
+            "notes": f"{seeds} seeds; test split, {next(iter(results.values()))['test_rows']} rows; top-1 and its "
+                     f"paired gain over the image-only head of the same seed, mean ± std; {seconds:.0f} s in all.",
+            "figures": {"zeroshot_top1": round(100 * zeroshot["metrics"]["top1"], 2),
+                        "chance_top1": round(100 * zeroshot["chance_top1"], 2),
+                        "test_rows": next(iter(results.values()))["test_rows"], "seeds": seeds},
+            "columns": COLUMNS, "rows": result_rows(results, seeds)}
+
+
 def table(results: dict[str, dict], seeds: int) -> str:
     lines = ["| data | head | features | top-1 | Δ vs image only | kept (why) |", "|---|---|---|---|---|---|"]
     order = {"full": 10_000}
@@ -120,11 +177,15 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=["linear", "mlp", "lgbm"], choices=["linear", "mlp", "lgbm"])
     ap.add_argument("--shots", nargs="+", type=int, default=[1, 2, 5, 20])
     ap.add_argument("--no-full", action="store_true", help="Skip the full-data table.")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="Result file to write (default WORK/real-results.json); bench/results/real-cifar10.json "
+                         "is the committed one.")
     ap.add_argument("--table-only", action="store_true",
                     help="Only the table, from the ablations already in --work (e.g. heads run in parallel).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    started, host = time.strftime("%Y-%m-%d", time.gmtime()), machine()
     paths = build_features(args.data, args.work)
     manifest = args.data / "cifar10" / "manifest.parquet"
     zeroshot = json.loads(phrasefuse("fuse", "zeroshot", "--manifest", manifest, "--phrases", paths["phrases"],
@@ -152,7 +213,12 @@ def main() -> None:
     (args.work / f"{name}.md").write_text(text, encoding="utf-8")
     (args.work / f"{name}.json").write_text(json.dumps({"zeroshot": zeroshot, "ablations": results}, indent=1),
                                          encoding="utf-8")
+    results_path = args.results or args.work / "real-results.json"
+    results_path.write_text(json.dumps(result_file(results, zeroshot, args.seeds, f".venv/bin/python {command}",
+                                                   time.perf_counter() - start, started, host),
+                                       indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(text)
+    print(f"results: {results_path}")
 
 
 if __name__ == "__main__":
