@@ -18,7 +18,7 @@ Label-text variants (a weak prior simulated on a strong dataset, for the safety 
     PYTHONPATH=. .venv/bin/python bench/fewshot_lab.py --work W --dataset tin200 --fast --seeds 5 --shots 1
 
 `--dataset tin200`: the 200-class check, built in memory from W/tin-img and the Tiny ImageNet pairs
-(load_tin200). `--fast`: the label-prior arms only. Figures: bench/README.md (Few-shot lab).
+(load_tin200). `--fast`: the label-prior arms only. Figures: docs/method.md (The few-shot lab).
 """
 
 from __future__ import annotations

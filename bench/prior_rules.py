@@ -15,7 +15,7 @@ and the label prior is added with the weight each rule gives, scored on the test
     PYTHONPATH=. .venv/bin/python bench/prior_rules.py --work W --dataset tin200 --shots 2 5 20
     PYTHONPATH=. .venv/bin/python bench/prior_rules.py --work W --variant half --shots 2 5 20
 
-W is bench/real.py's work folder. Figures: bench/README.md (Few-shot lab).
+W is bench/real.py's work folder. Figures: docs/method.md (The few-shot lab).
 """
 
 from __future__ import annotations
