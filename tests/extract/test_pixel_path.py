@@ -1,6 +1,6 @@
 """The batch pixel path (decode_tensor + PixelPlan: uint8 resize and crop in the workers, one
 normalisation per batch) embeds real photos as the encoder's own PIL transform does: cosine > 0.9999
-(the README's claim), on the two photos scikit-learn ships, at several sizes and aspect ratios.
+(docs/guarantees.md), on the two photos scikit-learn ships, at several sizes and aspect ratios.
 
 JPEGs at least twice the target size are decoded in draft mode (at 1/2, 1/4 or 1/8 size) on both
 paths; against a full-size decode that costs a little more (measured 0.994-0.997), also checked."""
