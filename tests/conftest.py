@@ -48,6 +48,7 @@ LONGEST_FIRST = [
     "tests/extract/test_sources.py",
     "tests/faults/test_exit_status.py",
     "tests/test_predict.py",
+    "tests/test_readme.py",
 ]
 
 
