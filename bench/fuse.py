@@ -6,14 +6,20 @@ Writes real embedding stores of random-but-learnable features (default: 50,000 r
 wall-clock seconds (store reading, text-trust tuning, the image-only baseline and
 saving included) and its test top-1 beside image-only.
 
-    .venv/bin/python bench/fuse.py                      # the issue's setting
+    .venv/bin/python bench/fuse.py                      # the setting of docs/benchmarks.md
     .venv/bin/python bench/fuse.py --rows 5000 --heads linear mlp
+    .venv/bin/python bench/fuse.py --results bench/results/fuse.json   # then bench/tables.py
+
+--results PATH writes the figures as a result file (bench/tables.py's format: command, date, machine,
+one row per head), from which docs/benchmarks.md's table is rendered.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -59,7 +65,10 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=["linear", "mlp", "lgbm"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="Keep the stores here (default: a temporary folder).")
+    ap.add_argument("--results", type=Path, default=None, help="Also write the figures as a result file (JSON).")
     args = ap.parse_args()
+    started = time.strftime("%Y-%m-%d", time.gmtime())
+    rows: list[dict] = []
     from phrasefuse.fuse.train import train_head
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +88,27 @@ def main() -> None:
             image = test.get("image_only", test["saved"])["top1"]
             print(f"{kind:<7} {seconds:7.1f} s   test top-1: saved {100 * test['saved']['top1']:.1f} "
                   f"(fused {100 * fused:.1f}, image-only {100 * image:.1f}; saved {report.saved})", flush=True)
+            rows.append({"head": kind, "seconds": round(seconds, 1), "fused_top1": round(100 * fused, 2),
+                         "image_top1": round(100 * image, 2)})
+    if args.results:
+        args.results.write_text(json.dumps(result_file(args, rows, started), indent=1) + "\n", encoding="utf-8")
+        print(f"results: {args.results}")
+
+
+def result_file(args: argparse.Namespace, rows: list[dict], started: str) -> dict:
+    """The figures in bench/tables.py's format, with what they depend on (cores, load)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"title": "Re-training cost of the heads",
+            "command": ".venv/bin/python bench/fuse.py " + " ".join(sys.argv[1:]),
+            "date": started,
+            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), load average "
+                       f"{load:.1f} at the end",
+            "data": f"{args.rows:,} rows of 1,280 + 384 + 384 random-but-learnable features, {args.classes} classes, "
+                    f"one text feature 30% missing",
+            "notes": "Store reading, text-trust tuning, the image-only baseline and saving included.",
+            "columns": [["head", "{head}"], ["seconds", "{seconds:.1f}"], ["test top-1, fused", "{fused_top1:.1f}"],
+                        ["test top-1, image only", "{image_top1:.1f}"]],
+            "rows": rows}
 
 
 if __name__ == "__main__":
