@@ -23,6 +23,9 @@ every core, so preparing images cannot overlap it: the bound is then
 1 / (1/model + 1/prepare), printed as "serial bound". On CUDA (--device cuda) the plain loop
 moves each batch to the device, model only runs on tensors already there (under the encoder's
 autocast), and the images are prepared on the CPU beside the device. --json PATH writes the figures.
+--results DIR writes them as result files for bench/tables.py (DIR/extract.json, and DIR/replicas.json
+when the replica arm ran: command, date, machine, one row per figure or repeat); `--results
+bench/results` updates the committed ones, then `bench/tables.py` re-renders docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -57,7 +61,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--replicas", type=int, default=None, help="replica arm: model processes (default: cores)")
     parser.add_argument("--no-replicas", action="store_true", help="skip the replica arm")
+    parser.add_argument("--results", type=Path, default=None, help="write result files (bench/tables.py) here")
     args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d", time.gmtime())
 
     import torch
     from PIL import Image
@@ -156,6 +162,42 @@ def main() -> None:
                    "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                    "replica_arm": replica_figures}
         Path(args.json).write_text(json.dumps(figures, indent=2))
+    if args.results:
+        write_results(args, started, plain=plain, extract=extract, model_speed=model_speed, prepare=prepare,
+                      bound=bound / model_speed, efficiency=statistics.median(ratios), pairs=pairs,
+                      replicas=replicas)
+
+
+def write_results(args: argparse.Namespace, started: str, *, plain: float | None, extract: float,
+                  model_speed: float, prepare: float, bound: float, efficiency: float,
+                  pairs: list[tuple[float, float, float, float]], replicas: int) -> None:
+    """The figures as bench/tables.py result files: what docs/benchmarks.md's tables are rendered from."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    common = {"command": ".venv/bin/python bench/extract.py " + " ".join(sys.argv[1:]), "date": started,
+              "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), device "
+                         f"{args.device}, load average {load:.1f} at the end",
+              "data": f"{args.n:,} generated {args.size} JPEGs, {args.model}, batch {args.batch_size}"}
+    args.results.mkdir(parents=True, exist_ok=True)
+    rows = [{"what": "plain loop (PIL open + transform + model, one process)",
+             "rate": f"{plain:.1f}" if plain else None, "note": ""},
+            {"what": "phrasefuse extract images", "rate": f"{extract:.1f}",
+             "note": f"{extract / plain:.2f}x the plain loop (last run)" if plain else ""},
+            {"what": "the model on pre-decoded tensors", "rate": f"{model_speed:.1f}",
+             "note": f"efficiency {efficiency:.2f} (median over {args.repeat} extracts)"},
+            {"what": "preparation only (decode workers)", "rate": f"{prepare:.1f}",
+             "note": f"serial bound {bound:.2f} of the model's speed"}]
+    extract_file = {"title": "extract images against a plain PyTorch loop", **common,
+                    "columns": [["what", "{what}"], ["images/s", "{rate}"], ["note", "{note}"]], "rows": rows}
+    (args.results / "extract.json").write_text(json.dumps(extract_file, indent=1) + "\n", encoding="utf-8")
+    if pairs:
+        replicas_file = {"title": f"extract --replicas {replicas} against one process", **common,
+                         "columns": [["repeat", "{repeat}"], ["one process, images/s", "{single:.1f}"],
+                                     [f"{replicas} replicas, images/s", "{replicas:.1f}"], ["ratio", "{ratio:.2f}x"]],
+                         "notes": f"a replica's peak RSS {replica_peak_rss / 2**30:.2f} GiB",
+                         "rows": [{"repeat": i + 1, "single": round(a, 1), "replicas": round(b, 1),
+                                   "ratio": round(b / a, 2)} for i, (a, b, _, _) in enumerate(pairs)]}
+        (args.results / "replicas.json").write_text(json.dumps(replicas_file, indent=1) + "\n", encoding="utf-8")
+    print(f"results: {args.results}")
 
 
 replica_peak_rss = 0  # bytes: the largest VmHWM seen of a replica process (`watch_replicas`)
