@@ -32,11 +32,15 @@ distinct phrase once):
 `--scale` measures `index build` itself on a corpus larger than its --memory: a generated query
 image store of 2,000,000 x 256 (float16) and a pairs table of 20,000,000 rows over 1,000,000
 queries (--fraction 0.25: a quarter of each), written straight into the store format in --work
-(default /work/scalework); the build runs in a fresh process (`phrasefuse index build --memory 2G`,
+(default: phrasefuse-bench-scale in the temporary folder); the build runs in a fresh process (`phrasefuse index build --memory 2G`,
 --engine local|ray), whose wall time and peak RSS are printed with the chosen index's recall@10:
 
-    .venv/bin/python bench/index.py --scale                 # the issue's setting
+    .venv/bin/python bench/index.py --scale                 # the setting of docs/benchmarks.md
     .venv/bin/python bench/index.py --scale --fraction 0.25 --memory 1G
+    .venv/bin/python bench/index.py --scale --results bench/results/index-scale.json   # adds its row
+
+--scale --results FILE adds the run as a row of a result file for bench/tables.py (created when
+absent; the file's command, date and machine become this run's).
 
 --device cuda runs both on the GPU (the gpu extra: faiss-gpu): the exact baseline and the build's
 training and tuning, the timed search on a GPU copy of the index, and `phrases` with its search and
@@ -49,6 +53,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,10 +98,11 @@ def main() -> None:
     parser.add_argument("--image-spread", type=float, default=0.5, help="--phrases: image noise around its phrase")
     parser.add_argument("--work", default=None, help="--phrases: folder for the store, pairs, index and output")
     parser.add_argument("--scale", action="store_true", help="bench a streaming index build at scale instead")
-    parser.add_argument("--fraction", type=float, default=1.0, help="--scale: this share of the issue's sizes")
+    parser.add_argument("--fraction", type=float, default=1.0, help="--scale: this share of the full sizes")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="--scale: the build's engine")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--results", type=Path, default=None, help="--scale: add the run to this result file")
     args = parser.parse_args()
     if args.phrases:
         bench_phrases(args)
@@ -286,7 +292,7 @@ def bench_scale(args: argparse.Namespace) -> None:
     images, queries, pairs = int(SCALE_IMAGES * f), int(SCALE_QUERIES * f), int(SCALE_PAIRS * f)
     dim = args.dim if args.dim != 512 else SCALE_DIM  # --dim's default is the other benches'
     memory = args.memory or "2G"
-    work = Path(args.work or "/work/scalework") / f"scale-{f:g}"
+    work = Path(args.work or Path(tempfile.gettempdir()) / "phrasefuse-bench-scale") / f"scale-{f:g}"
     if not (work / "img" / "meta.json").exists() or not (work / "pairs").is_dir():
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -322,6 +328,42 @@ def bench_scale(args: argparse.Namespace) -> None:
                            "pairs": pairs, "dim": dim, "memory": memory, "seconds": round(seconds, 1),
                            "peak_rss_bytes": peak, "index": ix["factory"], "recall_at_10": ix["recall_at_10"],
                            "notes": summary["notes"]})
+    if args.results:
+        row = {"corpus": f"{images:,} images, {pairs / 1e6:g} M pairs, {queries:,} queries"
+                         + (f" (--fraction {f:g})" if f != 1 else ""),
+               "memory": memory, "partitions": partitions_of(summary["notes"]), "index": f"{ix['factory']}{setting}",
+               "recall": ix["recall_at_10"], "seconds": round(seconds), "rss_gib": round(peak / 2**30, 2),
+               "rss_gb": round(peak / 1e9, 2)}
+        add_scale_row(args.results, row)
+
+
+def partitions_of(notes: list[str]) -> int:
+    """The query partitions of a build, from its summary's notes (a note only when more than one)."""
+    import re
+
+    found = [re.search(r"summed in (\d+) query partitions", n) for n in notes]
+    return next((int(m.group(1)) for m in found if m), 1)
+
+
+def add_scale_row(path: Path, row: dict) -> None:
+    """Append one --scale run to a bench/tables.py result file, stamping command, date and machine."""
+    import platform
+
+    result = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {
+        "title": "index build at scale",
+        "data": "a generated float16 store and pairs table; the build in a fresh process, its wall time and peak RSS",
+        "columns": [["corpus", "{corpus}"], ["--memory", "{memory}"], ["partitions", "{partitions}"],
+                    ["index chosen", "{index}"], ["recall@10", "{recall:.3f}"], ["time", "{seconds:.0f} s"],
+                    ["peak RSS", "{rss_gib:.2f} GiB ({rss_gb:.2f} GB)"]],
+        "rows": []}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    result.update({"command": ".venv/bin/python bench/index.py " + " ".join(sys.argv[1:]),
+                   "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                   "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), "
+                              f"load average {load:.1f} at the end"})
+    result["rows"].append(row)
+    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
