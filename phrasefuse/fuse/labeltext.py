@@ -237,7 +237,7 @@ def calibrate_prior_on_shots(cos: np.ndarray, y: np.ndarray) -> PriorFit:
     the head's log-probabilities, only when its likelihood ratio against b = 0 (uniform) beats
     those of PERMUTATIONS priors shuffled across the shots and the chi-square 5% level. The head's
     probabilities are taken as they are: a head fitted to one example per class is overconfident,
-    so the prior's weight errs small (docs/benchmarks.md: CIFAR-10 and weak-prior checks)."""
+    so the prior's weight errs small (docs/method.md: CIFAR-10 and weak-prior checks)."""
     fit = _prior_alone(cos, y)
     if fit is None:
         return PriorFit(0.0, 0.0, 0.0, 0.0, int((y >= 0).sum()), NO_SHOTS_GIVEN)
