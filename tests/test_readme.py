@@ -18,13 +18,18 @@ import csv
 import random
 import re
 import shlex
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
 from tests.conftest import invoke_cli
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the package's own fallback (pyproject: tomli before 3.11)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
