@@ -50,7 +50,8 @@ def test_predict_files_and_a_folder_match_the_stores(trained, shapes_dataset, tm
     files = [str(p) for p in images[:3]]
     result = predict_new(trained / "head", files + [str(folder)], top_k=3, out=tmp_path / "p.jsonl")
     rows = result.as_dict()
-    assert [r["id"] for r in rows] == files + [p.name for p in images[10:14]]
+    # several INPUTs: a folder's ids start with the folder as given (files keep their path as given)
+    assert [r["id"] for r in rows] == files + [f"{folder}/{p.name}" for p in images[10:14]]
     assert all(len(r["top_labels"]) == 3 and len(r["phrases"]) == 3 and r["error"] is None for r in rows)
     # the same images through their stores (`predict --manifest`) give the same answer: these
     # were reused by content key, and the phrases were looked up the way `phrases` did
