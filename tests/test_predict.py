@@ -174,6 +174,11 @@ def test_out_format_follows_the_extension(trained, shapes_dataset, tmp_path):
     rows["jsonl"] = json.loads((tmp_path / "p.jsonl").read_text())
     assert rows["parquet"]["id"] == rows["csv"]["id"] == rows["jsonl"]["id"] == image
     assert json.loads(rows["csv"]["top_labels"]) == rows["parquet"]["top_labels"] == rows["jsonl"]["top_labels"]
+    # probabilities: the same float32 in each, written as its shortest decimal in the text formats
+    assert np.float32(rows["csv"]["probability"]) == np.float32(rows["jsonl"]["probability"]) == \
+        np.float32(rows["parquet"]["probability"])
+    assert json.loads(rows["csv"]["top_probs"]) == rows["jsonl"]["top_probs"]
+    assert str(rows["jsonl"]["probability"]) == str(np.float32(rows["parquet"]["probability"]))
 
 
 def test_csv_list_cells_are_json_arrays_that_read_back_exactly(tmp_path):

@@ -180,13 +180,18 @@ def out_format(out: str | os.PathLike) -> str:
     return suffix
 
 
+def _short(value):
+    """A float32 probability as the shortest decimal that reads back as the same float32 (0.7, not
+    0.699999988079071), as Parquet readers and the CSV's own columns show it; lists item by item."""
+    if isinstance(value, float):
+        return float(str(np.float32(value)))
+    return [_short(v) for v in value] if isinstance(value, list) else value
+
+
 def csv_list_cell(values: list | None) -> str | None:
-    """A list cell of the CSV: a JSON array (`["a|b", "c"]`, `[0.71, 0.2]`), so any label can be read
-    back exactly (json.loads); null (no prediction) stays an empty cell. Probabilities are written
-    as the shortest decimal of their float32 value."""
-    if values is None:
-        return None
-    return json.dumps([float(str(np.float32(v))) if isinstance(v, float) else v for v in values], ensure_ascii=False)
+    """A list cell of the CSV: a JSON array (`["a|b", "c"]`, `[0.7, 0.2]`), so any label can be read
+    back exactly (json.loads); null (no prediction) stays an empty cell."""
+    return None if values is None else json.dumps(_short(values), ensure_ascii=False)
 
 
 def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
@@ -205,7 +210,8 @@ def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
                          if pa.types.is_list(col.type) else col for name, col in zip(table.column_names, table.columns)})
         write_atomic(out, lambda path: pcsv.write_csv(flat, path))
     else:
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
+        text = "".join(json.dumps({k: _short(v) for k, v in row.items()}, ensure_ascii=False) + "\n"
+                       for row in table.to_pylist())
         write_atomic(out, lambda path: Path(path).write_text(text, encoding="utf-8"))
 
 
