@@ -82,8 +82,9 @@ def _check_count(blocks: list[str], fields: dict, per_iteration: int, iterations
     if not blocks:
         raise BadModel("no trees")
     for number, block in enumerate(blocks):
-        if block.split("\n", 1)[0].strip() != f"Tree={number}":
-            raise BadModel(f"Tree={number}: expected here, found '{block.split(chr(10), 1)[0].strip()[:40]}'")
+        first_line = block.split("\n", 1)[0].strip()
+        if first_line != f"Tree={number}":  # a tree removed or repeated in the middle
+            raise BadModel(f"Tree={number}: expected here, found '{first_line[:40]}'")
     if "tree_sizes" in fields and len(fields["tree_sizes"].split()) != len(blocks):
         raise BadModel(f"header: tree_sizes lists {len(fields['tree_sizes'].split())} trees, "
                        f"but the text holds {len(blocks)}")

@@ -125,6 +125,7 @@ CUTS = {
     "after_the_end_marker": lambda t: t[:t.index("end of trees") + len("end of trees\n")],
     "inside_the_parameters": lambda t: t[:t.index("end of parameters")],
     "last_round_dropped": _drop_last_iteration,
+    "a_middle_tree_dropped": lambda t: t[:_tree_start(t, 1)] + t[_tree_start(t, 2):],
     "last_round_dropped_and_tree_sizes": lambda t: re.sub(r"^tree_sizes=.*\n", "", _drop_last_iteration(t),
                                                           count=1, flags=re.M),
 }
@@ -133,7 +134,7 @@ CUTS = {
 @pytest.mark.parametrize("name", sorted(CUTS))
 def test_lgbm_model_text_cut_at_a_fixed_place_is_refused_on_load_and_by_verify(heads, tmp_path, name):
     head = tampered_copy(heads["lgbm"], tmp_path / name, CUTS[name])
-    with pytest.raises(BadInput, match=r"lgbm\.txt: .*(cut short|trees|tree_sizes)"):
+    with pytest.raises(BadInput, match=r"lgbm\.txt: .*(cut short|trees|tree_sizes|Tree=)"):
         load_head(head)
     problems = verify_head(head)
     assert problems and str(head) in problems[0] and "lgbm.txt" in problems[0]
