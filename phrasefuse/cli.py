@@ -21,7 +21,7 @@ from typing import Optional, Protocol
 import click
 import typer
 
-from phrasefuse.errors import BadInput, check_seed
+from phrasefuse.errors import BadInput, check_seed, printable, printable_lines
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
 from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL, INDEX_KINDS
@@ -317,9 +317,9 @@ def fuse_zeroshot(
 @app.command("predict")
 def predict(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head folder from 'fuse train'."),
-    inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT", help="Image files, folders, or any MANIFEST (tables, WebDataset tars, Parquet with image bytes)."),
+    inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT", help="Image files, folders, or any MANIFEST (tables, WebDataset tars, Parquet with image bytes). Ids: an image file's path as given; a folder's images, their paths relative to it; a manifest's, its id column (tars: the sample key). With several INPUTs, a folder's or manifest's ids start with the INPUT as given and '/' (day1/IMG_0001.jpg), so two folders may hold the same file names."),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="Instead of INPUT: a manifest whose ids are in the head's feature stores (with --out)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Predictions file: .parquet, .csv or .jsonl (written whole)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Predictions file, its format by its extension: .parquet, .csv (list cells such as top_labels as JSON arrays, e.g. [\"cat\", \"dog\"]) or .jsonl; any other extension is refused. Written whole."),
     top_k: int = typer.Option(5, "--top-k", help="Labels (with probabilities) per row."),
     feature: Optional[list[str]] = typer.Option(None, "--feature", metavar="NAME=STORE", help="--manifest: read feature NAME from another store (same encoder), e.g. one extracted for this manifest."),
     index: Optional[str] = typer.Option(None, "--index", help="INPUT: the phrase index, when it has moved from where the head recorded it."),
@@ -332,7 +332,10 @@ def predict(
     """Classify INPUT images (their features computed as the head records: image encoder, text
     columns, phrases through the index; images already in a recorded store are not re-embedded):
     per image the label, its probability, the top-k and the phrases behind it. With --manifest:
-    every row of a manifest whose features are in stores, into --out."""
+    every row of a manifest whose features are in stores, into --out.
+
+    Printed lines show control characters of ids, labels and phrases as escapes (\\n, \\x1b);
+    --out and --json keep them exact."""
     if manifest is not None:
         from phrasefuse.fuse.evaluate import predict as predict_manifest
 
@@ -545,7 +548,7 @@ def _print_stages(results, as_json: bool) -> None:
     stages = []
     for result in results:
         if not as_json:
-            typer.echo(result.text())
+            typer.echo(printable_lines(result.text()))
         if isinstance(result, StageResult):
             stages.append(result)
     _print(RunSummary.of(stages), as_json)
@@ -554,7 +557,7 @@ def _print_stages(results, as_json: bool) -> None:
 def _warn(lines) -> None:
     """One stderr line per statistical caveat (stdout stays the report or the JSON document)."""
     for line in lines:
-        typer.echo(f"phrasefuse: warning: {line}", err=True)
+        typer.echo(f"phrasefuse: warning: {printable(line)}", err=True)
 
 
 class CommandResult(Protocol):
@@ -566,7 +569,10 @@ class CommandResult(Protocol):
 
 
 def _print(result: CommandResult, as_json: bool) -> None:
-    text = json.dumps(result.as_dict(), indent=2, default=str) if as_json else result.text()
+    # JSON escapes every control character itself (ASCII output); text output may quote file
+    # names, labels and phrases: no terminal escape of theirs reaches the terminal raw. A newline
+    # inside a name is escaped where the name is written (e.g. predict's lines), not here.
+    text = json.dumps(result.as_dict(), indent=2, default=str) if as_json else printable_lines(result.text())
     if text:
         typer.echo(text)
 
@@ -586,7 +592,7 @@ def _usage_line(e: Exception) -> str:
     """A usage error as the contract's one line, with where to read more."""
     ctx = getattr(e, "ctx", None)
     where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-    return f"phrasefuse: error: {e.format_message().rstrip('.')}{where}"
+    return f"phrasefuse: error: {printable(e.format_message().rstrip('.'))}{where}"
 
 
 class Interrupted(BaseException):
@@ -648,11 +654,11 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(status, int) and status:
             sys.exit(status)
     except BadInput as e:
-        print(f"phrasefuse: error: {e}", file=sys.stderr)
+        print(f"phrasefuse: error: {printable(e)}", file=sys.stderr)  # one line, whatever a name holds
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, *ABORTS) as e:
         kept = [n for x in (e, e.__cause__, e.__context__) if x is not None for n in getattr(x, "__notes__", [])]
-        print(INTERRUPTED + (f" ({'; '.join(dict.fromkeys(kept))})" if kept else ""), file=sys.stderr)
+        print(INTERRUPTED + (f" ({printable('; '.join(dict.fromkeys(kept)))})" if kept else ""), file=sys.stderr)
         sys.exit(130)
     except USAGE_ERRORS as e:
         print(_usage_line(e), file=sys.stderr)
@@ -660,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, unless asked for
         if os.environ.get("PHRASEFUSE_DEBUG"):
             raise
-        print(f"phrasefuse: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"phrasefuse: failed: {type(e).__name__}: {printable(str(e).splitlines()[0]) if str(e) else ''} "
               f"(set PHRASEFUSE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)

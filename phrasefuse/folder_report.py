@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from phrasefuse.errors import printable
+
 
 @dataclass
 class Report:
@@ -25,11 +27,13 @@ class Report:
                 **({"quarantined": self.quarantined} if self.quarantined else {})}
 
     def text(self) -> str:
+        # paths, feature names and labels are user text: one line each, whatever they hold
         width = max(len(k) for k in self.fields)
-        lines = [f"{self.kind}: {self.path}"] + [f"  {k.ljust(width)}  {v}" for k, v in self.fields.items()]
+        lines = [f"{self.kind}: {printable(self.path)}"] + [f"  {printable(k).ljust(width)}  {printable(v)}"
+                                                            for k, v in self.fields.items()]
         if self.verified:
             lines.append(f"  {'verify'.ljust(width)}  " + ("ok" if not self.problems else f"{len(self.problems)} problem(s)"))
-            lines += [f"    - {p}" for p in self.problems]
+            lines += [f"    - {printable(p)}" for p in self.problems]
         for q in self.quarantined:
             rows = f"{q['rows']} rows" if q["rows"] is not None else "rows unknown"
             lines.append(f"  quarantined {q['file']} ({rows}) -> {q['moved_to']}: {'; '.join(q['problems'])}")

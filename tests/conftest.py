@@ -63,7 +63,11 @@ def pytest_configure(config: pytest.Config) -> None:
     tiny-model ops spread over all the cores, the workers' threads wait on each other at every
     operator: several times slower than one thread each. NumPy's OpenBLAS keeps its default (every
     core; it would follow OMP_NUM_THREADS): its sums, so some heads' validation choices, depend on
-    its thread count. A value set by the caller is kept."""
+    its thread count. LightGBM gets one thread (PHRASEFUSE_LGBM_THREADS). A value set by the caller
+    is kept."""
+    # LightGBM's sums, so its trees and any model text a test cuts or compares, depend on its thread
+    # count: every head of the suite is trained with one thread, however many cores or workers run it.
+    os.environ.setdefault("PHRASEFUSE_LGBM_THREADS", "1")
     if getattr(config.option, "numprocesses", None):
         return  # the xdist controller: it runs no test, and its workers must compute their own share
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -16,7 +16,7 @@ from phrasefuse.errors import BadInput
 from phrasefuse.fuse.evaluate import predict, predict_new
 from phrasefuse.store import EmbeddingStore
 from tests import inputs_data as data
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def test_predict_files_and_a_folder_match_the_stores(trained, shapes_dataset, tm
     files = [str(p) for p in images[:3]]
     result = predict_new(trained / "head", files + [str(folder)], top_k=3, out=tmp_path / "p.jsonl")
     rows = result.as_dict()
-    assert [r["id"] for r in rows] == files + [p.name for p in images[10:14]]
+    # several INPUTs: a folder's ids start with the folder as given (files keep their path as given)
+    assert [r["id"] for r in rows] == files + [f"{folder}/{p.name}" for p in images[10:14]]
     assert all(len(r["top_labels"]) == 3 and len(r["phrases"]) == 3 and r["error"] is None for r in rows)
     # the same images through their stores (`predict --manifest`) give the same answer: these
     # were reused by content key, and the phrases were looked up the way `phrases` did
@@ -120,3 +121,99 @@ def test_other_encoder_and_old_heads_are_refused(trained, shapes_dataset, tmp_pa
         predict_new(old, [image])
     # `predict HEAD --manifest M --out P` keeps working for it
     assert predict(old, shapes_dataset, tmp_path / "p.parquet").rows == 60
+
+
+# ---------------------------------------------------------------- ids, output files, printed lines
+
+
+def _two_cameras(shapes_dataset, tmp_path):
+    """day1/ and day2/, each holding an IMG_0001.jpg (different images), as two cameras write them."""
+    images = sorted((shapes_dataset.parent / "images").glob("*.jpg"))
+    for day, image in (("day1", images[0]), ("day2", images[1])):
+        (tmp_path / day).mkdir()
+        shutil.copy(image, tmp_path / day / "IMG_0001.jpg")
+    return tmp_path / "day1", tmp_path / "day2"
+
+
+def test_two_folders_with_the_same_file_names_get_ids_starting_with_their_input(trained, shapes_dataset, tmp_path):
+    day1, day2 = _two_cameras(shapes_dataset, tmp_path)
+    proc = invoke_cli("predict", trained / "head", f"{day1}/", day2, "--out", tmp_path / "p.parquet")
+    assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(tmp_path / "p.parquet")["id"].to_pylist() == [f"{day1}/IMG_0001.jpg", f"{day2}/IMG_0001.jpg"]
+    # one INPUT: ids relative to it, as before
+    assert [r["id"] for r in predict_new(trained / "head", [str(day1)]).as_dict()] == ["IMG_0001.jpg"]
+    # the same folder twice is the same images twice: refused, naming the id
+    with pytest.raises(BadInput, match="IMG_0001.jpg' comes twice"):
+        predict_new(trained / "head", [str(day1), f"{day1}/"])
+
+
+@pytest.mark.parametrize("name", ["preds.txt", "preds", "preds.json", "preds.parquet.gz"])
+def test_out_with_an_extension_of_no_known_format_is_refused_before_any_work(trained, shapes_dataset, tmp_path, name):
+    image = sorted((shapes_dataset.parent / "images").glob("*.jpg"))[0]
+    for args in ((image,), ("--manifest", shapes_dataset)):
+        proc = invoke_cli("predict", trained / "nowhere", *args, "--out", tmp_path / name)
+        lines = proc.stderr.strip().splitlines()
+        # refused before the (missing) head is read: the one line is about --out and lists the formats
+        assert proc.returncode == 2 and len(lines) == 1 and f"--out {tmp_path / name}" in lines[0], lines
+        assert ".parquet, .csv, .jsonl" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_format_follows_the_extension(trained, shapes_dataset, tmp_path):
+    import csv
+
+    image = str(sorted((shapes_dataset.parent / "images").glob("*.jpg"))[0])
+    rows = {}
+    for name in ("p.parquet", "p.CSV", "p.jsonl"):
+        proc = invoke_cli("predict", trained / "head", image, "--top-k", "2", "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p.parquet").read_bytes()[:4] == b"PAR1"
+    rows["parquet"] = pq.read_table(tmp_path / "p.parquet").to_pylist()[0]
+    with open(tmp_path / "p.CSV", newline="", encoding="utf-8") as f:
+        rows["csv"] = next(csv.DictReader(f))
+    rows["jsonl"] = json.loads((tmp_path / "p.jsonl").read_text())
+    assert rows["parquet"]["id"] == rows["csv"]["id"] == rows["jsonl"]["id"] == image
+    assert json.loads(rows["csv"]["top_labels"]) == rows["parquet"]["top_labels"] == rows["jsonl"]["top_labels"]
+    # probabilities: the same float32 in each, written as its shortest decimal in the text formats
+    assert np.float32(rows["csv"]["probability"]) == np.float32(rows["jsonl"]["probability"]) == \
+        np.float32(rows["parquet"]["probability"])
+    assert json.loads(rows["csv"]["top_probs"]) == rows["jsonl"]["top_probs"]
+    assert str(rows["jsonl"]["probability"]) == str(np.float32(rows["parquet"]["probability"]))
+
+
+def test_csv_list_cells_are_json_arrays_that_read_back_exactly(tmp_path):
+    import csv
+
+    from phrasefuse.fuse.evaluate import write_predictions
+
+    labels = [["a|b", "c"], ['say "hi", then\nleave', "|"], None]
+    probs = [[0.7, 0.3], [0.5, 0.25], None]
+    table = pa.table({"id": ["r0", "r1", "r2"], "top_labels": pa.array(labels, pa.list_(pa.string())),
+                      "top_probs": pa.array(probs, pa.list_(pa.float32())),
+                      "missing_features": pa.array([[], ["title"], []], pa.list_(pa.string()))})
+    write_predictions(table, tmp_path / "p.csv")
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        read = list(csv.DictReader(f))
+    assert [json.loads(r["top_labels"]) if r["top_labels"] else None for r in read] == labels
+    assert [json.loads(r["top_probs"]) if r["top_probs"] else None for r in read] == probs  # float32, shortest
+    assert read[0]["top_labels"] == '["a|b", "c"]' and read[0]["top_probs"] == "[0.7, 0.3]"
+    assert [json.loads(r["missing_features"]) for r in read] == [[], ["title"], []]
+
+
+def test_printed_lines_escape_control_characters_of_file_names(trained, shapes_dataset, tmp_path):
+    images = sorted((shapes_dataset.parent / "images").glob("*.jpg"))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(images[0], folder / "\x1b]0;pwned\x07a.jpg")  # OSC: sets the terminal's title
+    shutil.copy(images[1], folder / "b.jpg: cat (100.0%)\nzz.jpg")  # a newline: a forged line
+    proc = invoke_cli("predict", trained / "head", folder, "--out", tmp_path / "p.parquet")
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
+    assert [line.split(": ", 1)[0] for line in rows[:2]] == ["\\x1b]0;pwned\\x07a.jpg", "b.jpg"]
+    assert rows[1].startswith("b.jpg: cat (100.0%)\\nzz.jpg: ") and len(rows) == 3  # 2 images + the summary
+    # the file keeps the ids exact
+    assert sorted(pq.read_table(tmp_path / "p.parquet")["id"].to_pylist()) == sorted(p.name for p in folder.iterdir())
+    # an error line naming a path stays one line, its escapes shown
+    proc = invoke_cli("predict", trained / "head", tmp_path / "gone\x1b[2J\nphrasefuse: ok.jpg")
+    assert proc.returncode == 2 and "\x1b" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -135,6 +135,8 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     from phrasefuse.extract.encoders import load_image_encoder
 
     _check_sizes(batch_size, shard_size, limit)
+    if workers is not None and workers < 0:  # 0 is meaningful: decode in this process
+        raise BadInput(f"--workers {workers}: must be 0 or more (0 decodes in the main process)")
     runner = get_engine(engine, ray)
     rows = image_rows(manifest, limit, allow_outside_paths)
     summary = ExtractSummary("images", str(out), rows=len(rows))

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from phrasefuse.engine import progress as progress_lines
-from phrasefuse.errors import BadInput
+from phrasefuse.errors import BadInput, printable
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
 from phrasefuse.fuse import LABEL_PRIOR, PSEUDO_SHOTS
@@ -297,9 +297,15 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
             "rows": rows, "note": note, "seeds": seeds}
 
 
+def markdown_cell(text: object) -> str:
+    """User text (a feature name, a path) as one Markdown table cell or line: control characters
+    escaped (`printable`: a newline would end the row) and '|' as '\\|' (it would start a cell)."""
+    return printable(text).replace("|", "\\|")
+
+
 def render_markdown(data: dict) -> str:
     names = {"top1": "top-1", "top5": "top-5", "mAP": "mAP", "micro_f1": "micro-F1"}
-    out = [f"# Ablation: {data['head']} head on {data['manifest']}", ""]
+    out = [f"# Ablation: {data['head']} head on {markdown_cell(data['manifest'])}", ""]
     for table in data["tables"]:
         cols = table["columns"]
         regime = table["regime"]
@@ -318,7 +324,7 @@ def render_markdown(data: dict) -> str:
                 kept += ("; " if kept else "") + f"prior weight {weights} ({row['prior_chosen_by']})"
             if "pseudo_kept" in row:
                 kept += ("; " if kept else "") + "pseudo-shots kept " + ", ".join(map(str, row["pseudo_kept"]))
-            out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
+            out.append(f"| {markdown_cell(row['features'])} | " + " | ".join(cells) + f" | {gain} | {kept} |")
         chooser = ("the val split" if table["shots"] is None else
                    "nothing (1 shot: text is never kept)" if table["shots"] == 1 else
                    "cross-validation within the shots")
@@ -326,6 +332,6 @@ def render_markdown(data: dict) -> str:
                 f"'text kept': seeds in which the fused head beat image-only, as scored by {chooser}, by more than "
                 "one standard error (otherwise the row is the image-only head that `fuse train` would save).", ""]
     if data.get("warnings"):
-        out += ["Warnings:", ""] + [f"- {w}" for w in data["warnings"]] + [""]
+        out += ["Warnings:", ""] + [f"- {markdown_cell(w)}" for w in data["warnings"]] + [""]
     return "\n".join(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from phrasefuse.errors import BadInput
+from phrasefuse.errors import BadInput, printable
 from phrasefuse.fuse.artifact import format_metrics, load_head
 from phrasefuse.fuse.data import (SPLITS, Feature, build_vocab, encode_labels, is_multilabel, label_column,
                                   label_values, load_blocks, resolve_features, split_rows)
@@ -49,7 +50,8 @@ class EvalReport:
     def text(self) -> str:
         report = self.data
         m = report["metrics"]
-        lines = [f"fuse eval: {report['head']} ({report['kind']}, {report['task']}) on {report['manifest']}, "
+        lines = [f"fuse eval: {printable(report['head'])} ({report['kind']}, {report['task']}) on "
+                 f"{printable(report['manifest'])}, "
                  f"split {report['split']} ({report['rows']} rows)", f"  {format_metrics(m)}"]
         if "recall_at_80_precision" in m:
             lines[-1] += f" recall@80%precision={100 * m['recall_at_80_precision']:.1f}"
@@ -57,11 +59,11 @@ class EvalReport:
         per = m.get("per_class_accuracy") or m.get("per_label_ap") or {}
         if per:
             what = "per-class accuracy" if "per_class_accuracy" in m else "per-label AP"
-            lines.append(f"  {what}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in list(per.items())[:20])
+            lines.append(f"  {what}: " + ", ".join(f"{printable(k)} {100 * v:.1f}" for k, v in list(per.items())[:20])
                          + (", ..." if len(per) > 20 else ""))
         missing = {k: v for k, v in report["missing"].items() if v}
         if missing:
-            lines.append("  rows without: " + ", ".join(f"{k} {v}" for k, v in missing.items()))
+            lines.append("  rows without: " + ", ".join(f"{printable(k)} {v}" for k, v in missing.items()))
         if m.get("unknown_labels"):
             lines.append(f"  {m['unknown_labels']} labels outside the head's vocabulary (counted as errors)")
         return "\n".join(lines)
@@ -100,7 +102,7 @@ class PredictSummary:
     seconds: float
 
     def text(self) -> str:
-        return f"predict: {self.rows} rows -> {self.out} ({self.seconds:.1f} s)"
+        return f"predict: {self.rows} rows -> {printable(self.out)} ({self.seconds:.1f} s)"
 
     def as_dict(self) -> dict:
         return {"out": self.out, "rows": self.rows, "seconds": round(self.seconds, 2)}
@@ -113,6 +115,7 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
     phrases store among the features (so a user can see why)."""
     start = time.perf_counter()
     _check_top_k(top_k)
+    out_format(out)  # a wrong --out is refused before any work
     head = load_head(head_path)
     manifest = read_manifest(manifest_path)
     ids = manifest.ids
@@ -161,27 +164,54 @@ def prediction_table(head, ids: pa.Array, probs: np.ndarray, blocks, phrases: di
     return pa.table(columns)
 
 
-def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
-    """CSV (lists joined with '|'), JSON Lines (.jsonl) or else Parquet, by the extension of `out`;
-    written whole."""
-    from phrasefuse.folders import write_atomic
+# The predictions file's format follows its extension; anything else is refused rather than
+# guessed (a .txt holding Parquet bytes is no text file).
+OUT_FORMATS = {".parquet": "Parquet", ".csv": "CSV", ".jsonl": "JSON Lines"}
 
-    suffix = Path(out).suffix.lower()
+
+def out_format(out: str | os.PathLike) -> str:
+    """The extension of the predictions file `out` (.parquet, .csv or .jsonl), else BadInput."""
     if Path(out).is_dir():
         raise BadInput(f"--out {out}: is a folder; pass a file name (e.g. {Path(out) / 'predictions.parquet'})")
+    suffix = Path(out).suffix.lower()
+    if suffix not in OUT_FORMATS:
+        raise BadInput(f"--out {out}: unknown extension '{suffix or '(none)'}'; name the predictions file "
+                       f"{', '.join(OUT_FORMATS)} (the format follows the extension)")
+    return suffix
+
+
+def _short(value):
+    """A float32 probability as the shortest decimal that reads back as the same float32 (0.7, not
+    0.699999988079071), as Parquet readers and the CSV's own columns show it; lists item by item."""
+    if isinstance(value, float):
+        return float(str(np.float32(value)))
+    return [_short(v) for v in value] if isinstance(value, list) else value
+
+
+def csv_list_cell(values: list | None) -> str | None:
+    """A list cell of the CSV: a JSON array (`["a|b", "c"]`, `[0.7, 0.2]`), so any label can be read
+    back exactly (json.loads); null (no prediction) stays an empty cell."""
+    return None if values is None else json.dumps(_short(values), ensure_ascii=False)
+
+
+def write_predictions(table: pa.Table, out: str | os.PathLike) -> None:
+    """Parquet, CSV (list cells as JSON arrays) or JSON Lines, by the extension of `out`
+    (`out_format`); written whole."""
+    from phrasefuse.folders import write_atomic
+
+    suffix = out_format(out)
     make_folder(Path(out).parent)
-    if suffix not in (".csv", ".jsonl"):
+    if suffix == ".parquet":
         write_parquet_atomic(out, table)
     elif suffix == ".csv":
         import pyarrow.csv as pcsv
 
-        flat = pa.table({name: pc.binary_join(pc.cast(col, pa.list_(pa.string())), "|")
+        flat = pa.table({name: pa.array([csv_list_cell(v) for v in col.to_pylist()], pa.string())
                          if pa.types.is_list(col.type) else col for name, col in zip(table.column_names, table.columns)})
         write_atomic(out, lambda path: pcsv.write_csv(flat, path))
     else:
-        import json
-
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
+        text = "".join(json.dumps({k: _short(v) for k, v in row.items()}, ensure_ascii=False) + "\n"
+                       for row in table.to_pylist())
         write_atomic(out, lambda path: Path(path).write_text(text, encoding="utf-8"))
 
 
@@ -198,21 +228,24 @@ class NewPredictions:
                 for row in self.table.to_pylist()]
 
     def text(self) -> str:
+        # Ids are file names, labels and phrases user text: each through `printable`, so a newline or
+        # a terminal escape in one can neither forge a line nor reach the terminal raw.
         lines = []
+        show = printable
         for row in self.as_dict():
             if row.get("error"):
-                lines.append(f"{row['id']}: no prediction ({row['error']})")
+                lines.append(f"{show(row['id'])}: no prediction ({show(row['error'])})")
                 continue
-            label = (f"{row['label']} ({100 * row['probability']:.1f}%)" if "label" in row
-                     else ", ".join(row["labels"]) or "(no label above the threshold)")
-            top = ", ".join(f"{lab} {100 * p:.1f}%" for lab, p in zip(row["top_labels"], row["top_probs"]))
-            lines.append(f"{row['id']}: {label}; top: {top}")
+            label = (f"{show(row['label'])} ({100 * row['probability']:.1f}%)" if "label" in row
+                     else ", ".join(map(show, row["labels"])) or "(no label above the threshold)")
+            top = ", ".join(f"{show(lab)} {100 * p:.1f}%" for lab, p in zip(row["top_labels"], row["top_probs"]))
+            lines.append(f"{show(row['id'])}: {label}; top: {top}")
             for key in [k for k in row if k.startswith("phrases")]:
-                lines.append(f"  {key}: {', '.join(row[key] or []) or '(none)'}")
+                lines.append(f"  {key}: {', '.join(map(show, row[key] or [])) or '(none)'}")
             if row["missing_features"]:
-                lines.append(f"  without: {', '.join(row['missing_features'])}")
+                lines.append(f"  without: {', '.join(map(show, row['missing_features']))}")
         if self.out:
-            lines.append(f"predict: {self.table.num_rows} rows -> {self.out} ({self.seconds:.1f} s)")
+            lines.append(f"predict: {self.table.num_rows} rows -> {printable(self.out)} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
 
@@ -225,6 +258,8 @@ def predict_new(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike
 
     start = time.perf_counter()
     _check_top_k(top_k)
+    if out is not None:
+        out_format(out)  # a wrong --out is refused before any image is read
     head = load_head(head_path)
     provenance(head)  # an old head is refused before any image is read
     manifest = read_inputs(inputs, id_col, image_col)

@@ -43,10 +43,22 @@ class Computed:
     errors: pa.Array  # why a row has no image embedding (null: it has one)
 
 
+def input_id_prefix(item: str | os.PathLike, several: bool) -> str:
+    """What the ids of a folder or manifest INPUT start with: nothing when it is the only INPUT;
+    among several, the INPUT as given and '/' (day1/IMG_0001.jpg, shards/00000.tar/000000001), as
+    each input's own ids (paths relative to a folder, a table's id column, a tar's keys) may be
+    another's too (two cameras' IMG_0001.jpg)."""
+    if not several:
+        return ""
+    name = str(item)
+    return name.rstrip("/") + "/"
+
+
 def read_inputs(inputs: Sequence[str | os.PathLike], id_col: str | None = None,
                 image_col: str | None = None) -> Manifest:
-    """Image files (id: the path as given), folders and manifests, as one table (id, image, text
-    columns, image byte locations); a later input's id already seen is refused."""
+    """Image files (id: the path as given), folders and manifests (ids: their own, prefixed by
+    `input_id_prefix` when several INPUTs are given), as one table (id, image, text columns, image
+    byte locations); an id seen twice (the same image or input given twice) is refused."""
     files = [str(i) for i in inputs if os.path.isfile(i) and str(i).lower().endswith(FOLDER_IMAGE_EXTS)]
     parts = []
     if files:
@@ -61,7 +73,10 @@ def read_inputs(inputs: Sequence[str | os.PathLike], id_col: str | None = None,
         if m.image_bytes and (bytes_col or len(inputs) > 1):
             raise BadInput(f"{item}: Parquet with image bytes: predict it on its own (one INPUT)")
         bytes_col = m.image_bytes
-        parts.append(m.table)
+        prefix = input_id_prefix(item, len(inputs) > 1)
+        ids = m.table["id"].cast(pa.string())
+        parts.append(m.table.set_column(m.table.column_names.index("id"), "id",
+                                        pc.binary_join_element_wise(prefix, ids, "") if prefix else ids))
     table = pa.concat_tables(parts, promote_options="permissive")
     counts = pc.value_counts(table["id"].combine_chunks())
     twice = counts.filter(pc.greater(counts.field("counts"), 1))

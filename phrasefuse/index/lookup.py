@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from phrasefuse.errors import BadInput
+from phrasefuse.errors import BadInput, printable
 from phrasefuse.index import DEFAULT_LOOKUP_K
 from phrasefuse.index.folder import PhraseIndex
 
@@ -33,8 +33,8 @@ class LookupResult:
     def text(self) -> str:
         lines = []
         for image, phrases, scores in zip(self.images, self.phrases, self.scores):
-            lines.append(image)
-            lines += [f"  {score:6.3f}  {phrase}" for phrase, score in zip(phrases, scores)]
+            lines.append(printable(image))  # a newline in a file name must not forge a line
+            lines += [f"  {score:6.3f}  {printable(phrase)}" for phrase, score in zip(phrases, scores)]
         return "\n".join(lines)
 
 

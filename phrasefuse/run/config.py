@@ -187,6 +187,8 @@ def _parse_encoders(c: "_Checker", enc_raw: dict) -> Encoders:
         encoders.image_limits()
     except ValueError as e:
         c.fail(f"encoders.{str(e).split()[0]}", " ".join(str(e).split()[1:]))
+    if encoders.workers is not None and encoders.workers < 0:  # 0 is meaningful: decode in this process
+        c.fail("encoders.workers", f"expected 0 or more (0 decodes in the main process), got {encoders.workers}")
     return encoders
 
 

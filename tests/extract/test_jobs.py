@@ -176,3 +176,14 @@ def test_store_reads_into_one_numpy_view(shapes_dataset, tiny_clip_spec, tmp_pat
     assert present.tolist() == [False, True]
     np.testing.assert_array_equal(got[0], 0)
     np.testing.assert_array_equal(got[1], emb[5])
+
+
+def test_negative_workers_are_refused_before_any_work(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.jpg")
+    (tmp_path / "m.csv").write_text("id,image\na,a.jpg\n")
+    proc = invoke_cli("extract", "images", tmp_path / "m.csv", "--out", tmp_path / "st", "--workers", "-1")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "phrasefuse: error: --workers -1: must be 0 or more (0 decodes in the main process)"]
+    assert not (tmp_path / "st").exists()

@@ -131,6 +131,7 @@ def write_config(tmp_path: Path, manifest: Path, extra_data: str = "", heads: st
     ("", '[[heads]]\nname = "h"\nkind = "linear"\nseed = 18446744073709551617', "", "heads[0].seed"),
     ("", "", "max_aspect_ratio = 0", "encoders.max_aspect_ratio"),
     ("", "", 'max_image_mb = "big"', "encoders.max_image_mb"),
+    ("", "", "workers = -1", "encoders.workers"),
 ])
 def test_config_mistakes_are_refused_before_any_work(capsys, data, tmp_path, extra_data, heads, encoders, key):
     config = write_config(tmp_path, data / "manifest.parquet", extra_data, heads, encoders)

@@ -101,6 +101,70 @@ TAMPERINGS = {
 }
 
 
+def _tree_start(text: str, number: int) -> int:
+    return re.search(rf"^Tree={number}$", text, flags=re.M).start()
+
+
+def _drop_last_iteration(text: str) -> str:
+    """The model without its last round's trees, the end marker and parameters kept: LightGBM would
+    load it as a sound model with one round fewer."""
+    per_iteration = int(re.search(r"^num_tree_per_iteration=(\d+)", text, flags=re.M).group(1))
+    last = len(re.findall(r"^Tree=\d+$", text, flags=re.M)) - per_iteration
+    return text[:_tree_start(text, last)] + text[text.index("end of trees"):]
+
+
+# A model text cut at fixed places of its structure (not at a fraction of its length, which lands in
+# a different place whenever the trees differ): each must be refused although every tree before the
+# cut is whole. Checksums are dropped, so only the structure check can tell.
+CUTS = {
+    "inside_a_tree": lambda t: t[:_tree_start(t, 1) + 40],
+    "at_a_tree_boundary": lambda t: t[:_tree_start(t, 1)],
+    "at_an_iteration_boundary": lambda t: t[:_tree_start(t, int(re.search(
+        r"^num_tree_per_iteration=(\d+)", t, flags=re.M).group(1)))],
+    "before_the_end_marker": lambda t: t[:t.index("end of trees")],
+    "after_the_end_marker": lambda t: t[:t.index("end of trees") + len("end of trees\n")],
+    "inside_the_parameters": lambda t: t[:t.index("end of parameters")],
+    "last_round_dropped": _drop_last_iteration,
+    "a_middle_tree_dropped": lambda t: t[:_tree_start(t, 1)] + t[_tree_start(t, 2):],
+    "last_round_dropped_and_tree_sizes": lambda t: re.sub(r"^tree_sizes=.*\n", "", _drop_last_iteration(t),
+                                                          count=1, flags=re.M),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_lgbm_model_text_cut_at_a_fixed_place_is_refused_on_load_and_by_verify(heads, tmp_path, name):
+    head = tampered_copy(heads["lgbm"], tmp_path / name, CUTS[name])
+    with pytest.raises(BadInput, match=r"lgbm\.txt: .*(cut short|trees|tree_sizes|Tree=)"):
+        load_head(head)
+    problems = verify_head(head)
+    assert problems and str(head) in problems[0] and "lgbm.txt" in problems[0]
+
+
+def test_cli_on_a_cut_lgbm_head_exits_2_with_one_line(heads, tmp_path):
+    from tests.conftest import invoke_cli
+
+    head = tampered_copy(heads["lgbm"], tmp_path / "cut", CUTS["at_an_iteration_boundary"])
+    for args in (("inspect", head, "--verify"),
+                 ("predict", head, "--manifest", heads["manifest"], "--out", tmp_path / "p.parquet")):
+        proc = invoke_cli(*args)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "lgbm.txt" in lines[0] and "cut short" in lines[0], lines
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_lgbm_thread_count_is_fixed_by_the_environment(monkeypatch):
+    from phrasefuse.fuse.heads.lgbm import THREADS_ENV, lgbm_threads
+
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert lgbm_threads(10) == lgbm_threads(10**9) == 3
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(BadInput, match=THREADS_ENV):
+            lgbm_threads(10)
+    monkeypatch.delenv(THREADS_ENV)
+    assert lgbm_threads(10) == 1
+
+
 @pytest.mark.parametrize("name", sorted(TAMPERINGS))
 def test_tampered_lgbm_tree_is_refused_on_load_and_by_verify(heads, tmp_path, name):
     head = tampered_copy(heads["lgbm"], tmp_path / name, TAMPERINGS[name])

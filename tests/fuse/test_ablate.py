@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,3 +51,15 @@ def test_ablate_says_how_far_it_is_without_a_terminal(tmp_path, capsys, monkeypa
     assert "seeds/s, ETA " in lines[-1]
     ablate(data.manifest, [str(data.image)], "linear", shots=[2], seeds=1, progress=False)
     assert "ablate (" not in capsys.readouterr().err
+
+
+def test_a_feature_name_with_a_pipe_or_a_newline_stays_in_its_markdown_cell(tmp_path):
+    data = write_synthetic(tmp_path / "d", n=200, image_signal=0.5, text_signal=0.0)
+    report = ablate(data.manifest, [f"im|g\nx={data.image}"], "linear", seeds=1, out=tmp_path / "abl")
+    written = (tmp_path / "abl" / "ablation.md").read_text()
+    assert written == report.markdown
+    rows = [line for line in written.splitlines() if line.startswith("|")]
+    assert rows[2].startswith("| im\\|g\\nx (image only) |")
+    # every row of the table has the header's 5 cells: no '|' of a name opens a cell, no newline ends a row
+    assert {len(re.findall(r"(?<!\\)\|", line)) for line in rows} == {6}
+    assert not any(line.startswith("x (image only)") for line in written.splitlines())

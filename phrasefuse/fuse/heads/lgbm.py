@@ -11,6 +11,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
+from phrasefuse.errors import BadInput
 from phrasefuse.fuse.data import Blocks
 from phrasefuse.fuse.heads.base import SMALL_WORK, Align, FittedHead
 
@@ -38,10 +39,18 @@ class LgbmHead(FittedHead):
     def load(self, arch: dict, tensors: dict[str, np.ndarray], files: dict[str, str]) -> None:
         import lightgbm as lgb
 
-        from phrasefuse.fuse.lgbm_check import checked_model_text
+        from phrasefuse.fuse.lgbm_check import BadModel, checked_model_text
+
+        # The multi-class booster has exactly the rounds meta.json records; one-vs-rest boosters each
+        # stopped at their own round (meta.json keeps their mean), so only their text can tell.
+        iterations = self.steps if not self.task.multilabel and self.steps > 0 else None
 
         def booster(name: str, n_classes: int | None):  # checked first: LightGBM trusts its model text
-            return lgb.Booster(model_str=checked_model_text(files[name], sum(self.widths), n_classes))
+            try:
+                text = checked_model_text(files[name], sum(self.widths), n_classes, iterations)
+            except BadModel as e:
+                raise BadModel(f"{name}: {e}") from None
+            return lgb.Booster(model_str=text)
 
         if self.task.multilabel:
             self.boosters = [booster(f"lgbm-{c:05d}.txt", None) if f"lgbm-{c:05d}.txt" in files
@@ -73,11 +82,32 @@ def _lgbm_params(head: LgbmHead, n_rows: int, seed: int, objective: str, contri:
     params = {"objective": objective, "learning_rate": p["learning_rate"], "num_leaves": p["num_leaves"],
               "min_data_in_leaf": min_leaf, "min_sum_hessian_in_leaf": 1e-3, "lambda_l2": p["lambda_l2"],
               "feature_fraction": p["feature_fraction"], "max_bin": p["max_bin"], "feature_contri": contri,
-              "num_threads": 1 if n_rows * sum(head.widths) < SMALL_WORK else (os.cpu_count() or 1),
+              "num_threads": lgbm_threads(n_rows * sum(head.widths)),
               "seed": seed, "deterministic": True, "verbose": -1}
     if objective == "multiclass":
         params["num_class"] = head.task.num_classes
     return params
+
+
+THREADS_ENV = "PHRASEFUSE_LGBM_THREADS"
+
+
+def lgbm_threads(work: int) -> int:
+    """LightGBM's thread count: $PHRASEFUSE_LGBM_THREADS when set (its sums, so its trees, depend on
+    the thread count: a fixed value makes a head the same on any machine), else one thread for small
+    work (thread start-up costs more than it saves) and the cores this process may use for the rest."""
+    fixed = os.environ.get(THREADS_ENV, "").strip()
+    if fixed:
+        try:
+            threads = int(fixed)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise BadInput(f"${THREADS_ENV}={fixed!r}: must be a whole number of threads, 1 or more (or unset)")
+        return threads
+    if work < SMALL_WORK:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _lgbm_fit(head: LgbmHead, blocks: Blocks, y: np.ndarray, seed: int, stop, steps: int | None) -> None:
