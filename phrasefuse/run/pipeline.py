@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests.sources import expand_braces
+from phrasefuse.manifests.sources import RUN_STATE, expand_braces
 from phrasefuse.report import BASELINE
 from phrasefuse.run.config import (ABLATION_STAGE, CHANGES_RESULT, EXTRACT_IMAGE, EXTRACT_QUERY, EXTRACT_TEXT,
                                    HEAD_STAGE, IMAGE, INDEX_STAGE, PHRASES, PHRASES_STAGE, REPORT_STAGE, UNREAD_BY,
@@ -38,7 +38,7 @@ from phrasefuse.run.config import (ABLATION_STAGE, CHANGES_RESULT, EXTRACT_IMAGE
 from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
 from phrasefuse.store import EmbeddingStore
 
-STATE = "run-state.json"
+STATE = RUN_STATE  # one name, which the folder scan (manifests.sources) knows too
 
 
 @dataclass
@@ -133,7 +133,7 @@ def files_fingerprint(pattern: str | os.PathLike) -> str:
     """sha256 over the bytes of every file a path, glob (** recursive) or brace range names (manifests,
     tar shards, pairs tables); for a folder of images, the names, sizes and modification times of its files."""
     if os.path.isdir(pattern):
-        return _tree_fingerprint(Path(pattern))
+        return _dataset_fingerprint(Path(pattern))
     paths = [p for name in expand_braces(str(pattern))
              for p in (sorted(glob.glob(name, recursive=True)) if glob.has_magic(name) else [name])]
     h = hashlib.sha256()
@@ -154,6 +154,25 @@ def folder_fingerprint(path: Path) -> str | None:
     if not (path / "meta.json").is_file():
         return None
     return _tree_fingerprint(path)
+
+
+def _dataset_fingerprint(root: Path) -> str:
+    """An image folder's fingerprint, as its scan reads it: without the folders phrasefuse made inside
+    (this run's work folder, rewritten by every run, would otherwise re-run every stage every time)."""
+    from phrasefuse.manifests.sources import walk_dataset
+
+    h = hashlib.sha256()
+    for folder, _, files in walk_dataset(str(root)):
+        for name in sorted(files):
+            p = Path(folder) / name
+            if name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _tree_fingerprint(path: Path) -> str:
@@ -268,8 +287,11 @@ class RunState:
         line, summary = job()
         self.stages[stage] = {"inputs": digest, "output": output(), "summary": summary,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
+        self.save()
         return StageResult(stage, "ran", line, summary)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
 
 
 def as_skipped(summary: dict) -> dict:
@@ -298,6 +320,8 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
                    layout.ablation, config.work / "plots"):
         recover_leftovers(folder)  # of a killed earlier run: swaps undone, temporary files removed
     state = RunState(config.work)
+    if not state.path.is_file():
+        state.save()  # marks WORK as a run's folder from the start: an image folder around it skips it
     settings = plan_settings(config)  # the files the config names are fingerprinted before any stage runs
 
     yield from extract_stages(config, layout, state, settings, progress)
