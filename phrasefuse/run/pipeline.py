@@ -434,7 +434,7 @@ def extract_stages(config: Config, layout: Layout, state: RunState, settings: di
 
     enc = config.encoders
     image_job = lambda manifest, out: _mirroring(manifest, out, _summary(extract_images(  # noqa: E731
-        manifest, out, model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
+        manifest, _of_encoder(out, enc.image), model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
         progress=progress, allow_outside_paths=config.data.allow_outside_paths, limits=enc.image_limits())))
     out = layout.store(IMAGE)
     yield state.run(EXTRACT_IMAGE, {"settings": settings[EXTRACT_IMAGE]},
@@ -444,11 +444,23 @@ def extract_stages(config: Config, layout: Layout, state: RunState, settings: di
         yield state.run(f"extract {col}", {"settings": settings[f"extract {col}"]},
                         lambda out_t=out_t: folder_fingerprint(out_t),
                         lambda col=col, out_t=out_t: _mirroring(config.data.source, out_t, _summary(extract_texts(
-                            config.data.source, col, out_t, model=enc.text, device=enc.device, progress=progress))))
+                            config.data.source, col, _of_encoder(out_t, enc.text), model=enc.text, device=enc.device,
+                            progress=progress))))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
         yield state.run(EXTRACT_QUERY, {"settings": settings[EXTRACT_QUERY]},
                         lambda: _retrying(layout.query_store), lambda: image_job(q, layout.query_store))
+
+
+def _of_encoder(out: Path, spec: str) -> Path:
+    """`out`, emptied when its store holds another encoder's vectors than `spec` (the config's
+    [encoders] image / text changed): a store never mixes two encoders, and the run's stores are its
+    derived data, so the old one goes and the stage embeds every row with the encoder asked for.
+    (The spec is recorded as given: extract.encoders.parse_spec keeps it.)"""
+    store = EmbeddingStore(out)
+    if store.exists() and (store.meta.get("encoder") or {}).get("spec") != spec:
+        remove_folder(out)  # swapped out whole: a kill meanwhile leaves the old store or none
+    return out
 
 
 def _mirroring(manifest, out: Path, done: tuple[str, dict]) -> tuple[str, dict]:
@@ -532,6 +544,7 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, settings: dic
         store = EmbeddingStore(out)
         if _stale_phrases(store, inputs["index"]):
             remove_folder(out)  # derived data, regenerated whole; a kill meanwhile leaves no half of it
+        _of_encoder(out, enc.text)  # phrases embedded by another text model: regenerated whole too
         s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device,
                              progress=progress)
         return _mirroring(config.data.source, out, (s.text(), s.as_dict()))

@@ -220,3 +220,21 @@ def test_changed_id_col_reextracts_with_the_new_ids_end_to_end(tmp_path, tiny_cl
     assert sorted(EmbeddingStore(work / "stores" / "image").ids_and_keys()["id"].to_pylist()) == new_ids
     assert sorted(pq.read_table(work / "predictions" / "h.parquet")["id"].to_pylist()) == new_ids
     assert set(run("c3.toml").values()) == {"skipped"}
+
+
+def test_changed_image_encoder_reembeds_every_row(tmp_path, tiny_clip_config):
+    """[encoders] image changed: the run's image store (derived data) is re-made by the new encoder,
+    not refused ("holds embeddings of ...; write to another --out folder": no --out in a config)."""
+    from phrasefuse.run.pipeline import StageResult, run_config
+    from phrasefuse.store import EmbeddingStore
+
+    other_config = tmp_path / "other-clip.json"
+    other_config.write_text(json.dumps({**json.loads(tiny_clip_config.read_text()), "embed_dim": 16}))
+    make_b31_data(tmp_path, f"open_clip:{tiny_clip_config}@")
+    list(run_config(tmp_path / "c1.toml", progress=False))
+    text = (tmp_path / "c1.toml").read_text().replace(str(tiny_clip_config), str(other_config))
+    (tmp_path / "c1.toml").write_text(text)
+    second = {r.stage: r for r in run_config(tmp_path / "c1.toml", progress=False) if isinstance(r, StageResult)}
+    assert second["extract image"].status == "ran" and second["extract image"].summary["embedded"] == 40
+    store = EmbeddingStore(tmp_path / "work" / "stores" / "image")
+    assert store.dim == 16 and store.num_rows() == 40
