@@ -4,6 +4,10 @@ Every key is declared here once, with its type and default, so an unknown key, a
 type or a missing required value is refused before any stage runs, naming the key and
 what is expected. Paths in the file are relative to the file's own folder. Nothing of
 the file is evaluated: TOML is data.
+
+Each option also declares (`option`) whether it changes a result and which stages never read
+it: `run` derives every stage's fingerprint from these declarations (run/pipeline.py
+`options_fingerprint`), so a new option re-runs the stages of its section without more code.
 """
 
 from __future__ import annotations

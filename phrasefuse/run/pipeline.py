@@ -434,8 +434,9 @@ def extract_stages(config: Config, layout: Layout, state: RunState, settings: di
 
     enc = config.encoders
     image_job = lambda manifest, out: _mirroring(manifest, out, _summary(extract_images(  # noqa: E731
-        manifest, _of_encoder(out, enc.image), model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
-        progress=progress, allow_outside_paths=config.data.allow_outside_paths, limits=enc.image_limits())))
+        manifest, _of_encoder(out, enc.image), model=enc.image, batch_size=enc.batch_size, workers=enc.workers,
+        device=enc.device, progress=progress, allow_outside_paths=config.data.allow_outside_paths,
+        limits=enc.image_limits())))
     out = layout.store(IMAGE)
     yield state.run(EXTRACT_IMAGE, {"settings": settings[EXTRACT_IMAGE]},
                     lambda: _retrying(out), lambda: image_job(config.data.source, out))
@@ -469,7 +470,8 @@ def _mirroring(manifest, out: Path, done: tuple[str, dict]) -> tuple[str, dict]:
     if not dropped:
         return done
     line, summary = done
-    return f"{line}\n  {dropped} rows of ids no longer in the manifest dropped from {out}", {**summary, "dropped": dropped}
+    return (f"{line}\n  {dropped} rows of ids no longer in the manifest dropped from {out}",
+            {**summary, "dropped": dropped})
 
 
 def drop_rows_not_in(path: Path, manifest) -> int:
