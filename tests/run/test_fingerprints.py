@@ -107,6 +107,7 @@ def declared_readers(section: str, f: dataclasses.Field, flipped: cfg.Config) ->
 
 
 def test_every_option_of_every_section_reruns_exactly_its_readers(tmp_path):
+    assert set(STAGE_SECTIONS) == set(cfg.STAGES)  # every kind of stage says which sections it reads
     config = base_config(tmp_path)
     files = lambda p: f"content of {p}"  # noqa: E731 - a changed path is a changed file
     base = plan_settings(config, files=files)
