@@ -169,14 +169,38 @@ def _columns(table: pa.Table) -> str:
 
 # ---------------------------------------------------------------- a folder of images
 
+RUN_STATE = "run-state.json"  # in a `run` work folder (run/pipeline.py STATE) from its start
+
+
+def made_by_phrasefuse(folder: str) -> bool:
+    """A folder phrasefuse wrote: a `run` work folder (its plots are PNGs), or a store, index or head
+    (meta.json of a phrasefuse format). Never a dataset's images, even when it sits in the image
+    folder (a run config kept beside its images, with work = "work")."""
+    if os.path.isfile(os.path.join(folder, RUN_STATE)):
+        return True
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            fmt = json.load(f).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(fmt, str) and fmt.startswith("phrasefuse-")
+
+
+def walk_dataset(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk of an image folder, without the folders phrasefuse made inside it."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not made_by_phrasefuse(os.path.join(folder, d)))
+        yield folder, dirs, files
+
 
 def folder_table(folder: str) -> pa.Table:
     """Every image file under `folder` (recursively, sorted): id = its path relative to the folder.
     When every image sits one level down (ImageFolder: CLASS/x.jpg) that folder is the `label`; a
-    level of split folders above (train/, val/, test/; validation, valid, dev read as val) gives `split`."""
+    level of split folders above (train/, val/, test/; validation, valid, dev read as val) gives `split`.
+    Folders phrasefuse made (`made_by_phrasefuse`: a run's work folder inside it) are not data."""
     root = os.path.abspath(folder)
     rel = sorted(os.path.relpath(os.path.join(d, f), root)
-                 for d, _, files in os.walk(root) for f in files
+                 for d, _, files in walk_dataset(root) for f in files
                  if f.lower().endswith(FOLDER_IMAGE_EXTS) and not f.startswith("."))
     if not rel:
         raise BadInput(f"{folder}: no image files ({', '.join(FOLDER_IMAGE_EXTS)}) in this folder or below; "

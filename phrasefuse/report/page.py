@@ -74,21 +74,33 @@ def _zeroshot_html(zeroshot: dict) -> str:
 
 def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[Path]) -> list[str]:
     """The best fused head's sections: its confusion matrix (single-label) and the gallery against the baseline."""
+    from phrasefuse.fuse.data import label_column, label_values
     from phrasefuse.manifests import read_manifest
 
-    manifest = read_manifest(config.data.source)
     fused = [n for n in metas if n != BASELINE]
     best = max(fused, key=lambda n: _test_score(metas[n]), default=None)
     if best is None or not layout.predictions(best).is_file():
         return []
+    manifest = read_manifest(config.data.source)
+    multilabel = metas[best].get("task") == "multilabel"
+    # the labels as the heads read them: [data] label_col (else label / labels), trimmed, split if multi-label
+    col = label_column(manifest, config.data.label_col)
+    is_test = pc.equal(manifest.table["split"], "test")
+    labels = label_values(manifest, col, multilabel, np.zeros(manifest.table.num_rows, bool)).filter(is_test)
+    test = manifest.table.filter(is_test)
+    if not test.num_rows:
+        return [f"<h2>Test split</h2><p>The manifest has no test rows ({manifest.table.num_rows} rows, none with "
+                f"split = test): the heads' test scores are n/a, and there is no confusion matrix and no gallery. "
+                f"Give some rows split = test to measure them.</p>"]
+    truth = [", ".join(v or []) for v in labels.to_pylist()] if multilabel else \
+        [v if v is not None else "" for v in labels.to_pylist()]
     sections = []
-    test = _test_rows(manifest)
     best_pred = _predictions(layout.predictions(best), test["id"])
-    if not metas[best].get("task") == "multilabel":
+    if not multilabel:
         vocab = list(metas[best]["labels"])
         index = {v: i for i, v in enumerate(vocab)}
-        true = np.array([index.get(v, -1) for v in test["label"].to_pylist()])
-        pred = np.array([index.get(v, -1) for v in best_pred["label"].to_pylist()])
+        true = np.array([index.get(v, -1) for v in truth], dtype=np.int64)
+        pred = np.array([index.get(v, -1) for v in best_pred["label"].to_pylist()], dtype=np.int64)
         matrix = plots.confusion_matrix(true, pred, len(vocab))
         path = plot_dir / "confusion.png"
         write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, f"{best} head, test split"))
@@ -100,7 +112,8 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
                         f"text fixed and broke nothing; no gallery to compare.</p>")
     elif config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
         base_pred = _predictions(layout.predictions(BASELINE), test["id"])
-        sections.append(_gallery_html(config, layout, test, base_pred, best_pred, best, config.report.gallery))
+        sections.append(_gallery_html(config, layout, manifest, test, truth, base_pred, best_pred, best,
+                                      config.report.gallery))
     return sections
 
 
@@ -117,11 +130,6 @@ def _read_json(path: Path) -> dict | None:
 def _test_score(meta: dict) -> float:
     m = ((meta.get("metrics") or {}).get("test") or {}).get("saved") or {}
     return float(m.get("top1", m.get("mAP", -1.0)))
-
-
-def _test_rows(manifest) -> pa.Table:
-    t = manifest.table
-    return t.filter(pc.equal(t["split"], "test"))
 
 
 def _predictions(path: Path, ids: pa.Array) -> pa.Table:
@@ -215,12 +223,26 @@ def _decision_text(meta: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _thumbnail(path: str) -> str:
-    """A small JPEG of the image at `path`, inline; a file that is not a sane image (a bomb, a FIFO,
-    a folder, too large, corrupt) shows as unreadable: the report never fails on one picture."""
-    from phrasefuse.extract.images import decode_errors, open_image, read_item
+def _thumbnails(manifest, rows: pa.Table, limits) -> dict[str, str]:
+    """Each row's thumbnail (by id), its bytes read as `extract images` reads them (the source's
+    reader: an image file, a tar member at its offset, a Parquet bytes cell), within `limits`."""
+    from phrasefuse.extract.images import image_sources
+    from phrasefuse.manifests import image_chunks
 
-    data, _ = read_item(path)
+    out = {}
+    for chunk in image_chunks(rows, manifest.image_bytes):
+        for ident, source in zip(chunk["id"].to_pylist(), image_sources(chunk)):
+            out[ident] = _thumbnail(source, limits)
+    return out
+
+
+def _thumbnail(source, limits=None) -> str:
+    """A small JPEG, inline, of the image at `source` (`extract.images.image_sources`: a path, a tar
+    member's (shard, offset, size), or the bytes); one that is not a sane image (a bomb, a FIFO, a
+    folder, too large, corrupt, missing) shows as unreadable: the report never fails on one picture."""
+    from phrasefuse.extract.images import DEFAULT_LIMITS, decode_errors, open_image, read_source
+
+    data, _ = read_source(source, limits or DEFAULT_LIMITS)
     if data is None:
         return "<div class='noimg'>image unreadable</div>"
     try:
@@ -236,12 +258,9 @@ def _thumbnail(path: str) -> str:
     return f"<img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}' alt=''>"
 
 
-def _gallery_html(config, layout, test: pa.Table, base: pa.Table, fused: pa.Table, fused_name: str,
-                  count: int) -> str:
+def _gallery_html(config, layout, manifest, test: pa.Table, truth: list[str], base: pa.Table, fused: pa.Table,
+                  fused_name: str, count: int) -> str:
     from phrasefuse.store import EmbeddingStore
-
-    truth = test["label"].to_pylist() if "label" in test.column_names else \
-        [", ".join(v or []) for v in test["labels"].to_pylist()]
 
     def shown(pred: pa.Table) -> list[str]:
         if "label" in pred.column_names:
@@ -271,6 +290,8 @@ def _gallery_html(config, layout, test: pa.Table, base: pa.Table, fused: pa.Tabl
         table = table.take(pc.index_in(ids, value_set=table["id"]))
         for ident, ph, sc in zip(ids.to_pylist(), table["phrases"].to_pylist(), table["scores"].to_pylist()):
             phrases[ident], scores[ident] = ph or [], sc or []
+    thumbs = _thumbnails(manifest, test.take(pa.array([i for _, i in chosen], pa.int64())),
+                         config.encoders.image_limits())
     text_cols = [c for c in config.data.text_columns if c in test.column_names]
     base_text, fused_text = shown(base), shown(fused)
     cards = []
@@ -283,7 +304,7 @@ def _gallery_html(config, layout, test: pa.Table, base: pa.Table, fused: pa.Tabl
                      for p, s in zip(phrases.get(ident, []), scores.get(ident, [])))
         cls = group.split()[0]
         cards.append(
-            f"<div class='card {cls}'>{_thumbnail(test['image'][i].as_py())}"
+            f"<div class='card {cls}'>{thumbs[ident]}"
             f"<div class='id'>{html.escape(ident)} · <i>{group}</i></div>"
             f"<div><b>true</b>: {html.escape(truth[i])}</div>"
             f"<div class='{'ok' if base_ok[i] else 'bad'}'><b>image only</b>: {html.escape(base_text[i])}</div>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -19,6 +20,24 @@ def _pyplot():
     return plt
 
 
+def _plain_text(plot):
+    """Every text of the plot drawn as written. Labels and feature names are the user's data: with
+    mathtext on, a label with two '$' ('$10_to_$20') is parsed as a formula (an error, or a formula
+    drawn instead of the label), and with usetex a '%' or '&' reaches LaTeX. Turning the parsing off
+    for the whole figure (matplotlib's text.parse_math) covers every text, tick label, legend and
+    title alike, where escaping each string would have to find every one."""
+
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return plot(*args, **kwargs)
+
+    return drawn
+
+
+@_plain_text
 def ablation_bars(table: dict, path: str | os.PathLike) -> None:
     """One bar per feature set: the first metric, mean with the spread over seeds."""
     plt = _pyplot()
@@ -55,6 +74,7 @@ def ablation_bars(table: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+@_plain_text
 def few_shot_curves(tables: Sequence[dict], path: str | os.PathLike) -> None:
     """Test score against labelled examples per class, one line per feature set (mean, band = std)."""
     plt = _pyplot()
@@ -80,6 +100,7 @@ def few_shot_curves(tables: Sequence[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+@_plain_text
 def confusion(matrix: np.ndarray, vocab: Sequence[str], path: str | os.PathLike, title: str) -> None:
     """Rows: true label; columns: predicted; cells: share of the row (counts written in)."""
     plt = _pyplot()
@@ -104,5 +125,6 @@ def confusion(matrix: np.ndarray, vocab: Sequence[str], path: str | os.PathLike,
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
     """Counts of (true, predicted) class indices; -1 (unknown) rows are left out."""
+    true, predicted = np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)  # [] is float
     ok = (true >= 0) & (predicted >= 0)
     return np.bincount(true[ok] * n + predicted[ok], minlength=n * n).reshape(n, n)

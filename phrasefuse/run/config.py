@@ -4,12 +4,16 @@ Every key is declared here once, with its type and default, so an unknown key, a
 type or a missing required value is refused before any stage runs, naming the key and
 what is expected. Paths in the file are relative to the file's own folder. Nothing of
 the file is evaluated: TOML is data.
+
+Each option also declares (`option`) whether it changes a result and which stages never read
+it: `run` derives every stage's fingerprint from these declarations (run/pipeline.py
+`options_fingerprint`), so a new option re-runs the stages of its section without more code.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +28,56 @@ PHRASES = "phrases"  # the feature name of the generated phrases' store
 QUERY_IMAGE = "query-image"  # the store of the query corpus' images (run/pipeline.py Layout)
 
 
+# The stages of a run, by kind (run/pipeline.py names each stage; "extract text" is one per text column).
+EXTRACT_IMAGE, EXTRACT_TEXT, EXTRACT_QUERY = "extract image", "extract text", "extract query images"
+INDEX_STAGE, PHRASES_STAGE, HEAD_STAGE = "index", "phrases", "head"
+ZEROSHOT_STAGE, ABLATION_STAGE, REPORT_STAGE = "zeroshot", "ablation", "report"
+STAGES = (EXTRACT_IMAGE, EXTRACT_TEXT, EXTRACT_QUERY, INDEX_STAGE, PHRASES_STAGE, HEAD_STAGE, ZEROSHOT_STAGE,
+          ABLATION_STAGE, REPORT_STAGE)
+EXTRACTS = (EXTRACT_IMAGE, EXTRACT_TEXT, EXTRACT_QUERY)
+
+CHANGES_RESULT = "changes_result"  # field metadata keys (read by run/pipeline.py's options_fingerprint)
+UNREAD_BY = "unread_by"
+
+
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, changes_result: bool = True,
+           unread_by: tuple[str, ...] = ()) -> Any:
+    """A config option. Every stage that reads its section re-runs when it changes (its fingerprint
+    holds every option of the sections it reads), except:
+    - `changes_result=False`: the option changes how a stage runs, never what it makes;
+    - `unread_by`: stages (kinds of STAGES) whose job never gets this option.
+    The safe default is both off: a new option re-runs every stage of its section until shown otherwise."""
+    unknown = set(unread_by) - set(STAGES)
+    if unknown:  # a misspelt stage would silently keep that stage's result stale
+        raise ValueError(f"unread_by: unknown stage(s) {sorted(unknown)}; expected some of {STAGES}")
+    return field(default=default, default_factory=default_factory,
+                 metadata={CHANGES_RESULT: changes_result, UNREAD_BY: frozenset(unread_by)})
+
+
+def option_names(section: type) -> set[str]:
+    """The keys a section accepts: exactly its declared options (so every key is fingerprinted)."""
+    return {f.name for f in fields(section)}
+
+
+# The extract stages read only the rows (manifest, ids, images); labels, descriptions and the other
+# columns reach the heads, the zero-shot table, the ablation and the report.
+_LABELS_ONLY = (*EXTRACTS, PHRASES_STAGE)
+
+
 @dataclass
 class Data:
-    manifest: Path
-    label_col: str | None = None
-    multilabel: bool = False
-    text_columns: list[str] = field(default_factory=list)
-    label_descriptions: Path | None = None
-    allow_outside_paths: bool = False
-    id_col: str | None = None  # column mapping (as --id-col / --image-col)
-    image_col: str | None = None
+    manifest: Path = option(unread_by=(EXTRACT_QUERY,))  # the query images have their own manifest
+    label_col: str | None = option(None, unread_by=_LABELS_ONLY)
+    multilabel: bool = option(False, unread_by=_LABELS_ONLY)
+    # each "extract <column>" stage reads its own column (in its name), a head the features it names
+    text_columns: list[str] = option(default_factory=list, unread_by=(
+        *EXTRACTS, PHRASES_STAGE, HEAD_STAGE, ZEROSHOT_STAGE))
+    label_descriptions: Path | None = option(None, unread_by=_LABELS_ONLY)
+    # where image files may be: extract images (and the report's thumbnails) open them
+    allow_outside_paths: bool = option(False, unread_by=(EXTRACT_TEXT, PHRASES_STAGE, HEAD_STAGE, ZEROSHOT_STAGE,
+                                                         ABLATION_STAGE))
+    id_col: str | None = option(None, unread_by=(EXTRACT_QUERY,))  # column mapping (as --id-col / --image-col)
+    image_col: str | None = option(None, unread_by=(EXTRACT_QUERY,))
 
     @property
     def source(self):
@@ -43,16 +87,25 @@ class Data:
         return source_with(self.manifest, self.id_col, self.image_col)
 
 
+# What an image encoder makes (and which images it refuses) reaches the text stages and the heads
+# only through the stores they read, whose fingerprints they hold.
+_IMAGE_SIDE_UNREAD = (EXTRACT_TEXT, INDEX_STAGE, PHRASES_STAGE, HEAD_STAGE, ABLATION_STAGE)
+
+
 @dataclass
 class Encoders:
-    image: str = DEFAULT_IMAGE_MODEL
-    text: str = DEFAULT_TEXT_MODEL
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None
-    max_image_mb: float | None = None  # images.ImageLimits; None: its default
-    max_image_megapixels: float | None = None
-    max_aspect_ratio: float | None = None
+    image: str = option(DEFAULT_IMAGE_MODEL, unread_by=_IMAGE_SIDE_UNREAD)
+    text: str = option(DEFAULT_TEXT_MODEL, unread_by=(EXTRACT_IMAGE, EXTRACT_QUERY, INDEX_STAGE))
+    # Where and how fast, not what: a store keeps the rows embedded on another device or in other
+    # batches (embed-once), so these cannot promise bit-identical vectors anyway; the differences
+    # are float rounding (as with BLAS thread counts), never another model or other rows. "auto"
+    # would also name a different device on another machine.
+    device: str = option("auto", changes_result=False)
+    batch_size: int = option(64, changes_result=False)
+    workers: int | None = option(None, changes_result=False)
+    max_image_mb: float | None = option(None, unread_by=_IMAGE_SIDE_UNREAD)  # images.ImageLimits; None: its default
+    max_image_megapixels: float | None = option(None, unread_by=_IMAGE_SIDE_UNREAD)
+    max_aspect_ratio: float | None = option(None, unread_by=_IMAGE_SIDE_UNREAD)
 
     def image_limits(self):
         from phrasefuse.extract.images import ImageLimits
@@ -60,41 +113,45 @@ class Encoders:
         return ImageLimits.of(self.max_image_mb, self.max_image_megapixels, self.max_aspect_ratio)
 
 
+_INDEX_ONLY = (EXTRACT_QUERY, PHRASES_STAGE)  # index settings: the phrases stage holds the index's build id
+
+
 @dataclass
 class Phrases:
-    pairs: Path
-    images: Path | None = None  # manifest of the query corpus' images (default: the labelled manifest)
-    k: int = DEFAULT_PHRASES_K
-    min_images: int = 1
-    kind: str = "auto"
-    weights: bool = True
+    pairs: Path = option(unread_by=_INDEX_ONLY)
+    # manifest of the query corpus' images (default: the labelled manifest)
+    images: Path | None = option(None, unread_by=(PHRASES_STAGE,))
+    k: int = option(DEFAULT_PHRASES_K, unread_by=(EXTRACT_QUERY, INDEX_STAGE))
+    min_images: int = option(1, unread_by=_INDEX_ONLY)
+    kind: str = option("auto", unread_by=_INDEX_ONLY)
+    weights: bool = option(True, unread_by=_INDEX_ONLY)
 
 
 @dataclass
-class Head:
-    name: str
-    kind: str
-    features: list[str]
-    seed: int = 0
-    label_prior: str | None = None
-    align_descriptions: float = 0.0
-    pseudo_shots: bool = False  # offer the [phrases] index's pseudo-labelled prototypes (fuse/pseudo.py)
+class Head:  # each head stage reads its own [[heads]] table (and the report all of them)
+    name: str = option()
+    kind: str = option()
+    features: list[str] = option()
+    seed: int = option(0)
+    label_prior: str | None = option(None)
+    align_descriptions: float = option(0.0)
+    pseudo_shots: bool = option(False)  # offer the [phrases] index's pseudo-labelled prototypes (fuse/pseudo.py)
 
 
 @dataclass
 class Ablation:
-    head: str = "linear"
-    seeds: int = 3
-    shots: list[int] = field(default_factory=list)
-    rows: list[list[str]] | None = None
-    shot_rows: list[list[str]] | None = None
-    label_prior: str | None = None  # a text feature; rows may then list "label-prior"
-    pseudo_shots: bool = False  # rows may then list "pseudo-shots" (the [phrases] index's prototypes)
+    head: str = option("linear")
+    seeds: int = option(3)
+    shots: list[int] = option(default_factory=list)
+    rows: list[list[str]] | None = option(None)
+    shot_rows: list[list[str]] | None = option(None)
+    label_prior: str | None = option(None)  # a text feature; rows may then list "label-prior"
+    pseudo_shots: bool = option(False)  # rows may then list "pseudo-shots" (the [phrases] index's prototypes)
 
 
 @dataclass
 class Report:
-    gallery: int = 24
+    gallery: int = option(24)
 
 
 @dataclass
@@ -155,8 +212,7 @@ def parse_config(raw: dict, path: Path) -> Config:
 
 
 def _parse_data(c: "_Checker", data_raw: dict, base: Path) -> Data:
-    c.known(data_raw, "data", {"manifest", "label_col", "multilabel", "text_columns", "label_descriptions",
-                               "allow_outside_paths", "id_col", "image_col"})
+    c.known(data_raw, "data", option_names(Data))
     text_columns = c.get(data_raw, "text_columns", list, [], item=str, where="data")
     data = Data(manifest=_path(base, c.get(data_raw, "manifest", str, where="data")),
                 label_col=c.get(data_raw, "label_col", str, None, where="data"),
@@ -176,7 +232,7 @@ def _parse_data(c: "_Checker", data_raw: dict, base: Path) -> Data:
 
 
 def _parse_encoders(c: "_Checker", enc_raw: dict) -> Encoders:
-    c.known(enc_raw, "encoders", {"image", "text", "device", "batch_size", "workers", *LIMIT_KEYS})
+    c.known(enc_raw, "encoders", option_names(Encoders))
     encoders = Encoders(image=c.get(enc_raw, "image", str, DEFAULT_IMAGE_MODEL, where="encoders"),
                         text=c.get(enc_raw, "text", str, DEFAULT_TEXT_MODEL, where="encoders"),
                         device=c.choice(enc_raw, "device", ("auto", "cpu", "cuda"), "auto", where="encoders"),
@@ -193,7 +249,7 @@ def _parse_encoders(c: "_Checker", enc_raw: dict) -> Encoders:
 
 
 def _parse_phrases(c: "_Checker", ph_raw: dict, base: Path) -> Phrases:
-    c.known(ph_raw, "phrases", {"pairs", "images", "k", "min_images", "kind", "weights"})
+    c.known(ph_raw, "phrases", option_names(Phrases))
     return Phrases(pairs=_path(base, c.get(ph_raw, "pairs", str, where="phrases")),
                    images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
                    k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
@@ -213,7 +269,7 @@ def _parse_heads(c: "_Checker", heads_raw, features: list[str], has_phrases: boo
 
 
 def _parse_head(c: "_Checker", h: dict, where: str, features: list[str], has_phrases: bool) -> Head:
-    c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions", "pseudo_shots"})
+    c.known(h, where, option_names(Head))
     head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
                 features=c.get(h, "features", list, list(features), item=str, where=where),
                 seed=c.get(h, "seed", int, 0, where=where),
@@ -238,7 +294,7 @@ def _parse_head(c: "_Checker", h: dict, where: str, features: list[str], has_phr
 
 
 def _parse_ablation(c: "_Checker", ab_raw: dict, features: list[str], has_phrases: bool) -> Ablation:
-    c.known(ab_raw, "ablation", {"head", "seeds", "shots", "rows", "shot_rows", "label_prior", "pseudo_shots"})
+    c.known(ab_raw, "ablation", option_names(Ablation))
     label_prior = c.get(ab_raw, "label_prior", str, None, where="ablation")
     if label_prior is not None:
         c.features([label_prior], [n for n in features if n != IMAGE], "ablation.label_prior")
@@ -258,7 +314,7 @@ def _parse_ablation(c: "_Checker", ab_raw: dict, features: list[str], has_phrase
 
 
 def _parse_report(c: "_Checker", rep_raw: dict) -> Report:
-    c.known(rep_raw, "report", {"gallery"})
+    c.known(rep_raw, "report", option_names(Report))
     report = Report(gallery=c.get(rep_raw, "gallery", int, 24, where="report"))
     if report.gallery < 0:
         c.fail("report.gallery", "expected 0 or more (test images shown)")

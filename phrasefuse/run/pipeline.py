@@ -9,7 +9,10 @@
     WORK/run-state.json                                                what each stage last did
 
 A stage is skipped when its inputs (files, the stores it reads, its settings) have the
-same fingerprint as when it last completed and its output is still as it left it. Extract
+same fingerprint as when it last completed and its output is still as it left it. Its
+settings are not listed by hand: they are every option, declared in run/config.py, of the
+config sections the stage reads (STAGE_SECTIONS), less those declared as not changing a
+result or not read by that stage (`options_fingerprint`); a new option re-runs its stages. Extract
 stages that do run embed only ids their store lacks (the embed-once promise), so a changed
 head re-trains only that head, and a manifest with new rows embeds only those rows.
 """
@@ -23,17 +26,19 @@ import os
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests.sources import expand_braces
+from phrasefuse.manifests.sources import RUN_STATE, expand_braces
 from phrasefuse.report import BASELINE
-from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, config_error, load_config
+from phrasefuse.run.config import (ABLATION_STAGE, CHANGES_RESULT, EXTRACT_IMAGE, EXTRACT_QUERY, EXTRACT_TEXT,
+                                   HEAD_STAGE, IMAGE, INDEX_STAGE, PHRASES, PHRASES_STAGE, REPORT_STAGE, UNREAD_BY,
+                                   ZEROSHOT_STAGE, Config, Head, config_error, load_config)
 from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
 from phrasefuse.store import EmbeddingStore
 
-STATE = "run-state.json"
+STATE = RUN_STATE  # one name, which the folder scan (manifests.sources) knows too
 
 
 @dataclass
@@ -128,7 +133,7 @@ def files_fingerprint(pattern: str | os.PathLike) -> str:
     """sha256 over the bytes of every file a path, glob (** recursive) or brace range names (manifests,
     tar shards, pairs tables); for a folder of images, the names, sizes and modification times of its files."""
     if os.path.isdir(pattern):
-        return _tree_fingerprint(Path(pattern))
+        return _dataset_fingerprint(Path(pattern))
     paths = [p for name in expand_braces(str(pattern))
              for p in (sorted(glob.glob(name, recursive=True)) if glob.has_magic(name) else [name])]
     h = hashlib.sha256()
@@ -151,6 +156,25 @@ def folder_fingerprint(path: Path) -> str | None:
     return _tree_fingerprint(path)
 
 
+def _dataset_fingerprint(root: Path) -> str:
+    """An image folder's fingerprint, as its scan reads it: without the folders phrasefuse made inside
+    (this run's work folder, rewritten by every run, would otherwise re-run every stage every time)."""
+    from phrasefuse.manifests.sources import walk_dataset
+
+    h = hashlib.sha256()
+    for folder, _, files in walk_dataset(str(root)):
+        for name in sorted(files):
+            p = Path(folder) / name
+            if name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _tree_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
@@ -165,6 +189,74 @@ def file_fingerprint(path: Path) -> str | None:
         return None
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# Which sections of the config each kind of stage reads (a head stage: [data], [encoders] and its own
+# [[heads]] table). Its settings are every option of these that changes a result and that it reads.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    EXTRACT_IMAGE: ("data", "encoders"),
+    EXTRACT_TEXT: ("data", "encoders"),
+    EXTRACT_QUERY: ("data", "encoders", "phrases"),
+    INDEX_STAGE: ("encoders", "phrases"),
+    PHRASES_STAGE: ("data", "encoders", "phrases"),  # data: its store keeps the manifest's ids only
+    HEAD_STAGE: ("data", "encoders", "head"),
+    ZEROSHOT_STAGE: ("data",),
+    ABLATION_STAGE: ("data", "encoders", "ablation"),
+    REPORT_STAGE: ("data", "encoders", "phrases", "heads", "ablation", "report"),
+}
+
+
+def options_fingerprint(section, stage: str, files: Callable[[Path], str]) -> dict | list | None:
+    """The options of a config section (a run/config.py dataclass, a list of them, or None when the
+    section is absent) that change what `stage` (a kind of config.STAGES) makes: derived from the
+    declarations (`dataclasses.fields`), never listed here. A path counts as its name and the
+    fingerprint of what it names (`files`), so an edited file re-runs the stage as a changed setting does."""
+    if section is None:
+        return None
+    if isinstance(section, list):
+        return [options_fingerprint(s, stage, files) for s in section]
+    assert is_dataclass(section), section
+    options = {}
+    for f in fields(section):
+        if not f.metadata.get(CHANGES_RESULT, True) or stage in f.metadata.get(UNREAD_BY, ()):
+            continue
+        value = getattr(section, f.name)
+        options[f.name] = [str(value), files(value)] if isinstance(value, Path) else value
+    return options
+
+
+def stage_settings(config: Config, stage: str, head: Head | None = None,
+                   files: Callable[[Path], str] | None = None) -> dict:
+    """The settings part of a stage's inputs: per section it reads (STAGE_SECTIONS), its options'
+    fingerprint. `head`: the head of a head stage. `files`: files_fingerprint, memoised by the caller
+    (a folder of images is walked once per run, not once per stage)."""
+    files = files or files_fingerprint
+    sections = {"data": config.data, "encoders": config.encoders, "phrases": config.phrases,
+                "heads": config.heads, "ablation": config.ablation, "report": config.report, "head": head}
+    return {name: options_fingerprint(sections[name], stage, files) for name in STAGE_SECTIONS[stage]}
+
+
+def plan_settings(config: Config, files: Callable[[Path], str] | None = None) -> dict[str, str]:
+    """Each stage of a run of `config` (by its name in the run) and the digest of its settings: a stage
+    whose digest differs from its last completed run's re-runs (whatever the stores say)."""
+    memo: dict[Path, str] = {}
+    files = files or (lambda p: memo[p] if p in memo else memo.setdefault(p, files_fingerprint(p)))
+    plan = {EXTRACT_IMAGE: stage_settings(config, EXTRACT_IMAGE, files=files)}
+    for col in config.data.text_columns:
+        plan[f"extract {col}"] = {"column": col, **stage_settings(config, EXTRACT_TEXT, files=files)}
+    if config.phrases:
+        if config.phrases.images is not None:
+            plan[EXTRACT_QUERY] = stage_settings(config, EXTRACT_QUERY, files=files)
+        plan[INDEX_STAGE] = stage_settings(config, INDEX_STAGE, files=files)
+        plan[PHRASES_STAGE] = stage_settings(config, PHRASES_STAGE, files=files)
+    for head in heads_with_baseline(config):
+        plan[f"head {head.name}"] = stage_settings(config, HEAD_STAGE, head, files=files)
+    if config.phrases:
+        plan[ZEROSHOT_STAGE] = stage_settings(config, ZEROSHOT_STAGE, files=files)
+    if config.ablation:
+        plan[ABLATION_STAGE] = stage_settings(config, ABLATION_STAGE, files=files)
+    plan[REPORT_STAGE] = stage_settings(config, REPORT_STAGE, files=files)
+    return {stage: _digest(settings) for stage, settings in plan.items()}
 
 
 def _digest(inputs: dict) -> str:
@@ -195,8 +287,11 @@ class RunState:
         line, summary = job()
         self.stages[stage] = {"inputs": digest, "output": output(), "summary": summary,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
+        self.save()
         return StageResult(stage, "ran", line, summary)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
 
 
 def as_skipped(summary: dict) -> dict:
@@ -225,11 +320,13 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
                    layout.ablation, config.work / "plots"):
         recover_leftovers(folder)  # of a killed earlier run: swaps undone, temporary files removed
     state = RunState(config.work)
-    manifest_fp = files_fingerprint(config.data.manifest)
+    if not state.path.is_file():
+        state.save()  # marks WORK as a run's folder from the start: an image folder around it skips it
+    settings = plan_settings(config)  # the files the config names are fingerprinted before any stage runs
 
-    yield from extract_stages(config, layout, state, manifest_fp, progress)
+    yield from extract_stages(config, layout, state, settings, progress)
     if config.phrases:
-        yield from phrase_stages(config, layout, state, progress)
+        yield from phrase_stages(config, layout, state, settings, progress)
 
     def features_of(names: list[str]) -> list[str]:
         return [f"{n}={layout.store(n)}" for n in names]
@@ -237,20 +334,19 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     def stores_fp(names: list[str]) -> dict:
         return {n: folder_fingerprint(layout.store(n)) for n in names}
 
-    labels = {"manifest": manifest_fp, "label_col": config.data.label_col, "multilabel": config.data.multilabel}
     for head in heads_with_baseline(config):
-        yield head_stage(config, layout, state, head, labels, features_of, stores_fp)
+        yield head_stage(config, layout, state, head, settings, features_of, stores_fp)
     if config.phrases:
-        yield zeroshot_stage(config, layout, state, labels, stores_fp)
+        yield zeroshot_stage(config, layout, state, settings, stores_fp)
     if config.ablation:
-        yield ablation_stage(config, layout, state, labels, features_of, stores_fp)
-    yield report_stage(config, layout, state)
+        yield ablation_stage(config, layout, state, settings, features_of, stores_fp)
+    yield report_stage(config, layout, state, settings)
 
 
-def zeroshot_stage(config: Config, layout: Layout, state: RunState, labels: dict, stores_fp: Callable) -> StageResult:
+def zeroshot_stage(config: Config, layout: Layout, state: RunState, settings: dict,
+                   stores_fp: Callable) -> StageResult:
     descriptions = config.data.label_descriptions
-    inputs = {**labels, "phrases": stores_fp([PHRASES]),
-              "descriptions": files_fingerprint(descriptions) if descriptions else None}
+    inputs = {"settings": settings[ZEROSHOT_STAGE], "phrases": stores_fp([PHRASES])}
 
     def zeroshot_job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import zeroshot
@@ -264,7 +360,7 @@ def zeroshot_stage(config: Config, layout: Layout, state: RunState, labels: dict
     return state.run("zeroshot", inputs, lambda: file_fingerprint(layout.zeroshot), zeroshot_job)
 
 
-def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict, features_of: Callable,
+def ablation_stage(config: Config, layout: Layout, state: RunState, settings: dict, features_of: Callable,
                    stores_fp: Callable) -> StageResult:
     ab = config.ablation
     names = config.feature_names()
@@ -284,14 +380,12 @@ def ablation_stage(config: Config, layout: Layout, state: RunState, labels: dict
                 f"{report.data['seconds']:.0f} s -> {layout.ablation / 'ablation.md'}"), \
             {"seconds": report.data["seconds"]}
 
-    inputs = {**labels, "ablation": vars(ab), "stores": stores_fp(names),
-              "descriptions": files_fingerprint(descriptions) if descriptions and (ab.label_prior or ab.pseudo_shots)
-              else None,
-              **({"index": _build_id(layout.index), "text_model": config.encoders.text} if ab.pseudo_shots else {})}
+    inputs = {"settings": settings[ABLATION_STAGE], "stores": stores_fp(names),
+              **({"index": _build_id(layout.index)} if ab.pseudo_shots else {})}
     return state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
 
 
-def report_stage(config: Config, layout: Layout, state: RunState) -> StageResult:
+def report_stage(config: Config, layout: Layout, state: RunState, settings: dict) -> StageResult:
     """Last: its inputs are every other stage's output."""
 
     def report_job() -> tuple[str, dict]:
@@ -300,9 +394,8 @@ def report_stage(config: Config, layout: Layout, state: RunState) -> StageResult
         written = write_report(config, layout, heads_with_baseline(config))
         return f"report: {layout.report} ({len(written) - 1} plots)", {"files": [str(p) for p in written]}
 
-    inputs = {"stages": {k: v.get("output") for k, v in state.stages.items() if k != "report"},
-              "report": vars(config.report),
-              "config": files_fingerprint(config.path)}
+    inputs = {"settings": settings[REPORT_STAGE],
+              "stages": {k: v.get("output") for k, v in state.stages.items() if k != "report"}}
     return state.run("report", inputs, lambda: file_fingerprint(layout.report), report_job)
 
 
@@ -335,29 +428,92 @@ def _column_problems(config: Config) -> list[str]:
             f"(columns: {', '.join(columns)}); fix the name" for key, name in named if name not in columns]
 
 
-def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp: str,
+def extract_stages(config: Config, layout: Layout, state: RunState, settings: dict,
                    progress: bool | None) -> Iterator[StageResult]:
     from phrasefuse.extract.jobs import extract_images, extract_texts
 
     enc = config.encoders
-    image_job = lambda manifest, out: _summary(extract_images(  # noqa: E731
-        manifest, out, model=enc.image, batch_size=enc.batch_size, workers=enc.workers, device=enc.device,
-        progress=progress, allow_outside_paths=config.data.allow_outside_paths, limits=enc.image_limits()))
-    limits = {k: getattr(enc, k) for k in LIMIT_KEYS if getattr(enc, k) is not None}
+    image_job = lambda manifest, out: _mirroring(manifest, out, _summary(extract_images(  # noqa: E731
+        manifest, _of_encoder(out, enc.image), model=enc.image, batch_size=enc.batch_size, workers=enc.workers,
+        device=enc.device, progress=progress, allow_outside_paths=config.data.allow_outside_paths,
+        limits=enc.image_limits())))
     out = layout.store(IMAGE)
-    yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
-                                         "allow_outside_paths": config.data.allow_outside_paths, **limits},
+    yield state.run(EXTRACT_IMAGE, {"settings": settings[EXTRACT_IMAGE]},
                     lambda: _retrying(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:
         out_t = layout.store(col)
-        yield state.run(f"extract {col}", {"manifest": manifest_fp, "column": col, "model": enc.text},
+        yield state.run(f"extract {col}", {"settings": settings[f"extract {col}"]},
                         lambda out_t=out_t: folder_fingerprint(out_t),
-                        lambda col=col, out_t=out_t: _summary(extract_texts(
-                            config.data.source, col, out_t, model=enc.text, device=enc.device, progress=progress)))
+                        lambda col=col, out_t=out_t: _mirroring(config.data.source, out_t, _summary(extract_texts(
+                            config.data.source, col, _of_encoder(out_t, enc.text), model=enc.text, device=enc.device,
+                            progress=progress))))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
-        yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image, **limits},
+        yield state.run(EXTRACT_QUERY, {"settings": settings[EXTRACT_QUERY]},
                         lambda: _retrying(layout.query_store), lambda: image_job(q, layout.query_store))
+
+
+def _of_encoder(out: Path, spec: str) -> Path:
+    """`out`, emptied when its store holds another encoder's vectors than `spec` (the config's
+    [encoders] image / text changed): a store never mixes two encoders, and the run's stores are its
+    derived data, so the old one goes and the stage embeds every row with the encoder asked for.
+    (The spec is recorded as given: extract.encoders.parse_spec keeps it.)"""
+    store = EmbeddingStore(out)
+    if store.exists() and (store.meta.get("encoder") or {}).get("spec") != spec:
+        remove_folder(out)  # swapped out whole: a kill meanwhile leaves the old store or none
+    return out
+
+
+def _mirroring(manifest, out: Path, done: tuple[str, dict]) -> tuple[str, dict]:
+    """An extract stage's result, after its store dropped the ids its manifest no longer has."""
+    dropped = drop_rows_not_in(out, manifest)
+    if not dropped:
+        return done
+    line, summary = done
+    return (f"{line}\n  {dropped} rows of ids no longer in the manifest dropped from {out}",
+            {**summary, "dropped": dropped})
+
+
+def drop_rows_not_in(path: Path, manifest) -> int:
+    """Drop from a run's store (WORK/stores/...) the rows and failures of ids that `manifest` no longer
+    has (a changed [data] id_col, rows taken out): the run's stores mirror its manifest, so no stage
+    or reader meets an old id. Returns the rows dropped. Each shard is rewritten whole (or removed)
+    under the store's lock; a kill between two leaves valid rows only, and the stage, not recorded
+    as complete, runs again."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from phrasefuse.folders import write_parquet_atomic
+    from phrasefuse.manifests import read_manifest
+    from phrasefuse.store import StoreWriter
+
+    store = EmbeddingStore(path)
+    if not store.exists():
+        return 0
+    ids = read_manifest(manifest).table["id"]
+    ids = pc.cast(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids, pa.string())
+    dropped = 0
+    with StoreWriter.open(path, store.meta):  # holds the lock; appends nothing
+        for shard in store.shard_paths():
+            table = pq.read_table(shard)
+            keep = pc.is_in(table["id"], value_set=ids)
+            kept = pc.sum(keep).as_py() or 0
+            if kept == table.num_rows:
+                continue
+            dropped += table.num_rows - kept
+            if kept:
+                write_parquet_atomic(shard, table.filter(keep))
+            else:
+                shard.unlink()
+        errors = store.errors()
+        keep = pc.is_in(errors["id"], value_set=ids)
+        if (pc.sum(keep).as_py() or 0) < errors.num_rows:
+            if pc.any(keep).as_py():
+                write_parquet_atomic(store.errors_path, errors.filter(keep))
+            else:
+                store.errors_path.unlink()
+    return dropped
 
 
 def _retrying(store: Path) -> str | None:
@@ -366,35 +522,36 @@ def _retrying(store: Path) -> str | None:
     return None if (store / "errors.parquet").is_file() else folder_fingerprint(store)
 
 
-def phrase_stages(config: Config, layout: Layout, state: RunState, progress: bool | None) -> Iterator[StageResult]:
+def phrase_stages(config: Config, layout: Layout, state: RunState, settings: dict,
+                  progress: bool | None) -> Iterator[StageResult]:
     from phrasefuse.index.build import build_index
     from phrasefuse.index.phrases import generate_phrases
 
     ph, enc = config.phrases, config.encoders
     query = layout.query_store if ph.images is not None else layout.store(IMAGE)
-    inputs = {"pairs": files_fingerprint(ph.pairs), "images": folder_fingerprint(query),
-              "min_images": ph.min_images, "kind": ph.kind, "weights": ph.weights}
+    inputs = {"settings": settings[INDEX_STAGE], "images": folder_fingerprint(query)}
 
     def index_job() -> tuple[str, dict]:
         s = build_index(ph.pairs, query, layout.index, min_images=ph.min_images, kind=ph.kind,
                         use_weights=ph.weights, device=enc.device, progress=progress)
         return s.text(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
 
-    yield state.run("index", inputs, lambda: _build_id(layout.index), index_job)
+    yield state.run(INDEX_STAGE, inputs, lambda: _build_id(layout.index), index_job)
 
     out = layout.store(PHRASES)
-    inputs = {"index": _build_id(layout.index), "images": folder_fingerprint(layout.store(IMAGE)), "k": ph.k,
-              "text_model": enc.text}
+    inputs = {"settings": settings[PHRASES_STAGE], "index": _build_id(layout.index),
+              "images": folder_fingerprint(layout.store(IMAGE))}
 
     def phrases_job() -> tuple[str, dict]:
         store = EmbeddingStore(out)
         if _stale_phrases(store, inputs["index"]):
             remove_folder(out)  # derived data, regenerated whole; a kill meanwhile leaves no half of it
+        _of_encoder(out, enc.text)  # phrases embedded by another text model: regenerated whole too
         s = generate_phrases(layout.index, layout.store(IMAGE), out, k=ph.k, text_model=enc.text, device=enc.device,
                              progress=progress)
-        return s.text(), s.as_dict()
+        return _mirroring(config.data.source, out, (s.text(), s.as_dict()))
 
-    yield state.run("phrases", inputs, lambda: folder_fingerprint(out), phrases_job)
+    yield state.run(PHRASES_STAGE, inputs, lambda: folder_fingerprint(out), phrases_job)
 
 
 def _stale_phrases(store: EmbeddingStore, build_id: str | None) -> bool:
@@ -414,15 +571,12 @@ def heads_with_baseline(config: Config) -> list[Head]:
     return heads
 
 
-def head_stage(config: Config, layout: Layout, state: RunState, head: Head, labels: dict,
+def head_stage(config: Config, layout: Layout, state: RunState, head: Head, settings: dict,
                features_of: Callable, stores_fp: Callable) -> StageResult:
     out, predictions = layout.head(head.name), layout.predictions(head.name)
     descriptions = config.data.label_descriptions
     reads = head.features + ([head.label_prior] if head.label_prior else [])
-    uses_descriptions = descriptions is not None and (head.align_descriptions > 0 or head.label_prior is not None
-                                                      or head.pseudo_shots)
-    inputs = {**labels, "head": vars(head), "stores": stores_fp(reads), "text_model": config.encoders.text,
-              "descriptions": files_fingerprint(descriptions) if uses_descriptions else None,
+    inputs = {"settings": settings[f"head {head.name}"], "stores": stores_fp(reads),
               **({"index": _build_id(layout.index)} if head.pseudo_shots else {})}
 
     def job() -> tuple[str, dict]:

@@ -1,0 +1,90 @@
+"""`run` finishes what it trained: the report stage of a run whose labels are in another column (b16),
+whose test split is empty (b19), whose labels hold '$' (b03), whose config sits in its own image
+folder (b20). Tiny generated images and the tiny random CLIP: a few seconds a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import invoke_cli
+
+COLOURS = [(200, 30, 30), (30, 30, 200), (30, 200, 30)]
+
+
+def square(path: Path, c: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.clip(np.array(COLOURS[c]) + np.random.default_rng(seed).normal(0, 20, (32, 32, 3)), 0, 255)
+    Image.fromarray(a.astype(np.uint8)).save(path)
+
+
+def manifest(folder: Path, labels: list[str], splits: list[str], n: int = 30, label_header: str = "label") -> None:
+    lines = [f"id,image,{label_header},split"]
+    for i in range(n):
+        c = i % len(labels)
+        square(folder / "img" / f"{i}.png", c, i)
+        lines.append(f"r{i},img/{i}.png,{labels[c]},{splits[i % len(splits)]}")
+    (folder / "m.csv").write_text("\n".join(lines) + "\n")
+
+
+def config(folder: Path, spec: str, data: str = 'manifest = "m.csv"\n', name: str = "run.toml") -> Path:
+    path = folder / name
+    path.write_text(f'work = "work"\n[data]\n{data}[encoders]\nimage = "{spec}"\nworkers = 0\n'
+                    '[[heads]]\nname = "h"\nkind = "linear"\nfeatures = ["image"]\n')
+    return path
+
+
+def run_ok(path: Path) -> dict[str, dict]:
+    proc = invoke_cli("run", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {s["stage"]: s for s in json.loads(proc.stdout)["stages"]}
+
+
+def report(folder: Path) -> str:
+    return (folder / "work" / "report.html").read_text(encoding="utf-8")
+
+
+def test_label_col_run_writes_the_report(tmp_path, tiny_clip_spec):
+    """b16: [data] label_col names the labels' column: the report reads it as the heads did."""
+    manifest(tmp_path, ["red", "blue"], ["train", "train", "train", "val", "test"], label_header="category")
+    stages = run_ok(config(tmp_path, tiny_clip_spec, 'manifest = "m.csv"\nlabel_col = "category"\n'))
+    assert stages["report"]["status"] == "ran"
+    page = report(tmp_path)
+    assert "Confusion matrix" in page and (tmp_path / "work" / "plots" / "confusion.png").is_file()
+
+
+def test_empty_test_split_run_writes_a_report_that_says_so(tmp_path, tiny_clip_spec):
+    """b19: no row with split = test: the heads train, the report says there is nothing to test on."""
+    manifest(tmp_path, ["red", "blue"], ["train", "train", "train", "val"])
+    run_ok(config(tmp_path, tiny_clip_spec))
+    page = report(tmp_path)
+    assert "no test rows" in page and "Confusion matrix" not in page
+
+
+def test_dollar_labels_are_drawn_as_written(tmp_path, tiny_clip_spec):
+    """b03: labels with two '$' (mathtext) in the confusion matrix: the run writes its report."""
+    manifest(tmp_path, ["$10_to_$20", "under_$10", "$5 - $10"], ["train", "train", "train", "val", "test"])
+    run_ok(config(tmp_path, tiny_clip_spec))
+    assert "Confusion matrix" in report(tmp_path)
+
+
+def test_config_inside_its_image_folder_skips_its_own_work_folder(tmp_path, tiny_clip_spec):
+    """b20: manifest = "." and work = "work" inside it: the second run neither embeds its own plots nor
+    loses the folder's labels, and (same images, same settings) skips every stage."""
+    from phrasefuse.store import EmbeddingStore
+
+    photos = tmp_path / "photos"
+    for s, n in (("train", 6), ("val", 2), ("test", 2)):
+        for c, name in enumerate(("cat", "dog")):
+            for i in range(n):
+                square(photos / s / name / f"{i}.png", c, 10 * c + i)
+    path = config(photos, tiny_clip_spec, 'manifest = "."\n')
+    run_ok(path)
+    assert (photos / "work" / "plots" / "confusion.png").is_file()
+    second = run_ok(path)
+    assert {s["status"] for s in second.values()} == {"skipped"}, second
+    ids = EmbeddingStore(photos / "work" / "stores" / "image").ids_and_keys()["id"].to_pylist()
+    assert len(ids) == 20 and not any(i.startswith("work/") for i in ids)
