@@ -10,8 +10,10 @@
 
 A stage is skipped when its inputs (files, the stores it reads, its settings) have the
 same fingerprint as when it last completed and its output is still as it left it. Extract
-stages that do run embed only ids their store lacks (the embed-once promise), so a changed
-head re-trains only that head, and a manifest with new rows embeds only those rows.
+stages that do run embed only ids their store lacks or whose content changed (the embed-once
+promise, `extract.jobs`), so a changed head re-trains only that head, and a manifest with new
+rows embeds only those rows. The image extract stages also fingerprint every image file's stamp
+(`extract.jobs.stamps_fingerprint`): a photo replaced under an unchanged manifest reruns them.
 """
 
 from __future__ import annotations
@@ -337,7 +339,7 @@ def _column_problems(config: Config) -> list[str]:
 
 def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp: str,
                    progress: bool | None) -> Iterator[StageResult]:
-    from phrasefuse.extract.jobs import extract_images, extract_texts
+    from phrasefuse.extract.jobs import extract_images, extract_texts, stamps_fingerprint
 
     enc = config.encoders
     image_job = lambda manifest, out: _summary(extract_images(  # noqa: E731
@@ -345,7 +347,10 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
         progress=progress, allow_outside_paths=config.data.allow_outside_paths, limits=enc.image_limits()))
     limits = {k: getattr(enc, k) for k in LIMIT_KEYS if getattr(enc, k) is not None}
     out = layout.store(IMAGE)
+    # "images": every image file's stamp, so a photo replaced under a manifest that did not change
+    # (a folder with the same names, sizes and mtimes; a table of paths) reruns the stage.
     yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
+                                         "images": stamps_fingerprint(config.data.source, config.data.allow_outside_paths),
                                          "allow_outside_paths": config.data.allow_outside_paths, **limits},
                     lambda: _retrying(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:
@@ -356,7 +361,8 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
                             config.data.source, col, out_t, model=enc.text, device=enc.device, progress=progress)))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
-        yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image, **limits},
+        yield state.run("extract query images", {"manifest": files_fingerprint(q), "model": enc.image, **limits,
+                                                 "images": stamps_fingerprint(q, config.data.allow_outside_paths)},
                         lambda: _retrying(layout.query_store), lambda: image_job(q, layout.query_store))
 
 
