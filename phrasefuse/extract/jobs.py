@@ -1,8 +1,9 @@
 """The extract jobs: embed every image / text of a manifest once, into a store.
 
 Each job is reader -> mapper -> writer (`phrasefuse.engine` runs the mapper, locally or on Ray):
-  reader  the manifest rows (`image_rows`, `text_rows`) not yet in the store (`pending_rows`),
-          and, per row, its content key (sha256 of the image bytes / of the text);
+  reader  the manifest rows (`image_rows`, `text_rows`) not yet in the store, or whose content
+          changed (`_pending_images`, `_pending_texts`), and, per row, its content key (sha256 of
+          the image bytes / of the text);
   mapper  the encoder, on batches (`image_job`, `text_job`: the mappers of `extract.mappers`
           for both engines);
   writer  `StoreWriter`, in this process whatever the engine: whole shards, errors.parquet,
@@ -91,7 +92,8 @@ class ExtractSummary:
 
 
 def pending_rows(manifest: Manifest, store: EmbeddingStore) -> tuple[pa.Table, pa.Table]:
-    """(rows of the manifest whose id is not in the store, the store's id/key table)."""
+    """(rows of the manifest whose id is not in the store, the store's id/key table). By id only:
+    the extract jobs also re-embed changed content (`_pending_images`)."""
     existing = store.ids_and_keys() if store.exists() else pa.table({"id": pa.array([], pa.string()),
                                                                       "key": pa.array([], pa.string())})
     todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table["id"], value_set=existing["id"])))

@@ -7,7 +7,7 @@ relative to the manifest file's folder unless absolute), text columns, `label`
 
 Validation refuses the whole manifest before any work, naming file, row and
 column. A manifest whose images will be opened (`require_image`) must keep them
-inside its own folder: a path that resolves elsewhere (`../`, an absolute path
+inside its own folder (a folder source: that folder itself): a path that resolves elsewhere (`../`, an absolute path
 elsewhere, a symlink pointing out) is refused unless `allow_outside_paths` (the
 CLI's `--allow-outside-paths`), so a manifest from elsewhere cannot make a job read
 arbitrary files. Absolute paths are judged like relative ones: fine when they

@@ -3,14 +3,19 @@ or Parquet with the image bytes inside. Every source becomes the same manifest t
 `image`, text columns, `label`, `split`, `_file`, `_row`), validated by `dataset.read_manifest`;
 only how a worker reads an image's bytes differs (`image_chunks`):
 
-  a table / a folder   `image` is a file path; the worker reads the file.
+  a table / a folder   `image` is a file path; the worker reads the file. A folder skips hidden files
+                       and folders and the folders NAS boxes and archivers add (@eaDir, __MACOSX...).
   tar shards           `image` is the shard, `_offset` / `_size` the member's bytes in it: the scan
                        reads headers and the small members (.txt, .json, .cls) only, seeking past
                        image data, so a corpus far larger than memory is fine; workers read each
-                       image member with one seek.
-  Parquet bytes        the image column (binary, or a struct {bytes, path}) is left out of the
-                       manifest table; `image_chunks` streams it back in row batches, only for the
-                       pending rows.
+                       image member with one seek. A shard is refused (one line naming it) when a
+                       key is used by two samples or the shard was cut short (no end-of-archive
+                       marker); a hard-linked image member reads the member it names, a symlink is
+                       an error row. A glob whose files are all .tar is read as shards.
+  Parquet bytes        the image column (binary, dictionary-encoded binary, or a struct {bytes,
+                       path}) is left out of the manifest table; `image_chunks` streams it back in
+                       row batches, only for the pending rows. Every file of a glob must hold bytes
+                       in that column, or none (one line names the first that differs).
 
 A `Source` carries the column mapping (`--id-col`, `--image-col`, `--label-col`) with the path;
 `str(source)` and `os.fspath(source)` are the path, so it passes wherever a path does.
@@ -214,9 +219,12 @@ def _columns(table: pa.Table) -> str:
 
 
 def folder_table(folder: str) -> pa.Table:
-    """Every image file under `folder` (recursively, sorted): id = its path relative to the folder.
-    When every image sits one level down (ImageFolder: CLASS/x.jpg) that folder is the `label`; a
-    level of split folders above (train/, val/, test/; validation, valid, dev read as val) gives `split`."""
+    """Every image file under `folder` (recursively, sorted; hidden files, hidden folders and
+    SYSTEM_FOLDERS skipped): id = its path relative to the folder. When every image sits one level
+    down (ImageFolder: CLASS/x.jpg) that folder is the `label`; a level of split folders above
+    (train/, val/, test/; validation, valid, dev read as val) gives `split`. When some images sit in
+    class folders and one does not, there is no `label` and the table's LABELS_NOTE names that image
+    (`Manifest.labels_note`: the message of a job that needs labels)."""
     root = os.path.abspath(folder)
     rel = []
     for d, dirs, files in os.walk(root):

@@ -206,7 +206,7 @@ def as_skipped(summary: dict) -> dict:
     embedded or wrote are now rows already present."""
     out = {**summary, "skipped": True}
     for done, present in (("embedded", "present"), ("reused", "present"), ("written", "present"),
-                          ("phrases_embedded", None)):
+                          ("phrases_embedded", None), ("changed", None)):
         if done in out:
             if present:
                 out[present] = out.get(present, 0) + out[done]
