@@ -337,6 +337,7 @@ class StoreWriter:
     """Appends shards to a store, holding its lock. Use as a context manager::
 
         with StoreWriter.open(path, meta, shard_size=10_000) as writer:
+            writer.revise(changed_ids, restamp)   # first, if any: rows whose content changed go
             writer.add(ids, keys, emb)            # buffered; a full buffer becomes a shard
             writer.add_errors(ids, reasons)
         # closing flushes the last shard and the errors file
