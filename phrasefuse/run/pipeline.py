@@ -350,7 +350,8 @@ def extract_stages(config: Config, layout: Layout, state: RunState, manifest_fp:
     # "images": every image file's stamp, so a photo replaced under a manifest that did not change
     # (a folder with the same names, sizes and mtimes; a table of paths) reruns the stage.
     yield state.run(f"extract {IMAGE}", {"manifest": manifest_fp, "model": enc.image,
-                                         "images": stamps_fingerprint(config.data.source, config.data.allow_outside_paths),
+                                         "images": stamps_fingerprint(config.data.source,
+                                                                      config.data.allow_outside_paths),
                                          "allow_outside_paths": config.data.allow_outside_paths, **limits},
                     lambda: _retrying(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:

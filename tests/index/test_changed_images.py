@@ -30,8 +30,8 @@ def test_phrases_of_a_changed_image_are_searched_again(tiny_clip_spec, tmp_path)
         (photos / f"{i}.bmp").write_bytes(bmp(i))
     images = tmp_path / "images"
     extract_images(photos, images, model=tiny_clip_spec, workers=0, progress=False)
-    pq.write_table(pa.table({"query": [f"phrase {i % 3}" for i in range(6)], "image_id": [f"{i}.bmp" for i in range(6)]}),
-                   tmp_path / "pairs.parquet")
+    pairs = pa.table({"query": [f"phrase {i % 3}" for i in range(6)], "image_id": [f"{i}.bmp" for i in range(6)]})
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
     build_index(tmp_path / "pairs.parquet", images, tmp_path / "index", progress=False)
     out = tmp_path / "phrases"
     assert generate_phrases(tmp_path / "index", images, out, text_model=tiny_clip_spec, device="cpu", k=2,
@@ -43,5 +43,6 @@ def test_phrases_of_a_changed_image_are_searched_again(tiny_clip_spec, tmp_path)
                              progress=False)
     assert (again.written, again.present) == (1, 5)
     keys = dict(zip(*EmbeddingStore(out).ids_and_keys().to_pydict().values()))
-    assert keys == dict(zip(*EmbeddingStore(images).ids_and_keys().to_pydict().values()))  # every row of the new content
+    # every phrase row is of its image's current content
+    assert keys == dict(zip(*EmbeddingStore(images).ids_and_keys().to_pydict().values()))
     assert verify_store(EmbeddingStore(out)) == []
