@@ -29,7 +29,8 @@ The points (see the callers):
   ``folder-old-moved`` (between the two renames of a swap: the old folder moved aside, the new
   one not yet in place), ``folder-renamed`` (the new folder in place)
 - ``StoreWriter``: ``shard-written`` (after each shard and its errors update), ``rows-buffered``
-  (after each `add`, once full shards are written: the buffer holds what did not fill one)
+  (after each `add`, once full shards are written: the buffer holds what did not fill one),
+  ``shard-revised`` (after each shard `revise` rewrote: changed rows dropped, before they are embedded again)
 
 The variable is parsed once, at import: unset, a call is one global lookup and a return.
 """

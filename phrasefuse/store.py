@@ -5,6 +5,9 @@ A store is a folder per feature (docs/formats.md, Embedding store)::
     STORE/meta.json              encoder identity, dim, dtype, normalised, preprocessing, versions
     STORE/part-00000.parquet     id (string), key (string), emb (fixed_size_list<float32|float16>[dim]),
     STORE/part-00001.parquet     ... plus any extra columns a stage adds (e.g. phrases, scores)
+                                 image stores: stamp (string), where the row's bytes were read from and
+                                 the file's size, mtime_ns and ctime_ns (`extract.jobs.source_stamps`);
+                                 null in stores written before stamps (filled by the next extract)
     STORE/errors.parquet         id, reason: rows that could not be embedded (retried on the next run)
     STORE/.lock                  flock'ed by the one job writing the store
     STORE/quarantine/            shards `inspect --verify --quarantine` moved aside (quarantine.json says why);
@@ -12,6 +15,12 @@ A store is a folder per feature (docs/formats.md, Embedding store)::
 
 Every file appears whole or not at all: it is written to a hidden temporary name,
 fsync'ed, then renamed (`folders.write_atomic`). Each id is in at most one shard.
+
+A row is the embedding of the item's content (`key`: sha256 of the bytes). When an item's content
+changes (a photo replaced at the same path, another text under the same id), the job that notices
+drops the old row first (`StoreWriter.revise` rewrites its shard, whole or not at all) and then
+embeds the item again into a new shard: readers never see two vectors for one id, nor the old one
+after the job; a job killed between the two leaves the id absent, and the next run embeds it.
 
 `EmbeddingStore` reads (into NumPy through one contiguous Arrow buffer, no per-row
 Python); `StoreWriter` appends shards under the lock. Other stages (index, fuse)
@@ -44,6 +53,7 @@ ERRORS = "errors.parquet"
 LOCK = ".lock"
 QUARANTINE = "quarantine"
 QUARANTINE_LOG = "quarantine.json"
+STAMP = "stamp"  # image stores: where a row's bytes came from, and that file's size and times
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # Fields of meta["encoder"] that say which model made the vectors; "spec" is how the
 # user named it and may differ (another path to the same checkpoint).
@@ -241,6 +251,27 @@ class EmbeddingStore:
     def ids_and_keys(self) -> pa.Table:
         return self.read_table(["id", "key"])
 
+    def ids_keys_stamps(self) -> pa.Table:
+        """(id, key, stamp) of every row; stamp is null in shards written before stamps existed."""
+        tables = []
+        for shard in self.shard_paths():
+            names = self._shard_names(shard)
+            t = self.read_shard(shard, ["id", "key"] + [STAMP] * (STAMP in names))
+            if STAMP not in names:
+                t = t.append_column(STAMP, pa.nulls(t.num_rows, pa.string()))
+            tables.append(t.select(["id", "key", STAMP]))
+        if not tables:
+            return pa.table({"id": pa.array([], pa.string()), "key": pa.array([], pa.string()),
+                             STAMP: pa.array([], pa.string())})
+        return pa.concat_tables(tables)
+
+    def _shard_names(self, shard: Path) -> list[str]:
+        try:
+            return pq.read_schema(shard).names
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(f"{shard}: unreadable shard ({str(e).splitlines()[0][:200]}); run 'phrasefuse inspect "
+                           f"--verify {self.path} --quarantine', then re-run the job") from None
+
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, emb): ids as a NumPy object array, emb (n, dim) in the stored dtype."""
         table = self.read_table(["id", "emb"])
@@ -306,6 +337,7 @@ class StoreWriter:
     """Appends shards to a store, holding its lock. Use as a context manager::
 
         with StoreWriter.open(path, meta, shard_size=10_000) as writer:
+            writer.revise(changed_ids, restamp)   # first, if any: rows whose content changed go
             writer.add(ids, keys, emb)            # buffered; a full buffer becomes a shard
             writer.add_errors(ids, reasons)
         # closing flushes the last shard and the errors file
@@ -402,6 +434,41 @@ class StoreWriter:
             self._write_shard(self._buffered)
         if self._errors_dirty:
             self._write_errors()
+
+    def revise(self, drop: pa.Array, restamp: pa.Table | None = None) -> int:
+        """Before new rows are added: remove the rows of the ids `drop` (their content changed: the
+        job embeds them again), and set the `stamp` of the ids of `restamp` (id, stamp; their content
+        was checked and is unchanged). Each shard concerned is rewritten whole (atomic rename), or
+        deleted when no row is left. Returns the number of rows removed."""
+        restamp = restamp if restamp is not None else pa.table({"id": pa.array([], pa.string()),
+                                                                STAMP: pa.array([], pa.string())})
+        if self._buffered:
+            raise RuntimeError("revise() must come before add()")
+        if not len(drop) and not restamp.num_rows:
+            return 0
+        touched = pa.concat_arrays([pc.cast(drop, pa.string()), restamp["id"].combine_chunks()])
+        removed = 0
+        for shard in self.store.shard_paths():
+            ids = self.store.read_shard(shard, ["id"])["id"]
+            if not pc.any(pc.is_in(ids, value_set=touched)).as_py():
+                continue
+            table = self.store.read_shard(shard)
+            keep = pc.invert(pc.is_in(table["id"], value_set=drop))
+            table = table.filter(keep)
+            removed += len(ids) - table.num_rows
+            if restamp.num_rows:
+                where = pc.index_in(table["id"], value_set=restamp["id"])
+                old = table[STAMP] if STAMP in table.column_names else pa.nulls(table.num_rows, pa.string())
+                new = pc.coalesce(restamp[STAMP].combine_chunks().take(where), old)
+                table = (table.set_column(table.column_names.index(STAMP), STAMP, new) if STAMP in table.column_names
+                         else table.append_column(STAMP, new))
+            if table.num_rows:
+                write_parquet_atomic(shard, table)
+            else:
+                shard.unlink()
+                fsync_dir(self.store.path)
+            fault_point("shard-revised")
+        return removed
 
     def _write_shard(self, rows: int) -> None:
         """The first `rows` buffered rows become the next part-NNNNN.parquet."""

@@ -33,6 +33,8 @@ from PIL import Image, ImageOps
 # Truncated files are errors, never silently half-decoded.
 from PIL import ImageFile
 
+from phrasefuse.manifests.sources import LINK_SIZE
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -249,6 +251,9 @@ def _read_regular(fd: int, path: str, limits: ImageLimits) -> tuple[bytes | None
 def read_range(path: str, offset: int | None, size: int | None,
                limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
     """The `size` bytes at `offset` of `path` (a tar shard's image member): (bytes, None) or (None, reason)."""
+    if offset is None and size == LINK_SIZE:
+        return None, (f"the image member of this sample of {path} is a symbolic link (links are not followed); "
+                      f"store the image itself in the tar")
     if offset is None or size is None:
         return None, f"no image member (.jpg, .jpeg, .png, .webp) in this sample of {path}"
     if size > limits.max_bytes:

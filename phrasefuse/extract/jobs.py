@@ -1,22 +1,35 @@
 """The extract jobs: embed every image / text of a manifest once, into a store.
 
 Each job is reader -> mapper -> writer (`phrasefuse.engine` runs the mapper, locally or on Ray):
-  reader  the manifest rows (`image_rows`, `text_rows`) not yet in the store (`pending_rows`),
-          and, per row, its content key (sha256 of the image bytes / of the text);
+  reader  the manifest rows (`image_rows`, `text_rows`) not yet in the store, or whose content
+          changed (`_pending_images`, `_pending_texts`), and, per row, its content key (sha256 of
+          the image bytes / of the text);
   mapper  the encoder, on batches (`image_job`, `text_job`: the mappers of `extract.mappers`
           for both engines);
   writer  `StoreWriter`, in this process whatever the engine: whole shards, errors.parquet,
           the store lock; so resume and embed-once behave the same on both engines.
 
-Embed once: an id already in the store is skipped; an item whose content key is
-already embedded (another id, an earlier manifest) is copied, not re-embedded.
-A killed job loses at most the shard it was filling; the next run resumes.
+Embed once, keyed by what the item is: an id already in the store is skipped while its content
+is the same; an item whose content key is already embedded (another id, an earlier manifest) is
+copied, not re-embedded. A killed job loses at most the shard it was filling; the next run resumes.
+
+Changed content: each image row stores a `stamp` (`source_stamps`: the file its bytes come from,
+with that file's size, mtime_ns and ctime_ns, and the tar member's offset or the Parquet row). An
+id whose stamp is unchanged is trusted without reading the file (the fast path of make, rsync and
+git's index; ctime is in it because no user tool sets it back, so a photo replaced with the same
+size and its mtime restored is still noticed). Otherwise its bytes are read and hashed: the same
+content key only refreshes the stamp (a touched file is not embedded again); another key is a
+changed item: its old row is dropped (`StoreWriter.revise`) and it is embedded again ("changed"
+in the summary). Texts: the key is the text's sha256, computed for every row, so an id whose text
+changed is embedded again likewise. A file that cannot be stat'ed now (an unmounted disk) keeps its
+stored row: nothing says it changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -30,12 +43,15 @@ from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.manifests import Manifest, Source, image_chunks, read_manifest
 from phrasefuse.manifests.tables import sql
-from phrasefuse.store import EmbeddingStore, StoreWriter, new_meta
+from phrasefuse.manifests.sources import OFFSET_COL, SIZE_COL
+from phrasefuse.manifests.tables import ROW_COL
+from phrasefuse.store import STAMP, EmbeddingStore, StoreWriter, new_meta
 
 DEFAULT_SHARD_SIZE = 10_000
 
 __all__ = ["DEFAULT_SHARD_SIZE", "ExtractSummary", "RayOptions", "extract_images", "extract_texts", "image_job",
-           "image_rows", "pending_rows", "text_column", "text_job", "text_rows"]
+           "image_rows", "pending_rows", "source_stamps", "stamps_fingerprint", "text_column", "text_job",
+           "text_rows"]
 
 
 @dataclass
@@ -45,7 +61,8 @@ class ExtractSummary:
     rows: int = 0
     embedded: int = 0  # ran through the model
     reused: int = 0  # content already embedded under another id: copied
-    present: int = 0  # id already in the store: skipped
+    present: int = 0  # id already in the store, same content: skipped
+    changed: int = 0  # id already in the store, other content: old row dropped, embedded again (in `embedded`)
     failed: int = 0  # in errors.parquet
     no_text: int = 0  # of the failed: a missing or empty text (extract texts)
     seconds: float = 0.0
@@ -60,8 +77,9 @@ class ExtractSummary:
         failed = f"{broken} failed" + (f" (see {self.store}/errors.parquet)" if broken else "")
         if self.no_text:
             failed += f", {self.no_text} without text"
-        return (f"extract {self.what}: {self.embedded} embedded, {self.reused} reused, {self.present} already in store, "
-                f"{failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
+        changed = f", {self.changed} changed (old vectors replaced)" if self.changed else ""
+        return (f"extract {self.what}: {self.embedded} embedded, {self.reused} reused, {self.present} already in store"
+                f"{changed}, {failed}; {self.seconds:.1f} s, {self.rows_per_second:.1f} rows/s -> {self.store}")
 
     def as_dict(self) -> dict:
         """As `text` counts them: `failed` the broken rows, `no_text` the rows without text
@@ -74,7 +92,8 @@ class ExtractSummary:
 
 
 def pending_rows(manifest: Manifest, store: EmbeddingStore) -> tuple[pa.Table, pa.Table]:
-    """(rows of the manifest whose id is not in the store, the store's id/key table)."""
+    """(rows of the manifest whose id is not in the store, the store's id/key table). By id only:
+    the extract jobs also re-embed changed content (`_pending_images`)."""
     existing = store.ids_and_keys() if store.exists() else pa.table({"id": pa.array([], pa.string()),
                                                                       "key": pa.array([], pa.string())})
     todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table["id"], value_set=existing["id"])))
@@ -88,15 +107,117 @@ def image_rows(manifest: str | os.PathLike | Source, limit: int | None, allow_ou
     return read_manifest(manifest, require_image=True, allow_outside_paths=allow_outside_paths).head(limit)
 
 
-def _copy_known(writer: StoreWriter, known: list[tuple[str, str]]) -> int:
+def _copy_known(writer: StoreWriter, known: list[tuple[str, str]], stamps: "_Stamps | None" = None) -> int:
     """Rows whose content is already in the store: copy the embedding under the new id."""
     if not known:
         return 0
     writer.flush()  # keys embedded in this run must be on disk to be found
     ids, keys = zip(*known)
     emb = writer.store.embeddings_by_key(pa.array(keys, pa.string()))
-    writer.add(ids, keys, emb)
+    writer.add(ids, keys, emb, extra={STAMP: stamps.of(ids)} if stamps is not None else None)
     return len(ids)
+
+
+# ---------------------------------------------------------------- changed images
+
+
+def source_stamps(rows: pa.Table, image_bytes: str | None) -> pa.Array:
+    """Per manifest row (absolute `image` paths, as `read_manifest` gives them), where its bytes are
+    and the state of that file: 'PATH|SIZE:MTIME_NS:CTIME_NS', then '|@OFFSET+SIZE' for a tar member
+    or '|#ROW:COLUMN' for Parquet bytes. Null when the file cannot be stat'ed (or is not a regular
+    file) or the sample has no image. One stat per distinct file (a tar or a Parquet file: once)."""
+    paths = pc.cast(rows["image"], pa.string()).combine_chunks()
+    distinct = pc.unique(paths.drop_null())
+    states: list[str | None] = []
+    for path in distinct.to_pylist():
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            states.append(None)
+            continue
+        states.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}" if stat.S_ISREG(st.st_mode) else None)
+    state = pa.array(states, pa.string()).take(pc.index_in(paths, value_set=distinct))
+    parts = [paths, state]
+
+    def text(name: str) -> pa.Array:
+        return pc.cast(rows[name].combine_chunks(), pa.string())
+
+    if OFFSET_COL in rows.column_names:
+        parts.append(pc.binary_join_element_wise("@", text(OFFSET_COL), "+", text(SIZE_COL), ""))
+    elif image_bytes is not None:
+        parts.append(pc.binary_join_element_wise("#", text(ROW_COL), f":{image_bytes}", ""))
+    return pc.binary_join_element_wise(*parts, "|")  # null when any part is
+
+
+def stamps_fingerprint(manifest: str | os.PathLike | Source, allow_outside_paths: bool = False) -> str:
+    """sha256 over the (id, stamp) of every image row: changes when any image file does (`run`'s
+    extract stage reruns then, even when the manifest file itself is the same)."""
+    import hashlib
+
+    rows = image_rows(manifest, None, allow_outside_paths)
+    stamps = source_stamps(rows.table, rows.image_bytes).fill_null("")
+    h = hashlib.sha256()
+    for column in (rows.ids, stamps):
+        h.update(b"\0".join(v.encode() for v in column.to_pylist()))
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+class _Stamps:
+    """id -> stamp for the rows of a job, found by binary search (no per-batch hash table over all
+    the rows, no dict of a million Python strings)."""
+
+    def __init__(self, ids: pa.Array, stamps: pa.Array):
+        order = pc.sort_indices(ids)
+        self.ids = ids.take(order).to_numpy(zero_copy_only=False)
+        self.stamps = stamps.take(order)
+
+    def of(self, ids) -> pa.Array:
+        pos = np.searchsorted(self.ids, np.asarray(list(ids), dtype=object))
+        return self.stamps.take(pa.array(pos, pa.int64()))
+
+
+def _content_keys(rows: pa.Table, image_bytes: str | None, limits) -> pa.Table:
+    """(id, key) of `rows`, reading and hashing their bytes (no decoding); key null when unreadable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from phrasefuse.extract.images import DEFAULT_LIMITS, content_key, image_sources, read_source
+
+    def key_of(source) -> str | None:
+        data, _ = read_source(source, limits or DEFAULT_LIMITS)
+        return None if data is None else content_key(data)
+
+    ids: list[pa.Array] = []
+    keys: list[str | None] = []
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # hashlib and reads release the GIL
+        for chunk in image_chunks(rows, image_bytes):
+            ids.append(chunk["id"].combine_chunks())
+            keys.extend(pool.map(key_of, image_sources(chunk)))
+    return pa.table({"id": pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+                     "key": pa.array(keys, pa.string())})
+
+
+def _pending_images(rows: Manifest, stamps: pa.Array, existing: pa.Table,
+                    limits) -> tuple[pa.Table, pa.Array, pa.Table]:
+    """(rows to embed, ids whose content changed, (id, stamp) of ids checked and unchanged).
+    `existing` is the store's (id, key, stamp)."""
+    ids = rows.ids
+    pos = pc.index_in(ids, value_set=existing["id"])
+    present = pc.is_valid(pos)
+    same = pc.fill_null(pc.equal(existing[STAMP].combine_chunks().take(pos), stamps), False)
+    # Present, stamp differs (or the store has none yet), and the file is there to check.
+    check = pc.and_(pc.and_(present, pc.invert(same)), pc.is_valid(stamps))
+    changed = pa.array([], pa.string())
+    restamp = pa.table({"id": pa.array([], pa.string()), STAMP: pa.array([], pa.string())})
+    if pc.any(check).as_py():
+        checked = _content_keys(rows.table.filter(check), rows.image_bytes, limits)
+        stored = existing["key"].combine_chunks().take(pc.index_in(checked["id"], value_set=existing["id"]))
+        unchanged = pc.fill_null(pc.equal(checked["key"], stored), False)
+        changed = checked["id"].filter(pc.invert(unchanged)).combine_chunks()
+        kept = checked["id"].filter(unchanged).combine_chunks()
+        restamp = pa.table({"id": kept, STAMP: stamps.take(pc.index_in(kept, value_set=ids))})
+    todo = rows.table.filter(pc.or_(pc.invert(present), pc.is_in(ids, value_set=changed)))
+    return todo, changed, restamp
 
 
 # ---------------------------------------------------------------- images
@@ -149,8 +270,14 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
                         source={"manifest": str(manifest), "column": "image"})
         start = time.perf_counter()
         writer = stack.enter_context(StoreWriter.open(out, meta, shard_size))
-        todo, existing = pending_rows(rows, writer.store)
-        summary.present = len(rows) - todo.num_rows
+        stamps = source_stamps(rows.table, rows.image_bytes)  # before any read: a later change is seen next time
+        existing = writer.store.ids_keys_stamps()
+        todo, changed, restamp = _pending_images(rows, stamps, existing, limits)
+        writer.revise(changed, restamp)  # the old vectors of changed images go before anything is added
+        existing = existing.filter(pc.invert(pc.is_in(existing["id"], value_set=changed)))
+        summary.present, summary.changed = len(rows) - todo.num_rows, len(changed)
+        stamp_of = _Stamps(pc.cast(todo["id"], pa.string()).combine_chunks(),
+                           stamps.filter(pc.is_in(rows.ids, value_set=todo["id"])))
         known_keys, known, sent_keys = existing["key"].combine_chunks(), [], 0
         with progress_bar(todo.num_rows, "extract images", progress) as advance:
             for chunk in image_chunks(todo, rows.image_bytes):  # Parquet bytes: a few thousand rows at a time
@@ -159,9 +286,9 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
                     sent_keys = len(known_keys)
                 job = image_job(chunk, known_keys, encoder, model, batch_size=batch_size, workers=workers,
                                 device=device, limits=limits, replicas=pool)
-                new_keys = _write_image_batches(writer, runner.map(job), summary, advance, known)
+                new_keys = _write_image_batches(writer, runner.map(job), summary, advance, known, stamp_of)
                 known_keys = pa.concat_arrays([known_keys, pa.array(new_keys, pa.string())])
-        summary.reused = _copy_known(writer, known)
+        summary.reused = _copy_known(writer, known, stamp_of)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
@@ -241,7 +368,7 @@ def _keep_replicas(pool, encoder, model: str, auto: bool):
 
 
 def _write_image_batches(writer: StoreWriter, batches: Iterator, summary: ExtractSummary,
-                         advance, known: list[tuple[str, str]]) -> list[str]:
+                         advance, known: list[tuple[str, str]], stamps: _Stamps) -> list[str]:
     """Write the embedded rows and the errors of each batch; adds the (id, key) rows to copy to
     `known`; returns the keys embedded."""
     keys: list[str] = []
@@ -251,7 +378,7 @@ def _write_image_batches(writer: StoreWriter, batches: Iterator, summary: Extrac
             writer.add_errors(*zip(*batch.errors))
             summary.failed += len(batch.errors)
         if batch.ids:
-            writer.add(batch.ids, batch.keys, batch.emb)
+            writer.add(batch.ids, batch.keys, batch.emb, extra={STAMP: stamps.of(batch.ids)})
             summary.embedded += len(batch.ids)
             keys.extend(batch.keys)
         advance(batch.rows)
@@ -332,8 +459,20 @@ def _pending_texts(table: pa.Table, writer: StoreWriter, summary: ExtractSummary
     Missing and empty texts are row errors (written now), not manifest errors."""
     rows = table.num_rows
     existing = writer.store.ids_and_keys() if writer.store.exists() else None
+    missing = pc.or_(pc.is_null(table["text"]), pc.equal(pc.utf8_length(table["text"].fill_null("")), 0))
+    # Every row's key (a missing or empty text: none), so that an id whose text changed is noticed.
+    keys = pc.if_else(missing, pa.scalar(None, pa.string()), sql("SELECT sha256(text) AS key FROM t", t=table)["key"])
+    table = table.append_column("key", keys)
     if existing is not None:
-        table = table.filter(pc.invert(pc.is_in(table["id"], value_set=existing["id"])))
+        pos = pc.index_in(table["id"], value_set=existing["id"])
+        present = pc.is_valid(pos)
+        differs = pc.and_(present, pc.fill_null(pc.not_equal(existing["key"].combine_chunks().take(pos),
+                                                              table["key"]), True))
+        changed = table["id"].filter(differs).combine_chunks()
+        summary.changed = len(changed)
+        writer.revise(changed)  # the old vector goes; the new text (or its error row) replaces it
+        existing = existing.filter(pc.invert(pc.is_in(existing["id"], value_set=changed)))
+        table = table.filter(pc.or_(pc.invert(present), differs))
     summary.present = rows - table.num_rows
     missing = pc.or_(pc.is_null(table["text"]), pc.equal(pc.utf8_length(table["text"].fill_null("")), 0))
     bad = table.filter(missing)
@@ -341,7 +480,6 @@ def _pending_texts(table: pa.Table, writer: StoreWriter, summary: ExtractSummary
                       ["missing text" if t is None else "empty text" for t in bad["text"].to_pylist()])
     summary.failed = summary.no_text = bad.num_rows
     table = table.filter(pc.invert(missing))
-    table = table.append_column("key", sql("SELECT sha256(text) AS key FROM t", t=table)["key"])
     known = pc.is_in(table["key"], value_set=existing["key"]) if existing is not None else \
         pa.array(np.zeros(table.num_rows, bool))
     return table.filter(known), table.filter(pc.invert(known))

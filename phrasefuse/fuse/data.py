@@ -236,6 +236,8 @@ def label_column(manifest: Manifest, label_col: str | None) -> str:
         if name in manifest.table.column_names:
             return name
     cols = ", ".join(c for c in manifest.table.column_names if not c.startswith("_"))
+    if getattr(manifest, "labels_note", None):  # a folder whose class layout a stray image broke: name it
+        raise BadInput(f"{manifest.source}: {manifest.labels_note}")
     raise BadInput(f"{manifest.source}: no 'label' or 'labels' column (columns: {cols}); add labels or pass "
                    f"--label-col")
 

@@ -144,7 +144,7 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                              batch_size=batch_size, text_batch_size=text_batch_size)
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
-        done = writer.store.ids_and_keys()["id"]
+        done = _drop_stale(writer, store)
         summary.present = int(pc.sum(pc.is_in(store.read_table(["id"])["id"], value_set=done)).as_py() or 0)
         job = phrases_job(store, done, phrase_index, text_encoder, text_model, k=k, score_weighted=score_weighted,
                           batch_size=batch_size, text_batch_size=text_batch_size, device=device)
@@ -153,6 +153,19 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _drop_stale(writer: StoreWriter, images: EmbeddingStore) -> pa.Array:
+    """The ids whose phrases are done. A phrase row keeps its image's content key: an image embedded
+    again since (`extract images` saw its content change) has another key now, and its old phrases
+    are dropped, so they are searched again from the new vector. Ids the image store no longer has
+    keep their rows (nothing says they changed)."""
+    have = writer.store.ids_and_keys()
+    now = images.ids_and_keys()
+    current = now["key"].combine_chunks().take(pc.index_in(have["id"], value_set=now["id"]))
+    stale = pc.fill_null(pc.not_equal(have["key"].combine_chunks(), current), False)
+    writer.revise(have["id"].filter(stale).combine_chunks())
+    return have["id"].filter(pc.invert(stale)).combine_chunks()
 
 
 def _write_phrase_batches(writer: StoreWriter, batches, phrases: pa.Array, summary: PhrasesSummary,

@@ -7,7 +7,7 @@ relative to the manifest file's folder unless absolute), text columns, `label`
 
 Validation refuses the whole manifest before any work, naming file, row and
 column. A manifest whose images will be opened (`require_image`) must keep them
-inside its own folder: a path that resolves elsewhere (`../`, an absolute path
+inside its own folder (a folder source: that folder itself): a path that resolves elsewhere (`../`, an absolute path
 elsewhere, a symlink pointing out) is refused unless `allow_outside_paths` (the
 CLI's `--allow-outside-paths`), so a manifest from elsewhere cannot make a job read
 arbitrary files. Absolute paths are judged like relative ones: fine when they
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests.sources import SPLIT_ALIASES, Source, read_source
+from phrasefuse.manifests.sources import LABELS_NOTE, SPLIT_ALIASES, Source, read_source
 from phrasefuse.manifests.tables import FILE_COL, ROW_COL, sql, where
 
 SPLITS = ("train", "val", "test")
@@ -43,6 +43,7 @@ class Manifest:
     source: str
     table: pa.Table
     image_bytes: str | None = None  # the files' column holding image bytes (Parquet), not in `table`
+    labels_note: str | None = None  # a folder without `label`: why (a stray image outside the class folders)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -73,6 +74,7 @@ def read_manifest(pattern: str | os.PathLike | Source, *, require_image: bool = 
     of their manifest file unless `allow_outside_paths`."""
     table, image_bytes = read_source(pattern)
     source = str(pattern)
+    note = (table.schema.metadata or {}).get(LABELS_NOTE)
     if table.num_rows == 0:
         raise BadInput(f"{source}: the manifest has no rows; add rows with at least an 'id' column")
     table = _validate_ids(source, table)
@@ -84,7 +86,7 @@ def read_manifest(pattern: str | os.PathLike | Source, *, require_image: bool = 
         if name in table.column_names:
             table = _validate_labels(source, table, name)
     table = _assign_splits(source, table)
-    return Manifest(source, table, image_bytes)
+    return Manifest(source, table, image_bytes, note.decode() if note else None)
 
 
 def hash_split(ids: pa.Array) -> pa.Array:
@@ -157,7 +159,9 @@ def _refuse_outside_paths(table: pa.Table, image: pa.Array, resolved: pa.Array) 
     inside = []
     for k in distinct.to_pylist():
         file, image_folder = k.split("\0", 1)
-        root = roots.setdefault(file, os.path.realpath(os.path.dirname(os.path.abspath(file))))
+        # dirname first: a folder source's `_file` is "FOLDER/", whose folder is FOLDER itself (abspath
+        # first would strip the slash and confine to FOLDER's parent)
+        root = roots.setdefault(file, os.path.realpath(os.path.abspath(os.path.dirname(file))))
         try:
             inside.append(_inside(os.path.realpath(image_folder), root))
         except ValueError:  # a NUL byte: no file can be opened there; reading it makes an error row

@@ -3,14 +3,19 @@ or Parquet with the image bytes inside. Every source becomes the same manifest t
 `image`, text columns, `label`, `split`, `_file`, `_row`), validated by `dataset.read_manifest`;
 only how a worker reads an image's bytes differs (`image_chunks`):
 
-  a table / a folder   `image` is a file path; the worker reads the file.
+  a table / a folder   `image` is a file path; the worker reads the file. A folder skips hidden files
+                       and folders and the folders NAS boxes and archivers add (@eaDir, __MACOSX...).
   tar shards           `image` is the shard, `_offset` / `_size` the member's bytes in it: the scan
                        reads headers and the small members (.txt, .json, .cls) only, seeking past
                        image data, so a corpus far larger than memory is fine; workers read each
-                       image member with one seek.
-  Parquet bytes        the image column (binary, or a struct {bytes, path}) is left out of the
-                       manifest table; `image_chunks` streams it back in row batches, only for the
-                       pending rows.
+                       image member with one seek. A shard is refused (one line naming it) when a
+                       key is used by two samples or the shard was cut short (no end-of-archive
+                       marker); a hard-linked image member reads the member it names, a symlink is
+                       an error row. A glob whose files are all .tar is read as shards.
+  Parquet bytes        the image column (binary, dictionary-encoded binary, or a struct {bytes,
+                       path}) is left out of the manifest table; `image_chunks` streams it back in
+                       row batches, only for the pending rows. Every file of a glob must hold bytes
+                       in that column, or none (one line names the first that differs).
 
 A `Source` carries the column mapping (`--id-col`, `--image-col`, `--label-col`) with the path;
 `str(source)` and `os.fspath(source)` are the path, so it passes wherever a path does.
@@ -40,6 +45,12 @@ TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
 OFFSET_COL, SIZE_COL, BYTES_COL = "_offset", "_size", "_bytes"  # where a worker finds an image's bytes
+LINK_SIZE = -1  # `_size` of a sample whose image member is a link not followed (`_offset` null)
+# Folders that file systems, NAS boxes and archivers make inside a user's folders (thumbnails,
+# recycle bins, resource forks): never images of the dataset, like hidden files and folders.
+SYSTEM_FOLDERS = frozenset(n.lower() for n in ("@eaDir", "@Recycle", "@Recently-Snapshot", "#recycle", "#snapshot",
+                                                "__MACOSX", "$RECYCLE.BIN", "System Volume Information", "lost+found"))
+LABELS_NOTE = b"phrasefuse.labels_note"  # schema metadata of a folder's table: why it has no `label`
 SMALL_MEMBER = 16 << 20  # .txt/.json/.cls members larger than this are refused (not metadata)
 CHUNK_ROWS = 2048  # Parquet-bytes rows handed to the image job at a time
 
@@ -72,23 +83,60 @@ def source_with(manifest: str | os.PathLike | Source, id_col: str | None = None,
     return Source(str(manifest), id_col, image_col, label_col)
 
 
+BRACE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
+MAX_BRACE_NAMES = 1_000_000  # a million shards is a 5-billion-image corpus; more is a typo ({0..99999999})
+
+
+def brace_count(pattern: str) -> int:
+    """How many names `expand_braces` would give, without making them (each group multiplies)."""
+    count = 1
+    for m in BRACE_RE.finditer(pattern):  # groups hold no braces, so they never nest
+        count *= len(m.group(3).split(",")) if m.group(3) is not None else \
+            max(0, int(m.group(2)) - int(m.group(1)) + 1)
+    return count
+
+
 def expand_braces(pattern: str) -> list[str]:
-    """'shards/{00000..00099}.tar' and 'a/{x,y}.tar' -> the names (zero padding kept), in order."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
+    """'shards/{00000..00099}.tar' and 'a/{x,y}.tar' -> the names (zero padding kept), in order.
+    More than MAX_BRACE_NAMES names (counted first, nothing made) is refused with one line."""
+    count = brace_count(pattern)
+    if count > MAX_BRACE_NAMES:
+        raise BadInput(f"{pattern}: the brace range names {count:,} files, over the limit of {MAX_BRACE_NAMES:,}; "
+                       f"check the range (one digit too many?) or split the corpus")
+    return list(_iter_braces(pattern))
+
+
+def _iter_braces(pattern: str) -> Iterator[str]:
+    m = BRACE_RE.search(pattern)
     if not m:
-        return [pattern]
+        yield pattern
+        return
     if m.group(3) is not None:
-        parts = m.group(3).split(",")
+        parts: Iterator[str] = iter(m.group(3).split(","))
     else:
         lo, hi = m.group(1), m.group(2)
         width = len(lo) if lo.startswith("0") else 0
-        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        parts = (str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
     head, tail = pattern[:m.start()], pattern[m.end():]
-    return [name for part in parts for name in expand_braces(head + part + tail)]
+    for part in parts:
+        yield from _iter_braces(head + part + tail)
 
 
 def is_tar_pattern(pattern: str) -> bool:
-    return expand_braces(pattern)[0].lower().endswith(".tar")
+    """The pattern names tar shards: its first name ends in .tar, or it is a glob (not ending in .tar)
+    whose every file is a .tar (`shards/shard-*`)."""
+    first = next(_iter_braces(pattern), pattern)  # lazily: a huge range costs nothing here
+    if first.lower().endswith(".tar"):
+        return True
+    if not glob.has_magic(first) or os.path.isdir(first):
+        return False
+    files = [p for p in glob.glob(first, recursive=True) if os.path.isfile(p)]
+    tars = [p for p in files if p.lower().endswith(".tar")]
+    if tars and len(tars) < len(files):
+        other = next(p for p in sorted(files) if not p.lower().endswith(".tar"))
+        raise BadInput(f"{pattern}: matches tar shards ({sorted(tars)[0]}) and other files ({other}); "
+                       f"make the pattern end in .tar (e.g. shards/shard-*.tar) or name a table")
+    return bool(tars)
 
 
 def source_kind(source: Source) -> str:
@@ -189,15 +237,19 @@ def made_by_phrasefuse(folder: str) -> bool:
 def walk_dataset(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk of an image folder, without the folders phrasefuse made inside it."""
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not made_by_phrasefuse(os.path.join(folder, d)))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS
+                         and not made_by_phrasefuse(os.path.join(folder, d)))  # not walked
         yield folder, dirs, files
 
 
 def folder_table(folder: str) -> pa.Table:
-    """Every image file under `folder` (recursively, sorted): id = its path relative to the folder.
-    When every image sits one level down (ImageFolder: CLASS/x.jpg) that folder is the `label`; a
-    level of split folders above (train/, val/, test/; validation, valid, dev read as val) gives `split`.
-    Folders phrasefuse made (`made_by_phrasefuse`: a run's work folder inside it) are not data."""
+    """Every image file under `folder` (recursively, sorted; hidden files, hidden folders,
+    SYSTEM_FOLDERS and folders phrasefuse made (`made_by_phrasefuse`: a run's work folder inside it)
+    skipped): id = its path relative to the folder. When every image sits one level down
+    (ImageFolder: CLASS/x.jpg) that folder is the `label`; a level of split folders above (train/,
+    val/, test/; validation, valid, dev read as val) gives `split`. When some images sit in class
+    folders and one does not, there is no `label` and the table's LABELS_NOTE names that image
+    (`Manifest.labels_note`: the message of a job that needs labels)."""
     root = os.path.abspath(folder)
     rel = sorted(os.path.relpath(os.path.join(d, f), root)
                  for d, _, files in walk_dataset(root) for f in files
@@ -210,9 +262,17 @@ def folder_table(folder: str) -> pa.Table:
     if all(len(p) >= 2 and p[0].lower() in SPLIT_ALIASES for p in parts):
         columns["split"] = [SPLIT_ALIASES[p[0].lower()] for p in parts]
         parts = [p[1:] for p in parts]
+    note = None
     if all(len(p) == 2 for p in parts):
         columns["label"] = [p[0] for p in parts]
+    elif any(len(p) == 2 for p in parts):  # class folders, and a stray image elsewhere
+        example = "/".join(next(p for p in parts if len(p) == 2))
+        stray = next(r for r, p in zip(rel, parts) if len(p) != 2).replace(os.sep, "/")
+        note = (f"no labels from the class folders: '{stray}' is not one level inside a class folder "
+                f"(like '{example}'); move it into its class folder or remove it")
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
+    if note:
+        table = table.replace_schema_metadata({LABELS_NOTE: note.encode()})
     n = table.num_rows
     table = table.append_column(FILE_COL, pa.nulls(n, pa.string()).fill_null(os.path.join(root, "")))
     return table.append_column(ROW_COL, pa.array(np.arange(1, n + 1), pa.int64()))
@@ -247,26 +307,56 @@ def scan_shard(shard: Path, image_ext: str | None = None, label_field: str | Non
     """A shard's samples, reading headers and the small members only (image data is seeked past)."""
     image_exts = (image_ext.lower().lstrip("."),) if image_ext else TAR_IMAGE_EXTS
     samples: dict[str, dict] = {}
+    images: dict[str, tuple[int, int]] = {}  # image members' (offset, size) by name: hard links point back
+    current, exts = None, set()  # the sample being read and its members' extensions
     try:
         with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
-                if not member.isfile():
+                tar.members.clear()  # headers are not kept: a shard's size does not matter
+                if not (member.isfile() or member.islnk() or member.issym()):
                     continue
                 key, ext = _split_name(member.name)
                 if not ext or posixpath.basename(key).startswith("."):
                     continue
+                # WebDataset reads a sample as consecutive members of one key: a key met again, or an
+                # extension twice in one sample, is a second sample under the same key (never merged).
+                if key != current and key in samples or key == current and ext in exts:
+                    raise BadInput(f"{shard}: key '{key}' is used by two samples ({posixpath.basename(member.name)} "
+                                   f"again at byte {member.offset}); give each sample its own key")
+                if key != current:
+                    current, exts = key, set()
+                exts.add(ext)
                 sample = samples.setdefault(key, {})
                 if ext in image_exts and "_offset" not in sample:
-                    sample["_offset"], sample["_size"] = member.offset_data, member.size
-                elif ext in ("txt", "json", "cls") or ext == label_field:
+                    if member.isfile():
+                        sample["_offset"], sample["_size"] = member.offset_data, member.size
+                        images[member.name] = (member.offset_data, member.size)
+                    elif member.islnk() and member.linkname in images:  # a hard link: the data is earlier
+                        sample["_offset"], sample["_size"] = images[member.linkname]
+                    else:  # a symlink (or a hard link to nothing in this shard): an error row that says so
+                        sample["_size"] = LINK_SIZE
+                elif member.isfile() and (ext in ("txt", "json", "cls") or ext == label_field):
                     sample.update(_small_member(shard, key, ext, tar, member))
-                tar.members.clear()  # headers are not kept: a shard's size does not matter
+            _check_end_of_archive(shard, f, tar.offset)
     except (tarfile.TarError, EOFError) as e:
         raise BadInput(f"{shard}: not a readable tar ({e}); fix or remove this shard "
                        f"(compressed tars: decompress them first)") from None
     except OSError as e:
         raise BadInput(f"{shard}: cannot read ({e.strerror or e}); check the file") from None
     return _samples_table(shard, samples, label_field)
+
+
+def _check_end_of_archive(shard: Path, f, offset: int) -> None:
+    """tarfile stops quietly at a missing or unreadable header; a whole tar has a zero block there (its
+    end-of-archive marker). Without it the shard was cut short (a copy or a writer stopped half-way)
+    and the samples after the cut would be lost without a word."""
+    f.seek(offset)
+    block = f.read(512)
+    if len(block) == 512 and not block.strip(b"\0"):
+        return
+    what = ("ends without the end-of-archive marker" if len(block) < 512 else "has an unreadable header")
+    raise BadInput(f"{shard}: the tar {what} at byte {offset} (cut short?): samples after it would be lost; "
+                   f"copy or write the shard again")
 
 
 def _small_member(shard: Path, key: str, ext: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict:
@@ -302,8 +392,8 @@ def _samples_table(shard: Path, samples: dict[str, dict], label_field: str | Non
     n = len(samples)
     names = list(dict.fromkeys(k for s in samples.values() for k in s))
     columns = {"id": pa.array(list(samples), pa.string()),
-               "image": pa.array([str(shard.resolve()) if "_offset" in s else None for s in samples.values()],
-                                 pa.string())}
+               # every row names its shard, also a sample without an image (its error row says of which tar)
+               "image": pa.nulls(n, pa.string()).fill_null(str(shard.resolve()))}
     for name in names:
         values = [s.get(name) for s in samples.values()]
         if name in (OFFSET_COL, SIZE_COL):
@@ -331,21 +421,35 @@ def _samples_table(shard: Path, samples: dict[str, dict], label_field: str | Non
 
 def _holds_image_bytes(pattern: str, column: str) -> bool:
     """True when `column` of the (first) Parquet file holds bytes: binary, or a struct with `bytes`."""
-    files = [p for p in expand(pattern) if p.suffix.lower() in (".parquet", ".pq")]
-    if not files:
+    files = expand(pattern)
+    if not any(p.suffix.lower() in (".parquet", ".pq") for p in files):
         return False
     import pyarrow.parquet as pq
 
-    try:
-        schema = pq.read_schema(files[0])
-    except (OSError, pa.ArrowException):
-        return False  # read_table says what is wrong with the file
-    if column not in schema.names:
-        return False
-    return _bytes_type(schema.field(column).type) is not None
+    kinds = []  # per file: its column's type when it holds bytes, else why not (footers only)
+    for path in files:
+        try:
+            schema = pq.read_schema(path) if path.suffix.lower() in (".parquet", ".pq") else None
+        except (OSError, pa.ArrowException):
+            return False  # read_table says what is wrong with the file
+        if schema is None:
+            kinds.append((path, False, f"is {path.suffix} (no image bytes)"))
+        elif column not in schema.names:
+            kinds.append((path, False, f"has no column '{column}'"))
+        else:
+            t = schema.field(column).type
+            kinds.append((path, _bytes_type(t) is not None, f"has column '{column}' of type {t}"))
+    holds = [k for k in kinds if k[1]]
+    if holds and len(holds) < len(kinds):
+        (first, _, has), (other, _, why) = holds[0], next(k for k in kinds if not k[1])
+        raise BadInput(f"{other}: {why}, but {first} {has} (image bytes); the files of one manifest hold "
+                       f"either image bytes or image paths: pass them as two manifests")
+    return bool(holds)
 
 
 def _bytes_type(t: pa.DataType) -> str | None:
+    if pa.types.is_dictionary(t):  # a deduplicating writer, a pandas categorical: decoded when read
+        t = t.value_type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return "binary"
     if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and \
@@ -372,6 +476,8 @@ def image_chunks(todo: pa.Table, image_bytes: str | None, rows: int = CHUNK_ROWS
             inside = np.flatnonzero((want >= start) & (want < start + n))
             if len(inside):
                 values = batch.column(0).take(pa.array(want[inside] - start))
+                if pa.types.is_dictionary(values.type):
+                    values = values.dictionary_decode()
                 if pa.types.is_struct(values.type):
                     values = pc.struct_field(values, "bytes")
                 yield pa.table({"id": ids.take(pa.array(inside)), "image": pa.nulls(len(inside), pa.string())

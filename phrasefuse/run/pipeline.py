@@ -13,8 +13,10 @@ same fingerprint as when it last completed and its output is still as it left it
 settings are not listed by hand: they are every option, declared in run/config.py, of the
 config sections the stage reads (STAGE_SECTIONS), less those declared as not changing a
 result or not read by that stage (`options_fingerprint`); a new option re-runs its stages. Extract
-stages that do run embed only ids their store lacks (the embed-once promise), so a changed
-head re-trains only that head, and a manifest with new rows embeds only those rows.
+stages that do run embed only ids their store lacks or whose content changed (the embed-once
+promise, `extract.jobs`), so a changed head re-trains only that head, and a manifest with new
+rows embeds only those rows. The image extract stages also fingerprint every image file's stamp
+(`extract.jobs.stamps_fingerprint`): a photo replaced under an unchanged manifest reruns them.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ def as_skipped(summary: dict) -> dict:
     embedded or wrote are now rows already present."""
     out = {**summary, "skipped": True}
     for done, present in (("embedded", "present"), ("reused", "present"), ("written", "present"),
-                          ("phrases_embedded", None)):
+                          ("phrases_embedded", None), ("changed", None)):
         if done in out:
             if present:
                 out[present] = out.get(present, 0) + out[done]
@@ -430,7 +432,7 @@ def _column_problems(config: Config) -> list[str]:
 
 def extract_stages(config: Config, layout: Layout, state: RunState, settings: dict,
                    progress: bool | None) -> Iterator[StageResult]:
-    from phrasefuse.extract.jobs import extract_images, extract_texts
+    from phrasefuse.extract.jobs import extract_images, extract_texts, stamps_fingerprint
 
     enc = config.encoders
     image_job = lambda manifest, out: _mirroring(manifest, out, _summary(extract_images(  # noqa: E731
@@ -438,7 +440,11 @@ def extract_stages(config: Config, layout: Layout, state: RunState, settings: di
         device=enc.device, progress=progress, allow_outside_paths=config.data.allow_outside_paths,
         limits=enc.image_limits())))
     out = layout.store(IMAGE)
-    yield state.run(EXTRACT_IMAGE, {"settings": settings[EXTRACT_IMAGE]},
+    # "images": every image file's stamp, so a photo replaced under a manifest that did not change
+    # (a folder with the same names, sizes and mtimes; a table of paths) reruns the stage.
+    yield state.run(EXTRACT_IMAGE, {"settings": settings[EXTRACT_IMAGE],
+                                    "images": stamps_fingerprint(config.data.source,
+                                                                 config.data.allow_outside_paths)},
                     lambda: _retrying(out), lambda: image_job(config.data.source, out))
     for col in config.data.text_columns:
         out_t = layout.store(col)
@@ -449,7 +455,8 @@ def extract_stages(config: Config, layout: Layout, state: RunState, settings: di
                             progress=progress))))
     if config.phrases and config.phrases.images is not None:
         q = config.phrases.images
-        yield state.run(EXTRACT_QUERY, {"settings": settings[EXTRACT_QUERY]},
+        yield state.run(EXTRACT_QUERY, {"settings": settings[EXTRACT_QUERY],
+                                        "images": stamps_fingerprint(q, config.data.allow_outside_paths)},
                         lambda: _retrying(layout.query_store), lambda: image_job(q, layout.query_store))
 
 
