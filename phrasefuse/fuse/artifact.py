@@ -28,8 +28,8 @@ from phrasefuse.errors import BadInput
 from phrasefuse.fuse.data import Blocks, Feature, load_blocks, parse_feature_arg
 from phrasefuse.fuse.heads import FittedHead, Task, restore
 from phrasefuse.fuse.labeltext import apply_prior, cosine_scores
-from phrasefuse.folders import (atomic_folder, is_folder_of, library_versions, read_meta_json, write_atomic,
-                                write_json_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, library_versions, read_meta_json, readable_folder,
+                                write_atomic, write_json_atomic)
 from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity
 
 FORMAT = "phrasefuse-head"
@@ -227,7 +227,7 @@ def load_head(path: str | os.PathLike) -> Head:
     structure; anything wrong with a head folder is a BadInput naming the file (exit 2)."""
     from safetensors.numpy import load_file
 
-    path = Path(path)
+    path = readable_folder(path)  # a swap killed half-way: the previous head, read in place
     meta = read_head_meta(path)
     _check_files(path, meta)
     try:

@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
-from phrasefuse.folders import (atomic_folder, is_folder_of, read_meta_json, write_atomic, write_json_atomic,
-                                write_parquet_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, read_meta_json, readable_folder, write_atomic,
+                                write_json_atomic, write_parquet_atomic)
 from phrasefuse.store import describe_encoder, encoder_identity
 
 FORMAT = "phrasefuse-index"
@@ -62,7 +62,7 @@ class PhraseIndex:
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         from phrasefuse.index.ann import search_device
 
-        self.path = Path(path)
+        self.path = readable_folder(path)  # a swap killed half-way: the previous index, read in place
         meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="index",
                               not_a="a phrasefuse index", missing="build one with 'phrasefuse index build'", unreadable="rebuild the index")
         self.meta = meta

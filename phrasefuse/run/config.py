@@ -264,8 +264,47 @@ def _parse_report(c: "_Checker", rep_raw: dict) -> Report:
 
 
 def _path(base: Path, value: str | None) -> Path | None:
-    # normpath, not resolve: "../data" reads as a path, and symlinked folders stay as named
-    return None if value is None else Path(os.path.normpath(base / value))
+    # normpath, not resolve: "../data" reads as a path, and symlinked folders stay as named;
+    # "~" is the home folder, as in a shell (else a folder literally named "~" appears)
+    return None if value is None else Path(os.path.normpath(base / os.path.expanduser(value)))
+
+
+RUN_STATE = "run-state.json"  # what makes a folder a run's work folder (run/pipeline.py RunState)
+
+
+def is_work_folder(folder: Path) -> bool:
+    """Whether `folder` holds the run-state.json a run writes first."""
+    import json
+
+    try:
+        state = json.loads((folder / RUN_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("format") == "phrasefuse-run-state"
+
+
+def check_work(config: Config) -> None:
+    """`work` names a folder the run may fill and clean up: absent, empty, or a run's work folder
+    (run-state.json). Refused, before anything is written: the root or home folder, a file, and an
+    existing folder holding anything else (the config's own folder holds the config and the data:
+    the run's files would mix with the user's)."""
+    work = config.work
+    real = Path(os.path.realpath(work))
+    fix = 'name a new or empty folder for the run\'s outputs, e.g. work = "work"'
+    problem = None
+    if real == Path(real.anchor) or real == Path(os.path.realpath(Path.home())):
+        problem = f"{work} is {'the root folder' if real == Path(real.anchor) else 'your home folder'}; {fix}"
+    elif os.path.lexists(work) and not work.is_dir():
+        problem = f"{work} is a file, not a folder; {fix}"
+    elif work.is_dir() and not is_work_folder(work):
+        try:
+            names = sorted(os.listdir(work))
+        except OSError as e:
+            names, problem = [], f"{work}: cannot read the folder ({e.strerror}); {fix}"
+        if names:
+            problem = (f"{work} holds files phrasefuse did not write (e.g. {names[0]!r}; no {RUN_STATE}); {fix}")
+    if problem:
+        raise config_error(config.path, [f"key 'work': {problem}"])
 
 
 def _rows(c: "_Checker", raw: dict, key: str, features: list[str]) -> list[list[str]] | None:

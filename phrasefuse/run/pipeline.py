@@ -29,7 +29,8 @@ from pathlib import Path
 from phrasefuse.errors import BadInput
 from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
-from phrasefuse.run.config import IMAGE, LIMIT_KEYS, PHRASES, Config, Head, config_error, load_config
+from phrasefuse.run.config import (IMAGE, LIMIT_KEYS, PHRASES, Config, Head, check_work, config_error,
+                                   load_config)
 from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
 from phrasefuse.store import EmbeddingStore
 
@@ -220,10 +221,13 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     config = load_config(config_path)
     check_inputs(config)
     layout = Layout(config.work)
-    make_folder(config.work, f"{config.path}: key 'work':")
+    check_work(config)  # absent, empty or a run's: never "/", home, or a folder of the user's files
+    make_folder(config.work, "work folder")
+    if not (config.work / STATE).is_file():  # first: a run killed at any later point left a work folder
+        write_json_atomic(config.work / STATE, {"format": "phrasefuse-run-state", "stages": {}})
     for folder in (config.work, config.work / "stores", config.work / "heads", config.work / "predictions",
                    layout.ablation, config.work / "plots"):
-        recover_leftovers(folder)  # of a killed earlier run: swaps undone, temporary files removed
+        recover_leftovers(folder, owned=True)  # of a killed earlier run: swaps undone, temporaries removed
     state = RunState(config.work)
     manifest_fp = files_fingerprint(config.data.manifest)
 
