@@ -92,11 +92,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     fsync_dir(path.parent)
 
 
-def environment_error(path: Path, code: int) -> BadInput:
-    """The one line for a write the user's environment refused (`ENVIRONMENT_ERRNOS`)."""
+def environment_error(path: Path, code: int, unchanged: Path | None = None) -> BadInput:
+    """The one line for a write the user's environment refused (`ENVIRONMENT_ERRNOS`); `unchanged`:
+    the folder output that stays as it was (its temporary copy was removed)."""
     fix = "free space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make the folder writable"
-    return BadInput(f"{path}: cannot write ({os.strerror(code)}); {fix} or choose another output folder, "
-                    f"then re-run (files already written are kept)")
+    kept = f"{unchanged} is unchanged" if unchanged is not None else "files already written are kept"
+    error = BadInput(f"{path}: cannot write ({os.strerror(code)}); {fix} or choose another output folder, "
+                     f"then re-run ({kept})")
+    error.environment = (Path(path), code)  # atomic_folder names the file under its output's own name
+    return error
 
 
 # How libraries that write files themselves report an errno without raising an OSError that
@@ -190,9 +194,13 @@ def atomic_folder(out: str | os.PathLike, fmt: str, what: str) -> Iterator[Path]
         _swap_in(tmp, out, token)
     except BaseException as e:
         _remove_marked(tmp, token)
-        code = environment_errno(e, out.parent)
+        if isinstance(e, BadInput) and getattr(e, "environment", None):  # a file of it (write_atomic)
+            path, code = e.environment
+            where = out / path.relative_to(tmp) if path.is_relative_to(tmp) else path
+            raise environment_error(where, code, unchanged=out) from None
+        code = None if isinstance(e, BadInput) else environment_errno(e, out.parent)
         if code is not None:  # a full disk while filling it (a mkdir, a library's own writer)
-            raise environment_error(out, code) from None
+            raise environment_error(out, code, unchanged=out) from None
         raise
 
 

@@ -68,11 +68,12 @@ def feature_provenance(feature: Feature) -> dict:
 
 def save_head(out: str | os.PathLike, meta: dict, tensors: dict[str, np.ndarray], files: dict[str, str]) -> Path:
     """Write the head folder whole or not at all (an existing head at `out` is replaced)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     with atomic_folder(out, FORMAT, "head") as tmp:
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        write_atomic(tmp / WEIGHTS, lambda path: save_file(arrays, path))
+        # bytes written by Python, not by safetensors' save_file: a full disk is an OSError with its errno
+        write_atomic(tmp / WEIGHTS, lambda path: Path(path).write_bytes(save(arrays)))
         for name, text in files.items():
             write_atomic(tmp / name, lambda path, text=text: Path(path).write_text(text, encoding="utf-8"))
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,

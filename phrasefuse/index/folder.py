@@ -48,9 +48,16 @@ def write_index_folder(out: str | os.PathLike, index, phrases: pa.Table, meta: d
     if index.ntotal != phrases.num_rows:
         raise RuntimeError(f"index has {index.ntotal} rows, phrases table {phrases.num_rows}")
     with atomic_folder(out, FORMAT, "index") as tmp:
-        write_atomic(tmp / FAISS_FILE, lambda path: faiss.write_index(index, path))
+        # serialized, then written by Python: faiss.write_index reports a full disk as a RuntimeError
+        # and a file-size limit not at all (a truncated file, "close error" on stderr)
+        write_atomic(tmp / FAISS_FILE, lambda path: _write_bytes(path, faiss.serialize_index(index)))
         write_parquet_atomic(tmp / PHRASES, phrases)
         write_json_atomic(tmp / META, meta)  # last: a folder with meta.json is complete
+
+
+def _write_bytes(path: str, data: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(memoryview(data))
 
 
 class PhraseIndex:
