@@ -82,7 +82,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        code = environment_errno(e, path.parent)
+        code = None if isinstance(e, BadInput) else environment_errno(e, path.parent)
         if code is not None:
             raise environment_error(path, code) from None
         if isinstance(e, OSError) and e.errno in OCCUPIED_ERRNOS:
