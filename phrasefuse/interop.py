@@ -23,6 +23,7 @@ metadata rows as array rows, an id column, unique ids, no NaN/inf or zero row.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -97,8 +98,13 @@ def export_npy(store_path: str | os.PathLike, out: str | os.PathLike) -> Interop
 
 
 def _save_npy(path: str, emb: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
-        np.save(f, emb, allow_pickle=False)
+    # Serialized in memory (one shard), then written by Python: np.save into a file uses tofile(), whose
+    # short write on a full disk is an OSError without errno ("N requested and M written"); Python's
+    # write says ENOSPC. (A file object also keeps np.save from appending ".npy" to a temporary name.)
+    buffer = io.BytesIO()
+    np.save(buffer, emb, allow_pickle=False)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 # ---------------------------------------------------------------- import

@@ -44,8 +44,8 @@ import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
 from phrasefuse.faultpoints import fault_point
-from phrasefuse.folders import (ENVIRONMENT_ERRNOS, META, SHARD_RE, fsync_dir, library_versions, read_meta_json,
-                                write_json_atomic, write_parquet_atomic)
+from phrasefuse.folders import (ENVIRONMENT_ERRNOS, LEFTOVER_RE, META, SHARD_RE, fsync_dir, library_versions,
+                                read_meta_json, readable_folder, write_json_atomic, write_parquet_atomic)
 
 FORMAT = "phrasefuse-store"
 FORMAT_VERSION = 1
@@ -144,7 +144,7 @@ class EmbeddingStore:
     """A store folder, read-only. Cheap to construct; reads lazily."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = readable_folder(path)  # a swap killed half-way: the previous store, read in place
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({str(self.path)!r})"
@@ -364,6 +364,7 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str | os.PathLike, meta: dict, shard_size: int = 10_000) -> "StoreWriter":
         path = Path(path)
+        _check_store_folder(path)  # before the lock file: nothing is written into someone else's folder
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -376,9 +377,12 @@ class StoreWriter:
             elif store.shard_paths():
                 raise BadInput(f"{path}: has shards but no {META}; restore meta.json or use a new --out folder")
             else:
+                _check_store_folder(path)  # again under the lock: filled meanwhile?
                 write_json_atomic(store.meta_path, meta)
-            for stale in path.glob(".*.tmp-*"):  # left by a killed job; we hold the lock
-                stale.unlink(missing_ok=True)
+            for stale in path.iterdir():  # our temporary files of a killed job (we hold the lock)
+                m = LEFTOVER_RE.match(stale.name)
+                if m and m["kind"] == "tmp" and not stale.is_dir() and not stale.is_symlink():
+                    stale.unlink(missing_ok=True)
             _drop_stale_errors(store)
             return cls(store, meta, shard_size, lock_fd)
         except BaseException:
@@ -513,6 +517,25 @@ def _drop_stale_errors(store: EmbeddingStore) -> None:
         write_parquet_atomic(store.errors_path, kept)
     else:
         store.errors_path.unlink()
+
+
+def _check_store_folder(path: Path) -> None:
+    """An output store folder is absent, empty, or a store (meta.json): anything else is someone
+    else's folder and is refused before anything is written into it. A folder holding only our
+    lock file and temporaries is a first job killed before its meta.json: resumed."""
+    if not os.path.lexists(path) or (path / META).is_file():
+        return
+    if not path.is_dir():
+        raise BadInput(f"{path}: exists and is not a folder; choose another --out (a new or empty folder)")
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read the folder ({e.strerror}); choose another --out") from None
+    others = [n for n in names if n != LOCK and not SHARD_RE.match(n) and not LEFTOVER_RE.match(n)]
+    if others and not any(SHARD_RE.match(n) for n in names):  # shards without meta.json: told apart below
+        raise BadInput(f"{path}: exists and is not a phrasefuse store (it holds {others[0]!r}"
+                       f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); choose another --out "
+                       f"(a new or empty folder)")
 
 
 def _acquire_lock(path: Path) -> int:

@@ -148,6 +148,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     (default: the built-in text encoder). `progress`: as every long job's (engine.progress); False: none."""
     start = time.perf_counter()
     _check_options(kind, shots, seeds)
+    _check_out(out)  # before hours of training: a folder of the user's is refused, not written into
     full = not shots if full is None else (full or not shots)
     prep = prepare(manifest, feature_args, label_col, multilabel,
                    need=("train", "val", "test") if full else ("train", "test"))
@@ -235,6 +236,27 @@ def _run(setting: _Setting, label: str, which: list[int], outcome: Outcome, seed
         probs = apply_prior(probs, setting.cos[test], run["prior_weight"])
     run["metrics"] = summary(evaluate_probs(probs, prep.labels.take(test)))
     return run
+
+
+ABLATION_FILES = ("ablation.json", "ablation.md")
+
+
+def _check_out(out: str | os.PathLike | None) -> None:
+    """--out is absent, empty, or an earlier ablation's folder (only its two files and our temporaries)."""
+    from phrasefuse.folders import LEFTOVER_RE
+
+    if out is None or not os.path.lexists(out):
+        return
+    folder = Path(out)
+    if not folder.is_dir():
+        raise BadInput(f"--out {folder}: exists and is not a folder; choose a new or empty folder")
+    try:
+        others = sorted(n for n in os.listdir(folder) if n not in ABLATION_FILES and not LEFTOVER_RE.match(n))
+    except OSError as e:
+        raise BadInput(f"--out {folder}: cannot read the folder ({e.strerror}); choose another --out") from None
+    if others:
+        raise BadInput(f"--out {folder}: holds files phrasefuse did not write (e.g. {others[0]!r}); choose a new or "
+                       f"empty folder, or an earlier ablation's")
 
 
 def _written(report: AblationReport, out: str | os.PathLike | None) -> AblationReport:

@@ -28,8 +28,8 @@ from phrasefuse.errors import BadInput
 from phrasefuse.fuse.data import Blocks, Feature, load_blocks, parse_feature_arg
 from phrasefuse.fuse.heads import FittedHead, Task, restore
 from phrasefuse.fuse.labeltext import apply_prior, cosine_scores
-from phrasefuse.folders import (atomic_folder, is_folder_of, library_versions, read_meta_json, write_atomic,
-                                write_json_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, library_versions, read_meta_json, readable_folder,
+                                write_atomic, write_json_atomic)
 from phrasefuse.store import EmbeddingStore, describe_encoder, encoder_identity
 
 FORMAT = "phrasefuse-head"
@@ -68,11 +68,12 @@ def feature_provenance(feature: Feature) -> dict:
 
 def save_head(out: str | os.PathLike, meta: dict, tensors: dict[str, np.ndarray], files: dict[str, str]) -> Path:
     """Write the head folder whole or not at all (an existing head at `out` is replaced)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     with atomic_folder(out, FORMAT, "head") as tmp:
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        write_atomic(tmp / WEIGHTS, lambda path: save_file(arrays, path))
+        # bytes written by Python, not by safetensors' save_file: a full disk is an OSError with its errno
+        write_atomic(tmp / WEIGHTS, lambda path: Path(path).write_bytes(save(arrays)))
         for name, text in files.items():
             write_atomic(tmp / name, lambda path, text=text: Path(path).write_text(text, encoding="utf-8"))
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
@@ -227,7 +228,7 @@ def load_head(path: str | os.PathLike) -> Head:
     structure; anything wrong with a head folder is a BadInput naming the file (exit 2)."""
     from safetensors.numpy import load_file
 
-    path = Path(path)
+    path = readable_folder(path)  # a swap killed half-way: the previous head, read in place
     meta = read_head_meta(path)
     _check_files(path, meta)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import tempfile
 import time
@@ -32,7 +33,7 @@ from phrasefuse.index.ann import build_faiss_index
 from phrasefuse.index.ann import human_bytes, parse_memory
 from phrasefuse.index.folder import FORMAT, FORMAT_VERSION, phrases_table, write_index_folder
 from phrasefuse.engine import RayOptions
-from phrasefuse.folders import library_versions
+from phrasefuse.folders import environment_errno, library_versions
 from phrasefuse.index.streaming import RaySums, StoreLayout, StreamedPrototypes, VectorFile, local_sums, stream_prototypes
 from phrasefuse.store import EmbeddingStore, describe_encoder, l2_normalize
 
@@ -92,12 +93,21 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     memory_bytes = memory if isinstance(memory, int) else parse_memory(memory)
     shard_summer = _shard_summer(engine, ray)  # --engine ray: Ray installed and reachable, before any work
     layout = _image_layout(images)
-    with tempfile.TemporaryDirectory(prefix="phrasefuse-index-") as work, shard_summer as summer:
-        streamed = stream_prototypes(pairs, layout, Path(work), memory=memory_bytes, min_images=min_images,
-                                     use_weights=use_weights, summer=summer, progress=progress)
-        summary = _index_from_prototypes(streamed, layout, pairs, images, out, min_images=min_images,
-                                         text_prototypes=text_prototypes, kind=kind, memory=memory_bytes,
-                                         target_recall=target_recall, device=device, seed=seed, progress=progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="phrasefuse-index-") as work, shard_summer as summer:
+            streamed = stream_prototypes(pairs, layout, Path(work), memory=memory_bytes, min_images=min_images,
+                                         use_weights=use_weights, summer=summer, progress=progress)
+            summary = _index_from_prototypes(streamed, layout, pairs, images, out, min_images=min_images,
+                                             text_prototypes=text_prototypes, kind=kind, memory=memory_bytes,
+                                             target_recall=target_recall, device=device, seed=seed,
+                                             progress=progress)
+    except OSError as e:  # the scratch files (NumPy's tofile: a short write has no errno) on a full disk
+        scratch = tempfile.gettempdir()
+        code = environment_errno(e, Path(scratch))
+        if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise BadInput(f"{scratch}: cannot write the index build's scratch files ({os.strerror(code)}); free "
+                       f"space there or set TMPDIR to a folder with room") from None
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phrasefuse.errors import BadInput
-from phrasefuse.folders import (atomic_folder, is_folder_of, read_meta_json, write_atomic, write_json_atomic,
-                                write_parquet_atomic)
+from phrasefuse.folders import (atomic_folder, is_folder_of, read_meta_json, readable_folder, write_atomic,
+                                write_json_atomic, write_parquet_atomic)
 from phrasefuse.store import describe_encoder, encoder_identity
 
 FORMAT = "phrasefuse-index"
@@ -48,9 +48,16 @@ def write_index_folder(out: str | os.PathLike, index, phrases: pa.Table, meta: d
     if index.ntotal != phrases.num_rows:
         raise RuntimeError(f"index has {index.ntotal} rows, phrases table {phrases.num_rows}")
     with atomic_folder(out, FORMAT, "index") as tmp:
-        write_atomic(tmp / FAISS_FILE, lambda path: faiss.write_index(index, path))
+        # serialized, then written by Python: faiss.write_index reports a full disk as a RuntimeError
+        # and a file-size limit not at all (a truncated file, "close error" on stderr)
+        write_atomic(tmp / FAISS_FILE, lambda path: _write_bytes(path, faiss.serialize_index(index)))
         write_parquet_atomic(tmp / PHRASES, phrases)
         write_json_atomic(tmp / META, meta)  # last: a folder with meta.json is complete
+
+
+def _write_bytes(path: str, data: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(memoryview(data))
 
 
 class PhraseIndex:
@@ -62,7 +69,7 @@ class PhraseIndex:
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         from phrasefuse.index.ann import search_device
 
-        self.path = Path(path)
+        self.path = readable_folder(path)  # a swap killed half-way: the previous index, read in place
         meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="index",
                               not_a="a phrasefuse index", missing="build one with 'phrasefuse index build'", unreadable="rebuild the index")
         self.meta = meta

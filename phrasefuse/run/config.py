@@ -322,8 +322,62 @@ def _parse_report(c: "_Checker", rep_raw: dict) -> Report:
 
 
 def _path(base: Path, value: str | None) -> Path | None:
-    # normpath, not resolve: "../data" reads as a path, and symlinked folders stay as named
-    return None if value is None else Path(os.path.normpath(base / value))
+    # normpath, not resolve: "../data" reads as a path, and symlinked folders stay as named;
+    # "~" is the home folder, as in a shell (else a folder literally named "~" appears)
+    return None if value is None else Path(os.path.normpath(base / os.path.expanduser(value)))
+
+
+RUN_STATE = "run-state.json"  # what makes a folder a run's work folder (run/pipeline.py RunState)
+# What a run writes in its work folder (run/pipeline.py Layout): a folder holding only these is a
+# run's whose run-state.json was lost (every stage then checks its output again).
+RUN_OUTPUTS = frozenset({RUN_STATE, "stores", "index", "heads", "predictions", "ablation", "zeroshot.json",
+                         "report.html", "plots"})
+
+
+def is_work_folder(folder: Path) -> bool:
+    """Whether `folder` holds the run-state.json a run writes first, or only what a run writes."""
+    import json
+
+    from phrasefuse.folders import LEFTOVER_RE
+
+    try:
+        state = json.loads((folder / RUN_STATE).read_text(encoding="utf-8"))
+        return isinstance(state, dict) and state.get("format") == "phrasefuse-run-state"
+    except (OSError, ValueError):
+        pass
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return bool(names) and all(n in RUN_OUTPUTS or LEFTOVER_RE.match(n) for n in names)
+
+
+def check_work(config: Config) -> None:
+    """`work` names a folder the run may fill and clean up: absent, empty, or a run's work folder
+    (run-state.json). Refused, before anything is written: the root or home folder, a file, and an
+    existing folder holding anything else (the config's own folder holds the config and the data:
+    the run's files would mix with the user's)."""
+    problem = work_problem(config.work, 'name a new or empty folder for the run\'s outputs, e.g. work = "work"')
+    if problem:
+        raise config_error(config.path, [f"key 'work': {problem}"])
+
+
+def work_problem(work: Path, fix: str) -> str | None:
+    """Why `work` may not be a work folder (`check_work`), ending with `fix`; None: it may."""
+    real = Path(os.path.realpath(work))
+    problem = None
+    if real == Path(real.anchor) or real == Path(os.path.realpath(Path.home())):
+        problem = f"{work} is {'the root folder' if real == Path(real.anchor) else 'your home folder'}; {fix}"
+    elif os.path.lexists(work) and not work.is_dir():
+        problem = f"{work} is a file, not a folder; {fix}"
+    elif work.is_dir() and not is_work_folder(work):
+        try:
+            names = sorted(os.listdir(work))
+        except OSError as e:
+            names, problem = [], f"{work}: cannot read the folder ({e.strerror}); {fix}"
+        if names:
+            problem = (f"{work} holds files phrasefuse did not write (e.g. {names[0]!r}; no {RUN_STATE}); {fix}")
+    return problem
 
 
 def _rows(c: "_Checker", raw: dict, key: str, features: list[str]) -> list[list[str]] | None:

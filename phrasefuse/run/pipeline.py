@@ -36,7 +36,7 @@ from phrasefuse.manifests.sources import RUN_STATE, expand_braces
 from phrasefuse.report import BASELINE
 from phrasefuse.run.config import (ABLATION_STAGE, CHANGES_RESULT, EXTRACT_IMAGE, EXTRACT_QUERY, EXTRACT_TEXT,
                                    HEAD_STAGE, IMAGE, INDEX_STAGE, PHRASES, PHRASES_STAGE, REPORT_STAGE, UNREAD_BY,
-                                   ZEROSHOT_STAGE, Config, Head, config_error, load_config)
+                                   ZEROSHOT_STAGE, Config, Head, check_work, config_error, load_config)
 from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
 from phrasefuse.store import EmbeddingStore
 
@@ -317,13 +317,14 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     config = load_config(config_path)
     check_inputs(config)
     layout = Layout(config.work)
-    make_folder(config.work, f"{config.path}: key 'work':")
+    check_work(config)  # absent, empty or a run's: never "/", home, or a folder of the user's files
+    make_folder(config.work, "work folder")
+    if not (config.work / STATE).is_file():  # first: a run killed at any later point left a work folder
+        write_json_atomic(config.work / STATE, {"format": "phrasefuse-run-state", "stages": {}})
     for folder in (config.work, config.work / "stores", config.work / "heads", config.work / "predictions",
                    layout.ablation, config.work / "plots"):
-        recover_leftovers(folder)  # of a killed earlier run: swaps undone, temporary files removed
-    state = RunState(config.work)
-    if not state.path.is_file():
-        state.save()  # marks WORK as a run's folder from the start: an image folder around it skips it
+        recover_leftovers(folder, owned=True)  # of a killed earlier run: swaps undone, temporaries removed
+    state = RunState(config.work)  # its file, written above, marks WORK as a run's: a folder scan around it skips it
     settings = plan_settings(config)  # the files the config names are fingerprinted before any stage runs
 
     yield from extract_stages(config, layout, state, settings, progress)

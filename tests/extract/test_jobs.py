@@ -74,7 +74,7 @@ def test_bad_rows_go_to_errors_and_good_ids_are_stored_once(dataset_with_bad_row
     for ident, reason in bad.items():
         assert reason in errors[ident], (ident, errors[ident])
     assert verify_store(EmbeddingStore(out)) == []
-    assert not list(out.glob(".*.tmp-*"))
+    assert not list(out.glob(".*.phrasefuse-*.tmp-*"))
 
     # A second run embeds nothing; the bad rows are retried and fail again.
     again = extract_images(manifest, out, model=tiny_clip_spec, workers=0, shard_size=50, progress=False)

@@ -91,7 +91,7 @@ def assert_sound(store: Path, killed: bool = False) -> list[str]:
     assert verify_store(EmbeddingStore(store)) == []
     ids = EmbeddingStore(store).ids_and_keys()["id"].to_pylist()
     assert len(ids) == len(set(ids))
-    assert len(list(store.glob(".*.tmp-*"))) <= (1 if killed else 0)
+    assert len(list(store.glob(".*.phrasefuse-*.tmp-*"))) <= (1 if killed else 0)
     return ids
 
 

@@ -6,6 +6,7 @@ whole, and no leftover once the next write is done."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from phrasefuse.folders import recover_folder
 from phrasefuse.index.build import build_index
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.interop import export_npy, import_npy
@@ -29,7 +31,8 @@ def part_states(store) -> dict:
 
 
 def temporary_files(folder) -> list[str]:
-    return sorted(p.name for p in folder.glob(".*.tmp-*"))
+    """Our temporary files in `folder`, named without their random token (`.X.phrasefuse-T.tmp-PID` -> `.X.tmp-PID`)."""
+    return sorted(re.sub(r"\.phrasefuse-[0-9a-f]{16}\.", ".", p.name) for p in folder.glob(".*.phrasefuse-*.tmp-*"))
 
 
 def write_vectors(path, n: int, dim: int, shard_size: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -191,7 +194,10 @@ def test_sigkill_between_the_renames_of_a_head_rewrite_keeps_the_old_head(tmp_pa
     kill_at("folder-old-moved@1", "fuse", "train", "--manifest", data.manifest, "--feature", data.image,
             "--feature", data.text, "--head", "linear", "--out", head, "--seed", 1)
     assert not (head / "meta.json").exists()  # the kill left no folder at HEAD: the old one is aside
-    load_head(head)  # the next reader puts the old head back, whole
+    aside = leftovers(head)
+    assert load_head(head).meta == old  # a reader reads the old head where it lies, whole...
+    assert leftovers(head) == aside and not head.exists()  # ...and renames nothing (read-only)
+    recover_folder(head)  # the next writer puts the old head back, whole
     assert json.loads((head / "meta.json").read_text()) == old and leftovers(head) == []
     assert run_cli("inspect", head, "--verify").returncode == 0
 
@@ -204,4 +210,4 @@ def test_sigkill_while_an_export_is_rewritten_leaves_the_old_one_whole(npy_folde
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     kill_at("folder-built@1", "export", folder.parent / "store", "--format", "npy", "--out", out)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert [name for name in leftovers(out) if ".tmp-" in name]  # the new one, complete, never swapped in
+    assert [name for name in leftovers(out) if ".phrasefuse-" in name and ".tmp-" in name]  # the new one, complete, never swapped in
