@@ -33,6 +33,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from phrasefuse.errors import BadInput
+
 EXACT_MAX = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
@@ -56,7 +58,7 @@ class Plan:
 
     @property
     def index_kind(self) -> IndexKind:
-        return KINDS[self.kind]
+        return kind_named(self.kind)
 
     @property
     def factory(self) -> str:
@@ -300,6 +302,15 @@ def register(kind: IndexKind) -> IndexKind:
 
 for _kind in (Flat(), Hnsw(), IvfSq8(), IvfFlat(), IvfPq()):
     register(_kind)
+
+
+def kind_named(name: str) -> IndexKind:
+    """The registered kind `name` (an index's meta.json may name one this process has not registered)."""
+    kind = KINDS.get(name)
+    if kind is None:
+        raise BadInput(f"index kind {name!r} is not registered here (known: {', '.join(KINDS)}); "
+                       f"rebuild the index with one of them")
+    return kind
 
 
 def index_bytes(kind: str, n: int, dim: int, nlist: int = 0, pq_m: int = 0, pq_nbits: int = 8,

@@ -30,7 +30,7 @@ def registered():
     added = [register(ExactCopy()), register(IvfFlatCopy())]
     yield added
     for kind in added:
-        del KINDS[kind.name]
+        KINDS.pop(kind.name, None)
 
 
 def test_the_cli_offers_the_registry():
@@ -64,3 +64,8 @@ def test_a_kind_registered_at_runtime_builds_and_searches(registered, random_pai
         want_scores, want_rows = built[original].search(queries, 5)
         np.testing.assert_array_equal(rows, want_rows)
         np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+
+    # Opened where its kind is not registered: one line, not a KeyError.
+    del KINDS["ivf-flat-copy"]
+    with pytest.raises(BadInput, match="index kind 'ivf-flat-copy' is not registered here"):
+        PhraseIndex(tmp_path / "ivf-flat-copy", device="cpu").search(queries, 5)
