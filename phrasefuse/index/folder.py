@@ -56,7 +56,7 @@ def write_index_folder(out: str | os.PathLike, index, phrases: pa.Table, meta: d
 class PhraseIndex:
     """An index folder, read-only. Cheap to open (meta and phrases); the FAISS file loads on first search.
 
-    `device` auto|cpu|cuda: where searches run (`ann.search_device`: a GPU copy of the index when FAISS
+    `device` auto|cpu|cuda: where searches run (`devices.search_device`: a GPU copy of the index when FAISS
     sees a GPU); resolved here, so `--device cuda` without a GPU fails before any model loads."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
