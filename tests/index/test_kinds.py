@@ -3,6 +3,8 @@ searched like the built-in ones, with no other file knowing its name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,8 @@ from phrasefuse.index.build import build_index
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.index.kinds import KINDS, Flat, IvfFlat, register
 from tests.index.conftest import read_meta
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ExactCopy(Flat):
@@ -69,3 +73,17 @@ def test_a_kind_registered_at_runtime_builds_and_searches(registered, random_pai
     del KINDS["ivf-flat-copy"]
     with pytest.raises(BadInput, match="index kind 'ivf-flat-copy' is not registered here"):
         PhraseIndex(tmp_path / "ivf-flat-copy", device="cpu").search(queries, 5)
+
+
+def test_a_config_accepts_a_registered_kind(registered, tmp_path):
+    from phrasefuse.run.config import load_config
+
+    example = (ROOT / "manifests" / "example.toml").read_text(encoding="utf-8")
+    for kind in ("exact-copy", "no-such-kind"):
+        path = tmp_path / f"{kind}.toml"
+        path.write_text(example.replace('kind = "auto"', f'kind = "{kind}"', 1), encoding="utf-8")
+        if kind == "no-such-kind":
+            with pytest.raises(BadInput, match="phrases.kind"):
+                load_config(path)
+        else:
+            assert load_config(path).phrases.kind == kind
