@@ -36,7 +36,7 @@ from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.fuse.data import Blocks, prepare
 from phrasefuse.fuse.heads import Task, head_params
 from phrasefuse.fuse.labeltext import apply_prior, calibrate_prior, cosine_scores, embed_texts, label_texts
-from phrasefuse.fuse.pseudo import PseudoShots, _prototypes, match_labels, with_pseudo_rows
+from phrasefuse.fuse.pseudo import PseudoShots, read_prototypes, match_labels, with_pseudo_rows
 from phrasefuse.fuse.select import Scheme, Tuner, cross_validation, fit_and_choose, sample_shots
 from phrasefuse.fuse.select import choose_label_prior as prior_weight
 from phrasefuse.store import encoder_identity, l2_normalize
@@ -104,7 +104,7 @@ def load_cifar(work: Path, data: Path, which: list[str]) -> Lab:
                    [f"image={work / 'c10-img'}", f"phrases={work / 'c10-phrases'}"], need=("train", "test"))
     index = PhraseIndex(work / "tin-index")
     phrases = [str(p) for p in index.phrases.to_pylist()]
-    vectors = l2_normalize(_prototypes(index)).astype(np.float32)
+    vectors = l2_normalize(read_prototypes(index)).astype(np.float32)
     phrase_emb, identity = embed_texts(phrases, DEFAULT_TEXT_MODEL)
     if encoder_identity(identity) != encoder_identity(prep.features[1].store.meta["encoder"]):
         raise SystemExit("c10-phrases was not embedded with the built-in text model")

@@ -61,8 +61,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phrasefuse.index.ann import (GpuCopy, Plan, build_faiss_index, faiss_threads, human_bytes,  # noqa: E402
-                                  on_device, parse_memory, recall_at_k, search, set_search_value)
+from phrasefuse.index.ann import build_faiss_index, faiss_threads, human_bytes, parse_memory  # noqa: E402
+from phrasefuse.index.devices import GpuCopy, on_device  # noqa: E402
+from phrasefuse.index.kinds import EXACT, Plan  # noqa: E402
+from phrasefuse.index.tuning import recall_at_k, search, set_search_value  # noqa: E402
 
 
 def random_unit(rng: np.random.Generator, n: int, dim: int, centres: np.ndarray | None, spread: float,
@@ -130,7 +132,7 @@ def main() -> None:
 
     cpu_flat = faiss.IndexFlatIP(args.dim)
     cpu_flat.add(vectors)
-    flat = on_device(cpu_flat, "flat", args.device)
+    flat = on_device(cpu_flat, EXACT, args.device)
     exact_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     exact_scores, _ = search(flat, queries, 10)

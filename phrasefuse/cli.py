@@ -24,7 +24,8 @@ import typer
 from phrasefuse.errors import BadInput, check_seed, printable, printable_lines
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS
-from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL, INDEX_KINDS
+from phrasefuse.index import DEFAULT_LOOKUP_K, DEFAULT_PHRASES_K, DEFAULT_TARGET_RECALL
+from phrasefuse.index.kinds import KINDS as INDEX_KINDS
 
 app = typer.Typer(help=__doc__.split("\n\nThis module")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -361,7 +362,7 @@ index_app = typer.Typer(help="Prototype index: phrases for images that came with
 app.add_typer(index_app, name="index")
 
 
-IndexKind = Enum("IndexKind", {kind: kind for kind in ("auto", *INDEX_KINDS)}, type=str)  # one list: phrasefuse.index
+IndexKind = Enum("IndexKind", {kind: kind for kind in ("auto", *INDEX_KINDS)}, type=str)  # the registry: phrasefuse.index.kinds
 
 
 @index_app.command("build")

@@ -1,4 +1,5 @@
-"""One registry that turns an encoder spec string into an image or a text encoder.
+"""One registry of encoder families (`FAMILIES`: name -> `Family`) that turns an encoder spec
+string into an image or a text encoder.
 
 Specs (docs/formats.md, Encoder specs):
 
@@ -12,6 +13,11 @@ Specs (docs/formats.md, Encoder specs):
 Every encoder returns float32, L2-normalised vectors, and carries an identity
 (family, name, weights checksum, dim) that stores record in meta.json, so that
 vectors of different models are never mixed.
+
+A family (bottom of this file) is its loaders, one per modality it encodes, and what it can do
+(`shares_image_text_space`: its image and text towers embed into one space, so label texts can
+score image vectors). Callers ask the record (`family_of`), never the family's name. A new family:
+write its loader(s) here and `register_family` it.
 """
 
 from __future__ import annotations
@@ -30,8 +36,6 @@ from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.extract.images import PixelPlan, prepare
 
-FAMILIES = ("open_clip", "sentence-transformers", "timm", "builtin")
-
 
 # ---------------------------------------------------------------- specs and devices
 
@@ -40,7 +44,7 @@ FAMILIES = ("open_clip", "sentence-transformers", "timm", "builtin")
 class Spec:
     family: str
     name: str
-    weights: str | None  # the part after '@' (open_clip, timm)
+    weights: str | None  # the part after '@' (families with `Family.weights_after_at`)
     text: str
 
     def __str__(self) -> str:
@@ -53,7 +57,7 @@ def parse_spec(spec: str) -> Spec:
         raise BadInput(f"--model {spec!r}: expected FAMILY:NAME with FAMILY one of {', '.join(FAMILIES)} "
                        f"(e.g. {DEFAULT_IMAGE_MODEL} or open_clip:ViT-B-32@laion2b_s34b_b79k)")
     name, weights = rest, None
-    if family in ("open_clip", "timm") and "@" in rest:
+    if FAMILIES[family].weights_after_at and "@" in rest:
         name, _, weights = rest.partition("@")  # model names never hold "@"; checkpoint paths might
         weights = weights or None
     return Spec(family, name, weights, spec)
@@ -237,38 +241,32 @@ class TextEncoder:
 # ---------------------------------------------------------------- families
 
 
-def load_image_encoder(spec: str = DEFAULT_IMAGE_MODEL, device: str = "auto") -> ImageEncoder:
+def load_encoder(spec: str, modality: str, device: str = "auto") -> ImageEncoder | TextEncoder:
+    """The encoder `spec` names, for `modality` ("image" or "text"): its family's loader of that modality."""
     s = parse_spec(spec)
     dev = resolve_device(device)
     if dev.type == "cpu":
         tune_cpu_allocator()
-    load = IMAGE_LOADERS.get(s.family)
+    load = FAMILIES[s.family].loader(modality)
     if load is None:
-        raise BadInput(f"--model {spec}: {s.family} models encode text only; for images use open_clip, timm or "
-                       f"{DEFAULT_IMAGE_MODEL}")
+        other, plural, default = (("text", "images", DEFAULT_IMAGE_MODEL) if modality == "image"
+                                  else ("images", "texts", DEFAULT_TEXT_MODEL))
+        raise BadInput(f"--model {spec}: {s.family} models encode {other} only; for {plural} use "
+                       f"{', '.join(list_families(modality))} (e.g. {default})")
     return load(s, dev)
+
+
+def load_image_encoder(spec: str = DEFAULT_IMAGE_MODEL, device: str = "auto") -> ImageEncoder:
+    return load_encoder(spec, "image", device)
 
 
 def load_text_encoder(spec: str = DEFAULT_TEXT_MODEL, device: str = "auto") -> TextEncoder:
-    s = parse_spec(spec)
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        tune_cpu_allocator()
-    load = TEXT_LOADERS.get(s.family)
-    if load is None:
-        raise BadInput(f"--model {spec}: {s.family} models encode images only; for texts use sentence-transformers, "
-                       f"open_clip or {DEFAULT_TEXT_MODEL}")
-    return load(s, dev)
-
-
-def load_encoder(spec: str, modality: str, device: str = "auto") -> ImageEncoder | TextEncoder:
-    """The encoder `spec` names, for `modality` ("image" or "text")."""
-    return (load_image_encoder if modality == "image" else load_text_encoder)(spec, device)
+    return load_encoder(spec, "text", device)
 
 
 def list_families(modality: str) -> list[str]:
     """The encoder families that embed `modality` ("image" or "text"), as open_clip's `list_models`."""
-    return list((IMAGE_LOADERS if modality == "image" else TEXT_LOADERS))
+    return [name for name, family in FAMILIES.items() if family.loader(modality) is not None]
 
 
 def list_builtin(modality: str) -> list[str]:
@@ -281,7 +279,7 @@ def _open_clip_image_encoder(s: Spec, dev: torch.device) -> ImageEncoder:
     size = _open_clip_image_size(model)
     mean, std = _mean_std(transform)
     # The identity covers both towers: image and text vectors of one CLIP share a space.
-    return ImageEncoder(s.text, "open_clip", arch, _OpenClipImage(model), transform, size,
+    return ImageEncoder(s.text, s.family, arch, _OpenClipImage(model), transform, size,
                         {"input_size": size, "resize": "shortest", "mean": mean, "std": std}, dev,
                         weights_sha256=state_dict_sha256(model))
 
@@ -292,7 +290,7 @@ def _open_clip_text_encoder(s: Spec, dev: torch.device) -> TextEncoder:
     model, arch, _ = _open_clip(s)
     model.to(dev)
     tokenizer = open_clip.get_tokenizer(arch)
-    return TextEncoder(s.text, "open_clip", arch, lambda texts: model.encode_text(tokenizer(texts).to(dev)), model, dev)
+    return TextEncoder(s.text, s.family, arch, lambda texts: model.encode_text(tokenizer(texts).to(dev)), model, dev)
 
 
 def _efficientnet_lite0(s: Spec, dev: torch.device) -> ImageEncoder:
@@ -320,7 +318,7 @@ def _builtin_text_encoder(s: Spec, dev: torch.device) -> TextEncoder:
 
 
 def _sentence_transformers_encoder(s: Spec, dev: torch.device) -> TextEncoder:
-    return _sentence_transformer(s.text, "sentence-transformers", s.name, s.name, dev)
+    return _sentence_transformer(s.text, s.family, s.name, s.name, dev)
 
 
 class _OpenClipImage(torch.nn.Module):
@@ -445,7 +443,7 @@ def _timm_image_encoder(s: Spec, dev: torch.device) -> ImageEncoder:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise BadInput(f"{s.weights}: does not fit timm '{s.name}' ({str(e).splitlines()[0][:160]})") from None
-    return _timm_encoder_from_model(str(s), "timm", s.name, model, dev)
+    return _timm_encoder_from_model(str(s), s.family, s.name, model, dev)
 
 
 def _timm_encoder_from_model(spec: str, family: str, name: str, model, dev: torch.device) -> ImageEncoder:
@@ -479,10 +477,59 @@ def _sentence_transformer(spec: str, family: str, name: str, path: str, dev: tor
     return TextEncoder(spec, family, name, encode_batch, model, dev)
 
 
-# Family -> loader(spec, device), per modality; a family missing from one encodes only the other.
 BUILTIN_IMAGE = {"efficientnet-lite0": _efficientnet_lite0}
 BUILTIN_TEXT = {"all-minilm-l6-v2": _all_minilm_l6_v2}
-IMAGE_LOADERS = {"open_clip": _open_clip_image_encoder, "timm": _timm_image_encoder,
-                 "builtin": _builtin_image_encoder}
-TEXT_LOADERS = {"open_clip": _open_clip_text_encoder, "sentence-transformers": _sentence_transformers_encoder,
-                "builtin": _builtin_text_encoder}
+
+
+# ---------------------------------------------------------------- the family registry
+
+
+ImageLoader = Callable[[Spec, torch.device], ImageEncoder]
+TextLoader = Callable[[Spec, torch.device], TextEncoder]
+
+
+@dataclass(frozen=True)
+class Family:
+    """An encoder family: the spec prefix, a loader per modality it encodes (None: it does not),
+    and what it can do. Loaders record `Spec.family` as the identity's family."""
+
+    name: str
+    image: ImageLoader | None = None
+    text: TextLoader | None = None
+    weights_after_at: bool = False  # NAME@WEIGHTS: the weights (a tag or a local file) after the first '@'
+    shares_image_text_space: bool = False  # image and text towers of one model: label texts score image vectors
+
+    def loader(self, modality: str) -> ImageLoader | TextLoader | None:
+        return self.image if modality == "image" else self.text
+
+
+# Name -> family, in the order `--model`'s error lists them and `list_families` returns them.
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add `family` to FAMILIES under its name (a new one); its specs are then `NAME:...`."""
+    if not family.name or ":" in family.name or family.name in FAMILIES:
+        raise ValueError(f"encoder family {family.name!r}: needs a new name without ':'")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(name: str | None) -> Family | None:
+    """The registered family a store's or a head's encoder identity names (None: one phrasefuse
+    cannot load, e.g. vectors imported with 'external')."""
+    return FAMILIES.get(name or "")
+
+
+def families_sharing_image_text_space() -> list[str]:
+    return [name for name, family in FAMILIES.items() if family.shares_image_text_space]
+
+
+for _family in (
+    Family("open_clip", _open_clip_image_encoder, _open_clip_text_encoder, weights_after_at=True,
+           shares_image_text_space=True),
+    Family("sentence-transformers", text=_sentence_transformers_encoder),
+    Family("timm", _timm_image_encoder, weights_after_at=True),
+    Family("builtin", _builtin_image_encoder, _builtin_text_encoder),  # weights shipped as packages
+):
+    register_family(_family)

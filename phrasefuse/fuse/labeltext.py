@@ -116,10 +116,12 @@ def mean_per_group(vectors: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
 
 def embed_for_store(texts: Sequence[LabelText], store: EmbeddingStore) -> tuple[np.ndarray, dict]:
     """Embed label texts with the encoder that made `store` (from its meta.json), checked to be the same model."""
+    from phrasefuse.extract.encoders import family_of
     from phrasefuse.extract.recorded import load_recorded_encoder
 
     encoder = store.meta["encoder"]
-    if store.meta.get("modality") == "image" and encoder.get("family") != "open_clip":
+    family = family_of(encoder.get("family"))
+    if store.meta.get("modality") == "image" and not (family and family.shares_image_text_space):
         raise BadInput(f"{store.path}: holds image vectors of {describe_encoder(encoder)}, which has no text "
                        f"tower; pass a text or phrases store")
     loaded = load_recorded_encoder(store.meta, "text", folder=store.path, kind="store", what="label texts: ",

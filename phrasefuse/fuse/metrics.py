@@ -143,9 +143,14 @@ def example_scores(scores: np.ndarray, y: np.ndarray, multilabel: bool) -> np.nd
         return np.where(n_pos > 0, (precision_at * hits).sum(axis=1) / n_pos, np.nan)
 
 
+def headline_key(metrics: dict) -> str:
+    """The metric that ranks heads: top-1, or mAP for multi-label (the report's head table)."""
+    return "top1" if "top1" in metrics else "mAP"
+
+
 def headline(metrics: dict) -> float:
-    """The one number that ranks heads: top-1, or mAP for multi-label."""
-    return float(metrics["top1"] if "top1" in metrics else metrics["mAP"])
+    """The one number that ranks heads (the report picks its best head by it)."""
+    return float(metrics[headline_key(metrics)])
 
 
 def summary(metrics: dict) -> dict:

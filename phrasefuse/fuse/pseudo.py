@@ -84,7 +84,7 @@ def load_pseudo_shots(index_path: str | os.PathLike, image_encoder: dict, label_
                        f"but the image feature is {describe_encoder(image_encoder)}; pass an index built from "
                        f"that encoder's image store")
     phrases = [str(p) for p in index.phrases.to_pylist()]
-    vectors = _prototypes(index)
+    vectors = read_prototypes(index)
     if len(vectors) != len(phrases):
         raise BadInput(f"{index.path}: {len(vectors)} prototypes but {len(phrases)} phrases; rebuild the index")
     phrase_emb, identity = embed_texts(phrases, text_model)
@@ -93,7 +93,8 @@ def load_pseudo_shots(index_path: str | os.PathLike, image_encoder: dict, label_
     return PseudoShots(str(index_path), l2_normalize(vectors).astype(np.float32), labels, margins, phrases, identity)
 
 
-def _prototypes(index) -> np.ndarray:
+def read_prototypes(index) -> np.ndarray:
+    """The prototype vectors a PhraseIndex holds, read back from FAISS (as stored: an ivf-pq's are approximate)."""
     faiss_index = index.faiss_index
     n = int(faiss_index.ntotal)
     try:

@@ -10,7 +10,10 @@ Modules, in pipeline order:
   prototypes.py  prototypes as segment sums (arrays in, arrays out)
   streaming.py   the same prototypes under --memory: pairs coded and spilled by query partition,
                  summed shard by shard over the store (local, or Ray tasks), in passes
-  ann.py         FAISS: index kind under a memory budget, training, tuning, recall@10
+  kinds.py       the FAISS index kinds, one class each, registered in KINDS (what --kind offers)
+  devices.py     where FAISS runs (--device), the GPU copy of an index
+  tuning.py      search, exact search, the search setting tuned for recall@10
+  ann.py         FAISS: index kind under a memory budget, training, the build and its report
   folder.py      the index folder on disk (meta.json, phrases.parquet, index.faiss) and `PhraseIndex`
   build.py       `phrasefuse index build`
   lookup.py      `phrasefuse index lookup`
@@ -24,5 +27,3 @@ DEFAULT_PHRASES_K = 3
 DEFAULT_LOOKUP_K = 5
 # Recall@10 the automatic choice aims for, against exact search.
 DEFAULT_TARGET_RECALL = 0.95
-# The FAISS index kinds (`--kind`, a config's phrases.kind; "auto" chooses one of them): the one list.
-INDEX_KINDS = ("flat", "hnsw", "ivf-sq8", "ivf-flat", "ivf-pq")

@@ -1,35 +1,21 @@
 """FAISS for the prototype index: which index, trained how, searched with which settings.
 
-Vectors are L2-normalised, so inner product is cosine similarity (METRIC_INNER_PRODUCT).
+The index kinds and what differs between them (factory string, memory, search parameter, GPU copy)
+are in kinds.py; where FAISS runs in devices.py; searching and tuning the search setting in
+tuning.py. Here: the choice (`plan_index`), a function of the count and a memory budget for the
+loaded index (the first automatic kind that fits); training on a sample, adding in chunks; then
+the search setting tuned on sample queries, the smallest that reaches the target recall@10
+(+ TUNE_MARGIN) against exact search, with recall@10 reported on other, held-out queries. When
+no setting reaches the target faster than exact search (e.g. uniformly random vectors, which
+have no cluster structure), the automatic choice falls back to exact search.
 
-The automatic choice (`plan_index`), as a function of the count and a memory budget
-for the loaded index, first that fits:
-  flat      exact search, up to EXACT_MAX prototypes (a batch of queries is one BLAS call);
-  ivf-sq8   above that: (spherical) k-means cells; the probed cells are scanned as 8-bit
-            codes (a quarter of the bytes: scanning is memory-bound), then the best
-            REFINE_FACTOR * k candidates are re-ranked with the exact vectors (kept as well,
-            1.25x the raw size): the recall of ivf-flat at about twice its speed (docs/benchmarks.md);
-  ivf-flat  when that does not fit but the raw vectors do: exact scores inside the probed cells;
-  ivf-pq    when they do not fit: the largest product-quantisation code that fits.
-  hnsw      only when forced (--kind hnsw): fast single queries, but on 2 CPU cores its
-            graph takes minutes per million 512-d vectors to build (docs/benchmarks.md); FAISS has
-            no GPU version of it.
-The search setting (nprobe, efSearch) is then tuned on sample queries, the smallest that
-reaches the target recall@10 (+ TUNE_MARGIN) against exact search; recall@10 is reported on other,
-held-out queries. When no setting reaches the target faster than exact search (e.g.
-uniformly random vectors, which have no cluster structure), the automatic choice falls
-back to exact search.
-
-Devices (`faiss_device`): where FAISS reports a GPU (the `gpu` extra: faiss-gpu), k-means
-training runs there (the IVF's `clustering_index` is a GPU flat index) and searches run on a GPU
-copy of the index (`GpuSearcher`: `index_cpu_to_gpu`; ivf-sq8's exact re-ranking stays on the
-CPU copy of the vectors). The index itself is always built and saved in the CPU format.
+On a GPU (devices.py) k-means training runs there (the IVF's `clustering_index` is a GPU flat
+index) and the tuning searches on a GPU copy; the index itself is always built and saved in the
+CPU format.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import re
 import time
@@ -39,22 +25,14 @@ import numpy as np
 
 from phrasefuse.engine import progress as progress_bar
 from phrasefuse.errors import BadInput
-from phrasefuse.index import INDEX_KINDS
+from phrasefuse.index.devices import RECALL_K, gpu_resources, on_device, search_device
+from phrasefuse.index.kinds import EXACT, KINDS, Plan
+from phrasefuse.index.tuning import (TUNE_MARGIN, TuneStep, exact_top_k, recall_at_k, search, set_search_value,
+                                     split_queries, tune)
 
-KINDS = INDEX_KINDS
-EXACT_MAX = 50_000
-RECALL_K = 10
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40
-MIN_POINTS_PER_CENTROID = 39  # below this FAISS's k-means warns (and trains poorly)
 TRAIN_POINTS_PER_LIST = 64
-TUNE_MARGIN = 0.005  # tune a little above the target: held-out queries then meet it too
-REFINE_FACTOR = 4  # ivf-sq8: exact re-ranking of the best 4k candidates
 SPEEDUP_TO_KEEP = 2.0  # an approximate index must be this much faster than exact to be chosen
 ADD_CHUNK = 131_072
-GPU_KINDS = ("flat", "ivf-sq8", "ivf-flat", "ivf-pq")  # what faiss.index_cpu_to_gpu clones (not HNSW)
-GPU_MAX_SELECT = 2048  # FAISS GPU limit on k and nprobe (GPU_MAX_SELECTION_K)
-GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # GpuIndexIVFPQ code sizes (8-bit codes)
 
 
 # ---------------------------------------------------------------- threads, memory sizes
@@ -100,212 +78,26 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-# ---------------------------------------------------------------- devices
-
-
-def faiss_gpus() -> tuple[bool, int]:
-    """(this FAISS build has GPU support, GPUs it sees). faiss-cpu: (False, 0)."""
-    import faiss
-
-    if not hasattr(faiss, "StandardGpuResources"):
-        return False, 0
-    return True, int(faiss.get_num_gpus())
-
-
-def choose_device(requested: str, gpu_support: bool, gpus: int) -> str:
-    """'cpu' or 'cuda' for FAISS, given --device (auto|cpu|cuda) and what FAISS reports.
-    auto never fails (CPU without a GPU); cuda without one is a one-line BadInput (exit 2)."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise BadInput(f"--device {requested}: expected auto, cpu or cuda")
-    if requested == "cpu":
-        return "cpu"
-    if gpus > 0:
-        return "cuda"
-    if requested == "auto":
-        return "cpu"
-    if not gpu_support:
-        raise BadInput("--device cuda: this FAISS is the CPU-only build (faiss-cpu); install the gpu extra "
-                       "('make install GPU=1') or use --device auto")
-    raise BadInput("--device cuda: FAISS sees no GPU; use --device cpu or --device auto")
-
-
-def faiss_device(requested: str) -> str:
-    """--device as FAISS will run it: 'cpu' or 'cuda' (see `choose_device`)."""
-    return "cpu" if requested == "cpu" else choose_device(requested, *faiss_gpus())
-
-
-def gpu_refusal(kind: str, search_value: int | None = None, k: int = RECALL_K, pq: tuple[int, int] = (0, 0)) -> str | None:
-    """Why a `kind` index cannot be searched on a FAISS GPU with this setting (pq: ivf-pq's (m, nbits)),
-    or None when it can."""
-    if kind not in GPU_KINDS:
-        return f"FAISS has no GPU version of a {kind} index"
-    if kind == "ivf-pq" and (pq[0] not in GPU_PQ_BYTES or pq[1] != 8):
-        return f"FAISS's GPU IVF-PQ takes 8-bit codes of {', '.join(map(str, GPU_PQ_BYTES))} bytes, not PQ{pq[0]}x{pq[1]}"
-    width = k * (REFINE_FACTOR if kind == "ivf-sq8" else 1)
-    if width > GPU_MAX_SELECT or (search_value or 0) > GPU_MAX_SELECT:
-        return (f"FAISS GPU search is limited to {GPU_MAX_SELECT} candidates and probes "
-                f"(here k={width}, nprobe={search_value})")
-    return None
-
-
-def search_device(kind: str, requested: str, search_value: int | None = None, k: int = RECALL_K,
-                  pq: tuple[int, int] = (0, 0)) -> str:
-    """Where to search a `kind` index for --device `requested`: auto falls back to the CPU for what
-    the GPU cannot do; cuda refuses it (one line)."""
-    device = faiss_device(requested)
-    refusal = gpu_refusal(kind, search_value, k, pq) if device == "cuda" else None
-    if refusal and requested == "cuda":
-        raise BadInput(f"--device cuda: {refusal}; use --device cpu or --device auto")
-    return "cpu" if refusal else device
-
-
-@functools.lru_cache(maxsize=None)
-def gpu_resources():
-    """One set of FAISS GPU resources (streams, cuBLAS handle, temporary memory) per process."""
-    import faiss
-
-    return faiss.StandardGpuResources()
-
-
-class GpuCopy:
-    """A copy of a CPU index on GPU 0, for search only: the CPU index stays the one that is saved.
-    ivf-sq8 (IndexRefineFlat) puts its IVF on the GPU and re-ranks with the CPU's exact vectors."""
-
-    def __init__(self, index, kind: str):
-        import faiss
-
-        self.cpu, self.ntotal = index, index.ntotal  # keeps the CPU vectors alive (ivf-sq8 re-ranks with them)
-        options = faiss.GpuClonerOptions()
-        # float32 vectors on the device: the CPU's scores. For ivf-pq the flag means float16 lookup tables,
-        # which large codes need (GPU shared memory); its codes are approximate anyway.
-        options.useFloat16 = kind == "ivf-pq"
-        if kind == "ivf-sq8":
-            refine = faiss.downcast_index(index)
-            self.base = faiss.index_cpu_to_gpu(gpu_resources(), 0, refine.base_index, options)
-            self.index = faiss.IndexRefine(self.base, refine.refine_index)
-            self.index.k_factor = refine.k_factor
-        else:
-            self.index = self.base = faiss.index_cpu_to_gpu(gpu_resources(), 0, index, options)
-
-    def set_nprobe(self, value: int) -> None:
-        self.base.nprobe = int(value)
-
-    def search(self, queries: np.ndarray, k: int):
-        return self.index.search(queries, k)
-
-
-def on_device(index, kind: str, device: str):
-    """`index` itself on 'cpu'; a `GpuCopy` of it on 'cuda'."""
-    return GpuCopy(index, kind) if device == "cuda" else index
-
-
 # ---------------------------------------------------------------- the plan
 
 
-@dataclass
-class Plan:
-    """Which index to build: kind and structure (not the search setting, which is tuned)."""
-
-    kind: str
-    dim: int
-    nlist: int = 0  # ivf-*: k-means cells
-    pq_m: int = 0  # ivf-pq: bytes per code (sub-quantizers)
-    pq_nbits: int = 0  # ivf-pq: bits per sub-quantizer code
-    hnsw_m: int = 0  # hnsw: links per node
-    bytes: int = 0  # estimated size of the loaded index
-    reason: str = ""
-
-    @property
-    def factory(self) -> str:
-        """The FAISS index_factory string (also how meta.json and inspect name it)."""
-        return {"flat": "Flat", "hnsw": f"HNSW{self.hnsw_m},Flat", "ivf-sq8": f"IVF{self.nlist},SQ8,RFlat",
-                "ivf-flat": f"IVF{self.nlist},Flat", "ivf-pq": f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_nbits}"}[self.kind]
-
-    @property
-    def search_param(self) -> str | None:
-        return {"flat": None, "hnsw": "efSearch"}.get(self.kind, "nprobe")
-
-    def search_values(self) -> list[int]:
-        """Settings to try, cheapest first, in steps of about 1.5x (1, 2, 3, 4, 6, 8, 12, 16, ...)."""
-        steps = sorted({v for i in range(12) for v in (2**i, 3 * 2**i // 2)})
-        if self.kind == "hnsw":
-            return [v for v in steps if 16 <= v <= 2048]
-        if self.kind.startswith("ivf"):
-            return [v for v in steps if v < self.nlist] + [self.nlist]
-        return []
-
-
-def index_bytes(kind: str, n: int, dim: int, nlist: int = 0, pq_m: int = 0, pq_nbits: int = 8,
-                hnsw_m: int = HNSW_M) -> int:
-    """Estimated memory of the loaded index (vectors or codes, ids, centroids, graph links)."""
-    if kind == "flat":
-        return n * dim * 4
-    if kind == "hnsw":
-        return n * (dim * 4 + hnsw_m * 2 * 4 + 16)
-    if kind == "ivf-sq8":
-        return n * (dim * 4 + dim + 8) + nlist * dim * 4
-    if kind == "ivf-flat":
-        return n * (dim * 4 + 8) + nlist * dim * 4
-    if kind == "ivf-pq":
-        return n * (math.ceil(pq_m * pq_nbits / 8) + 8) + nlist * dim * 4 + dim * 2**pq_nbits * 4
-    raise ValueError(kind)
-
-
-def default_nlist(n: int) -> int:
-    """About 2*sqrt(n) cells (a power of two), with enough points per cell to train k-means."""
-    nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
-    cap = max(1, n // MIN_POINTS_PER_CENTROID)
-    return max(1, min(nlist, 2 ** int(math.log2(cap))))
-
-
-def pq_options(n: int, dim: int) -> list[tuple[int, int]]:
-    """(m, nbits) candidates, largest code first: m sub-vectors of at least 2 dims (dim/2, then
-    the powers of two dividing dim); nbits 8, fewer when n is too small to train 256 codes."""
-    nbits = max(1, min(8, int(math.log2(max(2, n // MIN_POINTS_PER_CENTROID)))))
-    powers = [2**i for i in range(int(math.log2(max(1, dim // 2))), -1, -1) if dim % 2**i == 0]
-    return [(m, nbits) for m in dict.fromkeys([dim // 2, *powers]) if m >= 1]
-
-
 def plan_index(n: int, dim: int, memory: int, kind: str = "auto") -> Plan:
-    """The index to build for n vectors of `dim` within `memory` bytes (kind 'auto' or one of KINDS)."""
+    """The index to build for n vectors of `dim` within `memory` bytes (kind 'auto' or one of KINDS).
+    auto: the first automatic kind (in the order of KINDS) that allows n and fits; when none
+    fits, the last one's smallest structure is refused below."""
     if kind not in ("auto", *KINDS):
         raise BadInput(f"--kind {kind}: expected auto or one of {', '.join(KINDS)}")
-    nlist = default_nlist(n)
     budget = human_bytes(memory)
-
-    def make(k: str, reason: str, **extra) -> Plan:
-        p = Plan(k, dim, reason=reason, **extra)
-        p.bytes = index_bytes(k, n, dim, nlist=p.nlist, pq_m=p.pq_m, pq_nbits=p.pq_nbits or 8,
-                              hnsw_m=p.hnsw_m or HNSW_M)
-        return p
-
-    def pq_plan(reason: str) -> Plan:
-        for m, nbits in pq_options(n, dim):
-            p = make("ivf-pq", reason, nlist=nlist, pq_m=m, pq_nbits=nbits)
-            if p.bytes <= memory:
-                return p
-        return p  # the smallest; the caller refuses it as over budget
-
     if kind == "auto":
-        flat = make("flat", f"exact: {n:,} prototypes <= {EXACT_MAX:,}")
-        if n <= EXACT_MAX and flat.bytes <= memory:
-            return flat
-        sq8 = make("ivf-sq8", f"{n:,} prototypes > {EXACT_MAX:,}; raw vectors + 8-bit codes fit --memory {budget}",
-                   nlist=nlist)
-        if sq8.bytes <= memory:
-            return sq8
-        ivf = make("ivf-flat", f"raw vectors + 8-bit codes exceed --memory {budget}; raw vectors fit", nlist=nlist)
-        if ivf.bytes <= memory:
-            return ivf
-        plan = pq_plan(f"raw vectors ({human_bytes(ivf.bytes)}) exceed --memory {budget}: product quantisation")
-    elif kind == "flat":
-        plan = make("flat", "forced (--kind flat)")
-    elif kind == "hnsw":
-        plan = make("hnsw", "forced (--kind hnsw)", hnsw_m=HNSW_M)
-    elif kind in ("ivf-flat", "ivf-sq8"):
-        plan = make(kind, f"forced (--kind {kind})", nlist=nlist)
+        previous_bytes = ""
+        for candidate in (k for k in KINDS.values() if k.automatic):
+            reason = candidate.auto_reason(n, budget, previous_bytes)
+            plan = candidate.plan(n, dim, memory, reason or "")
+            if reason is not None and plan.bytes <= memory:
+                return plan
+            previous_bytes = human_bytes(plan.bytes)
     else:
-        plan = pq_plan("forced (--kind ivf-pq)")
+        plan = KINDS[kind].plan(n, dim, memory, f"forced (--kind {kind})")
     if plan.bytes > memory:
         raise BadInput(f"--memory {budget}: too small for {n:,} prototypes of dim {dim} "
                        f"({plan.factory} needs about {human_bytes(plan.bytes)}); raise --memory"
@@ -317,21 +109,11 @@ def plan_index(n: int, dim: int, memory: int, kind: str = "auto") -> Plan:
 
 
 def make_index(plan: Plan, seed: int = 0):
+    """An empty index of the plan's kind and structure (untrained where the kind trains)."""
     import faiss
 
     index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.kind == "hnsw":
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    if plan.kind == "ivf-sq8":
-        faiss.downcast_index(index).k_factor = REFINE_FACTOR
-    if plan.kind.startswith("ivf"):
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.seed = seed
-        ivf.cp.spherical = True  # unit vectors, inner product: unit centroids
-        if plan.kind == "ivf-pq":
-            ivfpq = faiss.downcast_index(index)
-            ivfpq.pq.cp.seed = seed
-            ivfpq.do_polysemous_training = False  # on by default; 10x the training time, unused here
+    plan.index_kind.configure(index, plan, seed)
     return index
 
 
@@ -372,7 +154,7 @@ def _train(index, plan: Plan, vectors: np.ndarray, seed: int, device: str) -> No
         size = max(TRAIN_POINTS_PER_LIST * plan.nlist, TRAIN_POINTS_PER_LIST * 2 ** plan.pq_nbits if plan.pq_nbits else 0)
         sample = np.random.default_rng(seed).choice(len(vectors), size=min(len(vectors), size), replace=False)
         sample = np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32)
-        if device == "cuda" and plan.kind.startswith("ivf"):
+        if device == "cuda" and plan.index_kind.clusters:
             import faiss
 
             train_with_clustering_index(index, sample, faiss.index_cpu_to_gpu(gpu_resources(), 0,
@@ -393,73 +175,6 @@ def train_with_clustering_index(index, sample: np.ndarray, clustering) -> None:
         index.train(sample)
     finally:
         ivf.clustering_index = None
-
-
-def set_search_value(index, plan: Plan, value: int | None) -> None:
-    import faiss
-
-    if plan.search_param and value:
-        if isinstance(index, GpuCopy):
-            index.set_nprobe(value)  # the only GPU search setting (no GPU HNSW)
-        else:
-            faiss.ParameterSpace().set_index_parameter(index, plan.search_param, int(value))
-
-
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (n, k) float32, rows (n, k) int64; -1 where fewer than k were found)."""
-    k = max(1, min(int(k), index.ntotal))
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact top-k by inner product: (scores, rows, seconds of the search itself)."""
-    import faiss
-
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    start = time.perf_counter()
-    scores, rows = search(flat, queries, k)
-    return scores, rows, time.perf_counter() - start
-
-
-def exact_top_k(vectors, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact top-k by inner product over `vectors` (an array, or rows read on demand), ADD_CHUNK
-    rows at a time: (scores, rows, seconds spent searching). Only one chunk is in memory."""
-    n, dim = vectors.shape
-    k = max(1, min(int(k), n))
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_rows = np.full((len(queries), k), -1, np.int64)
-    seconds = 0.0
-    for start in range(0, n, ADD_CHUNK):
-        chunk = make_index(Plan("flat", dim))
-        chunk.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
-        searcher = on_device(chunk, "flat", device)
-        t0 = time.perf_counter()
-        scores, rows = search(searcher, queries, k)
-        seconds += time.perf_counter() - t0
-        scores = np.concatenate([best_scores, scores], axis=1)
-        rows = np.concatenate([best_rows, np.where(rows >= 0, rows + start, -1)], axis=1)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        best_scores, best_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows, top, 1)
-    return best_scores, best_rows, seconds
-
-
-def recall_at_k(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, exact_scores: np.ndarray) -> float:
-    """Share of the true top-k found, tie-aware: a found row counts when its exact score is at
-    least the k-th best exact score (so equal-scoring duplicates are not misses)."""
-    k = exact_scores.shape[1]
-    found = found[:, :k]
-    valid = found >= 0
-    scores = np.einsum("qd,qkd->qk", queries.astype(np.float32), vectors[np.where(valid, found, 0)].astype(np.float32))
-    hits = valid & (scores >= exact_scores[:, -1:] - 1e-5)
-    return float(hits.sum() / exact_scores.size)
-
-
-@dataclass
-class TuneStep:
-    value: int
-    recall: float
-    queries_per_second: float
 
 
 @dataclass
@@ -505,13 +220,13 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     memory = default_memory() if memory is None else memory
     plan = plan_index(n, dim, memory, kind)
     device = search_device(plan.kind, device, pq=(plan.pq_m, plan.pq_nbits))
-    if plan.kind == "flat":
+    if plan.index_kind.exact:
         return _exact_index(vectors, plan, memory, start, target_recall, device, progress=progress)
 
-    tune_q, eval_q = _split_queries(queries, plan.kind, seed)
+    tune_q, eval_q = split_queries(queries, plan.kind, seed)
     k = min(RECALL_K, n)
     # Ground truth by exact search a chunk of vectors at a time (no second copy of them all in memory).
-    flat = Plan("flat", dim, bytes=index_bytes("flat", n, dim))
+    flat = KINDS[EXACT].plan(n, dim, memory, "")
     tune_exact, _, exact_seconds = exact_top_k(vectors, tune_q, k, device)
     exact_qps = len(tune_q) / max(exact_seconds, 1e-9)
     eval_exact, _, _ = exact_top_k(vectors, eval_q, k, device)
@@ -519,8 +234,8 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     index = make_index(plan, seed)
     train_and_add(index, plan, vectors, seed, device, progress)
     searcher = on_device(index, plan.kind, device)
-    steps = _tune(searcher, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
-                  if kind == "auto" else 0.0, target_recall=target_recall)
+    steps = tune(searcher, plan, vectors, tune_q, tune_exact, k, stop_below_qps=SPEEDUP_TO_KEEP * exact_qps
+                 if kind == "auto" else 0.0, target_recall=target_recall)
     met = [s for s in steps if s.recall >= min(1.0, target_recall + TUNE_MARGIN)]
     chosen = met[0] if met else max(steps, key=lambda s: (round(s.recall, 3), -s.value))
 
@@ -542,16 +257,6 @@ def build_faiss_index(vectors: np.ndarray, queries: np.ndarray | None = None, *,
     return index, report
 
 
-def _split_queries(queries: np.ndarray | None, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tuning half, held-out half) of the sample queries, shuffled by `seed`."""
-    if queries is None or len(queries) < 2:
-        raise BadInput(f"--kind {kind}: an approximate index needs at least 2 sample queries (image "
-                       f"embeddings) to tune its search and measure recall; use --kind flat")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    order = np.random.default_rng(seed).permutation(len(queries))
-    return queries[order[: len(order) // 2]], queries[order[len(order) // 2:]]
-
-
 def _exact_index(vectors: np.ndarray, plan: Plan, memory: int, start: float, target_recall: float, device: str,
                  steps: list[TuneStep] | None = None, exact_qps: float = 0.0, progress: bool | None = None):
     """(exact index over `vectors`, its IndexReport: recall 1 by construction); `steps` and `exact_qps`
@@ -562,27 +267,6 @@ def _exact_index(vectors: np.ndarray, plan: Plan, memory: int, start: float, tar
     if steps is not None:
         report.tuning, report.exact_queries_per_second = steps, round(exact_qps, 1)
     return index, report
-
-
-def _tune(index, plan: Plan, vectors: np.ndarray, tune_q: np.ndarray, tune_exact: np.ndarray, k: int, *,
-          stop_below_qps: float, target_recall: float) -> list[TuneStep]:
-    """Try the plan's search settings, cheapest first, until one reaches the target recall@10
-    (+ TUNE_MARGIN) on `tune_q`, or one is slower than `stop_below_qps` (more probing only gets slower)."""
-    steps: list[TuneStep] = []
-    values = plan.search_values()
-    if isinstance(index, GpuCopy):
-        values = [v for v in values if v <= GPU_MAX_SELECT]
-    for value in values:
-        set_search_value(index, plan, value)
-        t0 = time.perf_counter()
-        _, found = search(index, tune_q, k)
-        seconds = time.perf_counter() - t0
-        steps.append(TuneStep(value, recall_at_k(vectors, tune_q, found, tune_exact), len(tune_q) / max(seconds, 1e-9)))
-        if steps[-1].recall >= min(1.0, target_recall + TUNE_MARGIN):
-            break
-        if steps[-1].queries_per_second < stop_below_qps:
-            break
-    return steps
 
 
 def _report(plan: Plan, memory: int, value: int | None, recall: float, n_queries: int, start: float,

@@ -82,7 +82,7 @@ def build_index(pairs: str | os.PathLike, images: str | os.PathLike, out: str | 
     (streaming.py); `engine` 'ray' sums the store's shards in Ray tasks. `progress` as every batch job's
     (engine.progress: a bar on a terminal, else a line at most every 30 s; False: none): the pairs coded,
     the store shards summed per query partition, the vectors added to FAISS."""
-    from phrasefuse.index.ann import faiss_device
+    from phrasefuse.index.devices import faiss_device
 
     start = time.perf_counter()
     faiss_device(device)  # --device cuda without a GPU: refused before any work
@@ -214,13 +214,16 @@ def _index_meta(store: EmbeddingStore, images, rows: int, dim: int, pairs, pairs
 
 
 def _text_prototypes(store: EmbeddingStore, texts: list[str], device: str) -> np.ndarray:
-    """Prototypes from the image encoder's own text tower (only open_clip shares one space)."""
+    """Prototypes from the image encoder's own text tower (a family that shares the image-text space)."""
+    from phrasefuse.extract.encoders import families_sharing_image_text_space, family_of
     from phrasefuse.extract.recorded import load_recorded_encoder
 
     encoder_meta = store.meta["encoder"]
-    if encoder_meta.get("family") != "open_clip":
+    family = family_of(encoder_meta.get("family"))
+    if not (family and family.shares_image_text_space):
         raise BadInput(f"--text-prototypes: store {store.path} was embedded with {describe_encoder(encoder_meta)}, "
-                       f"which has no text tower in the same space; use an open_clip image store, or drop the flag")
+                       f"which has no text tower in the same space; use an image store of "
+                       f"{' or '.join(families_sharing_image_text_space())}, or drop the flag")
     encoder = load_recorded_encoder(store.meta, "text", folder=store.path, kind="store", device=device,
                                     what="--text-prototypes: ", fix="restore those weights or re-extract the store")
     return encoder.encode(texts)

@@ -63,11 +63,11 @@ def _write_bytes(path: str, data: np.ndarray) -> None:
 class PhraseIndex:
     """An index folder, read-only. Cheap to open (meta and phrases); the FAISS file loads on first search.
 
-    `device` auto|cpu|cuda: where searches run (`ann.search_device`: a GPU copy of the index when FAISS
+    `device` auto|cpu|cuda: where searches run (`devices.search_device`: a GPU copy of the index when FAISS
     sees a GPU); resolved here, so `--device cuda` without a GPU fails before any model loads."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
-        from phrasefuse.index.ann import search_device
+        from phrasefuse.index.devices import search_device
 
         self.path = readable_folder(path)  # a swap killed half-way: the previous index, read in place
         meta = read_meta_json(self.path, fmt=FORMAT, version=FORMAT_VERSION, what="index",
@@ -109,7 +109,9 @@ class PhraseIndex:
         if self._faiss is None:
             import faiss
 
-            from phrasefuse.index.ann import Plan, faiss_threads, set_search_value
+            from phrasefuse.index.ann import faiss_threads
+            from phrasefuse.index.kinds import Plan
+            from phrasefuse.index.tuning import set_search_value
 
             faiss_threads()
             path = self.path / FAISS_FILE
@@ -135,7 +137,7 @@ class PhraseIndex:
 
     def search(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (n, k') float32 cosine, rows (n, k') int64 into `phrases`, -1 = none), k' = min(k, phrases)."""
-        from phrasefuse.index.ann import search
+        from phrasefuse.index.tuning import search
 
         emb = np.asarray(emb)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
@@ -151,7 +153,9 @@ class PhraseIndex:
 
     def searcher(self, k: int):
         """What answers a search for the top `k`: the CPU index, or its GPU copy (made once)."""
-        from phrasefuse.index.ann import GpuCopy, Plan, search_device, set_search_value
+        from phrasefuse.index.devices import GpuCopy, search_device
+        from phrasefuse.index.kinds import Plan
+        from phrasefuse.index.tuning import set_search_value
 
         info = self.meta["index"]
         device = self.device

@@ -116,7 +116,7 @@ def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: boo
     weighted = pairs_columns(pattern, use_weights)
     counts = PairCounts()
     named = 0  # rows with a phrase and an image_id
-    first = _FirstOfEachPair()
+    first = FirstOfEachPair()
     for batch in iter_batches(pattern, what="pairs table"):
         clean = clean_batch(batch, pattern, weighted)
         counts.empty_phrase += clean.empty_phrase
@@ -152,7 +152,7 @@ def read_pairs(pattern: str | os.PathLike, store_ids: pa.Array, use_weights: boo
     )
 
 
-class _FirstOfEachPair:
+class FirstOfEachPair:
     """The first row of each distinct (phrase, image_id), over batches added in row order.
 
     Batches are collapsed when what is held outgrows twice the distinct pairs found so far,

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.engine import progress as progress_bar
-from phrasefuse.index.pairs import PairCounts, _FirstOfEachPair, clean_batch, pairs_columns
+from phrasefuse.index.pairs import PairCounts, FirstOfEachPair, clean_batch, pairs_columns
 from phrasefuse.index.prototypes import scaled_per_segment, segment_sums
 from phrasefuse.manifests.tables import BATCH_ROWS, iter_batches
 from phrasefuse.store import EmbeddingStore, embeddings_to_numpy
@@ -130,7 +130,7 @@ def spill_pairs(pattern, weighted: bool, phrases: pa.Array, store_ids: pa.Array,
     """Pass 2: code every pair as (phrase rank, store row, weight) into its partition's file;
     advance(rows) after each batch of the pairs table."""
     counts, named = PairCounts(), 0
-    missing = _FirstOfEachPair()  # pairs naming ids not in the store: counted once each (usually few)
+    missing = FirstOfEachPair()  # pairs naming ids not in the store: counted once each (usually few)
     partitions = max(1, math.ceil(len(phrases) / per_partition))
     files = [open(folder / f"pairs-{p:05d}.bin", "ab") for p in range(partitions)]
     try:

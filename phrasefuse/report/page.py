@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from phrasefuse.report import BASELINE, plots
 from phrasefuse.folders import make_folder, write_atomic
+from phrasefuse.fuse.metrics import headline, headline_key
 
 THUMB = 128  # gallery thumbnail size (pixels)
 
@@ -129,7 +130,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _test_score(meta: dict) -> float:
     m = ((meta.get("metrics") or {}).get("test") or {}).get("saved") or {}
-    return float(m.get("top1", m.get("mAP", -1.0)))
+    return headline(m) if m else -1.0
 
 
 def _predictions(path: Path, ids: pa.Array) -> pa.Table:
@@ -181,7 +182,7 @@ def _heads_html(metas: dict) -> str:
     for name, meta in metas.items():
         test = (meta.get("metrics") or {}).get("test") or {}
         val = (meta.get("metrics") or {}).get("val") or {}
-        key = "top1" if "top1" in (test.get("saved") or {}) else "mAP"
+        key = headline_key(test.get("saved") or {})
         cells = [_pct((val.get("saved") or {}).get(key)), _pct((val.get("image_only") or {}).get(key)),
                  _pct((test.get("saved") or {}).get(key)), _pct((test.get("image_only") or {}).get(key))]
         features = ", ".join(f"{f['name']}" + (f" ×{f['trust']:.2f}" if f.get("role") != "image" and

@@ -20,7 +20,8 @@ from typing import Any
 from phrasefuse.errors import MAX_SEED, BadInput
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS, LABEL_PRIOR, PSEUDO_SHOTS
-from phrasefuse.index import DEFAULT_PHRASES_K, INDEX_KINDS
+from phrasefuse.index import DEFAULT_PHRASES_K
+from phrasefuse.index.kinds import KINDS as INDEX_KINDS
 
 LIMIT_KEYS = ("max_image_mb", "max_image_megapixels", "max_aspect_ratio")  # [encoders]: images.ImageLimits
 IMAGE = "image"  # the feature name of the labelled images' store

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.index.ann import (build_faiss_index, make_index, parse_memory, plan_index, recall_at_k,
-                                  train_and_add)
+from phrasefuse.index.ann import build_faiss_index, make_index, parse_memory, plan_index, train_and_add
+from phrasefuse.index.tuning import recall_at_k
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import l2_normalize
 from tests.conftest import run_cli
@@ -102,8 +102,9 @@ def test_forced_pq_reports_its_own_recall(random_vectors):
 def test_auto_falls_back_to_exact_when_approximate_is_not_faster(monkeypatch):
     # Uniform random vectors in 256 dims have no structure: recall 0.95 needs probing nearly every cell.
     import phrasefuse.index.ann as ann
+    import phrasefuse.index.kinds as kinds
 
-    monkeypatch.setattr(ann, "EXACT_MAX", 1000)
+    monkeypatch.setattr(kinds, "EXACT_MAX", 1000)
     # "Faster" is measured (queries/s) and so depends on the machine's load at that instant: asking
     # for an unreachable speed-up makes the outcome certain while the decision runs as it is.
     monkeypatch.setattr(ann, "SPEEDUP_TO_KEEP", float("inf"))

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from phrasefuse.errors import BadInput
-from phrasefuse.index.ann import (GPU_MAX_SELECT, Plan, build_faiss_index, choose_device, faiss_device, faiss_gpus,
-                                  gpu_refusal, make_index, search, search_device, train_with_clustering_index)
+from phrasefuse.index.ann import build_faiss_index, make_index, train_with_clustering_index
+from phrasefuse.index.devices import (GPU_MAX_SELECT, choose_device, faiss_device, faiss_gpus, gpu_refusal,
+                                      search_device)
+from phrasefuse.index.kinds import Plan
+from phrasefuse.index.tuning import search
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.index.phrases import (DEFAULT_BATCH, DEFAULT_TEXT_BATCH, GPU_SEARCH_BATCH_MAX, GPU_TEXT_BATCH_MAX,
                                       batch_sizes)

@@ -8,7 +8,10 @@ import faiss
 import numpy as np
 import pytest
 
-from phrasefuse.index.ann import GpuCopy, Plan, build_faiss_index, exact_search, faiss_gpus, search, set_search_value
+from phrasefuse.index.ann import build_faiss_index
+from phrasefuse.index.devices import GpuCopy, faiss_gpus
+from phrasefuse.index.kinds import Plan
+from phrasefuse.index.tuning import exact_search, search, set_search_value
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import EmbeddingStore, embeddings_to_numpy, l2_normalize
 from tests.conftest import run_cli
