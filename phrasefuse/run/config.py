@@ -79,6 +79,7 @@ class Head:
     label_prior: str | None = None
     align_descriptions: float = 0.0
     pseudo_shots: bool = False  # offer the [phrases] index's pseudo-labelled prototypes (fuse/pseudo.py)
+    shots: int | None = None  # K labelled rows per class drawn with `seed`, as `fuse ablate --shots K` (None: all)
 
 
 @dataclass
@@ -211,13 +212,17 @@ def _parse_heads(c: "_Checker", heads_raw, features: list[str], has_phrases: boo
 
 
 def _parse_head(c: "_Checker", h: dict, where: str, features: list[str], has_phrases: bool) -> Head:
-    c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions", "pseudo_shots"})
+    c.known(h, where, {"name", "kind", "features", "seed", "label_prior", "align_descriptions", "pseudo_shots",
+                       "shots"})
     head = Head(name=c.get(h, "name", str, where=where), kind=c.choice(h, "kind", HEAD_KINDS, where=where),
                 features=c.get(h, "features", list, list(features), item=str, where=where),
                 seed=c.get(h, "seed", int, 0, where=where),
                 label_prior=c.get(h, "label_prior", str, None, where=where),
                 align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)),
-                pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where))
+                pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where),
+                shots=c.get(h, "shots", int, None, where=where))
+    if head.shots is not None and head.shots < 1:
+        c.fail(f"{where}.shots", f"expected a whole number of at least 1 (labelled rows per class), got {head.shots}")
     if head.pseudo_shots and not has_phrases:
         c.fail(f"{where}.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
     c.features(head.features, features, f"{where}.features")
