@@ -14,6 +14,7 @@ from phrasefuse.errors import BadInput
 from phrasefuse.fuse.ablate import ablate
 from phrasefuse.fuse.train import train_head
 from phrasefuse.manifests import hash_split, read_manifest
+from tests.conftest import invoke_cli
 from tests.fuse.conftest import class_vectors, generated_encoder, write_store, write_synthetic
 
 
@@ -107,6 +108,21 @@ def test_train_shots_with_the_label_prior_equals_ablates_row(tmp_path, tiny_clip
         train_head(data.manifest, [data.image], tmp_path / "c", kind="linear", label_prior="nope")
     with pytest.raises(BadInput, match="--label-prior nope: neither one of the features"):
         ablate(data.manifest, [data.image], "linear", shots=[2], label_prior="nope", progress=False)
+
+
+def test_the_cli_trains_the_head_of_ablates_row(tmp_path):
+    """`fuse train --shots K --seed S` and `fuse ablate --shots K --seed S`, as a user runs them."""
+    data = write_synthetic(tmp_path / "d", n=300)
+    common = ["--manifest", data.manifest, "--feature", data.image, "--head", "linear", "--seed", "2", "--json"]
+    trained = json.loads(invoke_cli("fuse", "train", *common, "--shots", "3", "--out", tmp_path / "h",
+                                    check=True).stdout)
+    table = json.loads(invoke_cli("fuse", "ablate", *common, "--shots", "3", "--seeds", "1", "--out",
+                                  tmp_path / "ab", check=True).stdout)["tables"][0]
+    assert trained["metrics"]["test"]["saved"]["top1"] == table["rows"][0]["runs"][0]["metrics"]["top1"]
+    assert trained["selection"]["chosen_by"].startswith("3 labelled rows per class drawn with seed 2")
+    refused = invoke_cli("fuse", "train", *common, "--shots", "0", "--out", tmp_path / "h0")
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("--shots 0: must be at least 1 labelled row "
+                                                                       "per class")
 
 
 def test_shots_are_checked(tmp_path):
