@@ -44,7 +44,10 @@ def test_multilabel_mlp_and_ablate(shapes_dataset, stores, tmp_path):
 
     manifest = pq.read_table(shapes_dataset)
     labels = manifest["label"].to_pylist()
-    val = split_rows(read_manifest(shapes_dataset))["val"].tolist()  # a hash of the id: scrambling keeps it
+    # a hash split stratified by label: pinned, so that scrambling labels keeps it
+    splits = read_manifest(shapes_dataset).table["split"]
+    manifest = manifest.append_column("split", splits)
+    val = split_rows(read_manifest(shapes_dataset))["val"].tolist()
     rolled = [labels[val[(j + 1) % len(val)]] for j in range(len(val))]
     assert rolled != [labels[i] for i in val]
     for i, label in zip(val, rolled):
