@@ -1,14 +1,16 @@
 """`phrasefuse fuse train`: fit a head on cached embeddings, never knowingly worse than image-only.
 
 1. Join the feature stores to the manifest on `id` (data.py); labels and vocabulary from
-   the train split.
+   the train split. Validation (`select.training_schemes`, shared with `fuse ablate`) is the val
+   split; without one, cross-validation within the training rows; with `--shots K`, K rows per
+   class drawn as `fuse ablate --shots K` draws them for the seed, cross-validated within them.
 2. `select.fit_and_choose`: the image-only head and the fused head are both fitted; the trust of
    each text feature is tuned on validation (a scale from {0, .25, .5, 1} for linear and
    lgbm, on at most `tune_rows` training rows; learned gates + modality dropout for mlp).
    The fused head is kept only when it beats image-only on validation by more than one
    paired standard error (select.choose); otherwise the image-only head is saved, and the
    report says so.
-3. Optional label prior (`--label-prior STORE`) with its weight tuned on validation, and
+3. Optional label prior (`--label-prior NAME|STORE`) with its weight tuned on validation, and
    multi-label decision thresholds (global, or per label tuned on validation).
 4. Metrics on val and test for the saved head, the fused one and image-only; the head
    folder is written whole (artifact.py).

@@ -3,7 +3,7 @@
 Columns (docs/formats.md, Manifest): `id` (unique string, required), `image` (path,
 relative to the manifest file's folder unless absolute), text columns, `label`
 (string) or `labels` (list of strings; in CSV/TSV one string separated by `|`),
-`split` (train/val/test; missing or null: assigned by a hash of `id`).
+`split` (train/val/test; missing or null: assigned by a hash of `id`, stratified by label).
 
 Validation refuses the whole manifest before any work, naming file, row and
 column. A manifest whose images will be opened (`require_image`) must keep them
