@@ -135,8 +135,7 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     start = time.perf_counter()
     _check_options(kind, shots, seeds)
     full = not shots if full is None else (full or not shots)
-    prep = prepare(manifest, feature_args, label_col, multilabel,
-                   need=("train", "val", "test") if full else ("train", "test"))
+    prep = prepare(manifest, feature_args, label_col, multilabel, need=("train", "test"))
     split_rows = prep.rows
     names = [f.name for f in prep.features]
     cos = None
@@ -260,7 +259,10 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
         rows.append(row)
     n_labels = prep.labels.num_classes
     mean_shots = float(np.mean(train_rows)) / n_labels if n_labels else 0.0
-    if k is None:
+    if k is None and scheme_name != "val split":  # no val split: as `fuse train` without one
+        note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping, the image-only "
+                f"fallback and the label prior's weight chosen by {scheme_name}; test split reported.")
+    elif k is None:
         note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping and the image-only "
                 f"fallback chosen on the val split ({len(prep.rows['val'])} rows), the label prior's weight by "
                 f"likelihood on it (kept only when a likelihood-ratio test is significant at 5%; when it is not, "
@@ -306,7 +308,8 @@ def render_markdown(data: dict) -> str:
             if "pseudo_kept" in row:
                 kept += ("; " if kept else "") + "pseudo-shots kept " + ", ".join(map(str, row["pseudo_kept"]))
             out.append(f"| {row['features']} | " + " | ".join(cells) + f" | {gain} | {kept} |")
-        chooser = ("the val split" if table["shots"] is None else
+        chooser = ("the val split" if table["shots"] is None and "on the val split" in table["note"] else
+                   "cross-validation within the training rows" if table["shots"] is None else
                    "nothing (1 shot: text is never kept)" if table["shots"] == 1 else
                    "cross-validation within the shots")
         out += ["", table["note"], "",

@@ -43,6 +43,13 @@ def test_train_without_a_val_split_cross_validates_within_the_training_rows(tmp_
     assert meta["selection"]["training_rows"] == meta["rows"]["train"]
     assert "chosen by: 5-fold cross-validation within the training rows" in report.text()
     assert report.metrics["test"]["saved"]["top1"] > 0.8
+    from phrasefuse.report.page import _decision_text  # the run's report says it too
+
+    assert "chosen by 5-fold cross-validation within the training rows" in _decision_text(meta)
+    full = ablate(manifest, [data.image, data.text], "linear", seeds=1, progress=False).data["tables"][0]
+    assert "5-fold cross-validation within the training rows" in full["note"]  # ablate's full-data table too
+    assert next(r for r in full["rows"] if r["features"] == "img + title")["runs"][0]["metrics"]["top1"] == \
+        report.metrics["test"]["saved"]["top1"]
     train_head(data.manifest, [data.image], tmp_path / "v", kind="linear")
     assert json.loads((tmp_path / "v" / "meta.json").read_text())["selection"]["chosen_by"] == "the val split"
 
