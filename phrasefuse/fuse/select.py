@@ -61,8 +61,8 @@ def cross_validation(rows: np.ndarray, y: np.ndarray, multilabel: bool, k: int, 
     """Stratified folds within `rows` (k examples per class -> min(k, 5) folds)."""
     n_folds = min(k, MAX_FOLDS)
     if n_folds < 2:
-        return Scheme(f"1 example per class ({within}): no fold can hold one out" if within != "the shots" else
-                      "1 shot per class: no fold can hold one out", [], rows, False)
+        return Scheme("1 shot per class: no fold can hold one out" if within == "the shots" else
+                      f"1 row per label within {within}: no fold can hold one out", [], rows, False)
     rng = np.random.default_rng(seed + 7919)
     perm = rows[rng.permutation(len(rows))]
     if multilabel:
