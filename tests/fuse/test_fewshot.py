@@ -54,6 +54,15 @@ def test_train_without_a_val_split_cross_validates_within_the_training_rows(tmp_
     assert json.loads((tmp_path / "v" / "meta.json").read_text())["selection"]["chosen_by"] == "the val split"
 
 
+def test_a_multilabel_head_without_val_tunes_its_thresholds_out_of_fold(tmp_path):
+    data = write_synthetic(tmp_path / "d", n=600, multilabel=True)
+    manifest = _resplit(data.manifest, tmp_path / "noval.parquet", {"val": "train"})
+    train_head(manifest, [data.image], tmp_path / "h", kind="linear", per_label_thresholds=True)
+    meta = json.loads((tmp_path / "h" / "meta.json").read_text())
+    assert len(meta["decision"]["per_label"]) == 6 and meta["metrics"]["test"]["saved"]["mAP"] > 0.5
+    assert meta["selection"]["chosen_by"].startswith("5-fold cross-validation within the training rows")
+
+
 def test_five_photos_per_class_without_val_is_ablates_five_shot_row(tmp_path):
     """A folder of train/ and test/ with 5 photos per class: `fuse train` without --shots folds as
     `fuse ablate --shots 5` does, so its test top-1 is that row's."""
