@@ -199,6 +199,11 @@ FEATURE_HELP = ("Embedding store (repeatable): image, metadata text, phrases. NA
 PSEUDO_HELP = ("Phrase index of the image feature's encoder: prototypes of query phrases matched to a label text "
                "(margin over the 2nd) offered as extra training rows; kept only when they clearly win on held-out "
                "rows (never at 1 shot).")
+# The same value and words in `fuse train` and `fuse ablate` (kept in sync by sharing the string).
+LABEL_PRIOR_HELP = ("The label prior's text feature: a NAME among the --feature stores (e.g. phrases), or a store "
+                    "PATH. Its cosine to each label's text is added to the head's log-probabilities, weighted on "
+                    "held-out rows (val split, else cross-validation within the training rows or shots); weight 0 "
+                    "unless it clearly helps. In 'fuse ablate', rows listing 'label-prior' use it.")
 LABEL_COL_HELP = "Label column (default: 'label', else 'labels'; a list column means multi-label)."
 
 
@@ -219,7 +224,8 @@ def fuse_train(
     label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table (label, description): label texts for --align-descriptions and --label-prior."),
     align_descriptions: float = typer.Option(0.0, "--align-descriptions", help="mlp: weight W of an InfoNCE loss pulling image projections to frozen label-description embeddings."),
     text_model: str = typer.Option(DEFAULT_TEXT_MODEL, "--text-model", help="Text encoder for --align-descriptions."),
-    label_prior: Optional[str] = typer.Option(None, "--label-prior", help="Text/phrases store: add cos(its vector, label text) to the head's log-probabilities, weight tuned on val."),
+    label_prior: Optional[str] = typer.Option(None, "--label-prior", metavar="NAME|STORE", help=LABEL_PRIOR_HELP),
+    shots: Optional[int] = typer.Option(None, "--shots", metavar="K", help="Train on K labelled rows per class drawn with --seed exactly as 'fuse ablate --shots K' draws them (its row for that seed); choices by cross-validation within them."),
     tune_rows: Optional[int] = typer.Option(None, "--tune-rows", help="linear/lgbm: training rows used to tune text trust (default 10,000 / 5,000; all rows train the final head)."),
     pseudo_shots: Optional[str] = typer.Option(None, "--pseudo-shots", metavar="INDEX", help=PSEUDO_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -232,7 +238,7 @@ def fuse_train(
                         threshold=threshold, per_label_thresholds=per_label_thresholds, max_labels=max_labels,
                         label_descriptions=label_descriptions, align_descriptions=align_descriptions,
                         text_model=text_model, label_prior=label_prior, tune_rows=tune_rows,
-                        pseudo_shots=pseudo_shots)
+                        pseudo_shots=pseudo_shots, shots=shots)
     _warn(report.warnings)
     _print(report, as_json)
 
@@ -269,7 +275,7 @@ def fuse_ablate(
     multilabel: bool = typer.Option(False, "--multilabel", help="Multi-label heads."),
     row: Optional[list[str]] = typer.Option(None, "--row", metavar="A+B", help="A table row: feature names joined by + (repeatable); default: image, each text, all text, image + each text, all."),
     with_full: bool = typer.Option(False, "--with-full", help="With --shots, also the full-data table."),
-    label_prior: Optional[str] = typer.Option(None, "--label-prior", metavar="NAME", help="A text feature (e.g. phrases) whose cosine to the label texts rows with 'label-prior' add (--row image+phrases+label-prior)."),
+    label_prior: Optional[str] = typer.Option(None, "--label-prior", metavar="NAME|STORE", help=LABEL_PRIOR_HELP),
     label_descriptions: Optional[str] = typer.Option(None, "--label-descriptions", help="Table with label, description: the label texts of --label-prior (default: the label names)."),
     pseudo_shots: Optional[str] = typer.Option(None, "--pseudo-shots", metavar="INDEX", help=PSEUDO_HELP + " Rows that list 'pseudo-shots' use it (--row image+pseudo-shots)."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for ablation.md and ablation.json."),

@@ -31,10 +31,10 @@ from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
 from phrasefuse.fuse import LABEL_PRIOR, PSEUDO_SHOTS
 from phrasefuse.fuse.data import Prepared, data_warnings, prepare, shots_warning
 from phrasefuse.fuse.heads import HEADS, head_params
-from phrasefuse.fuse.labeltext import apply_prior, prior_scores, read_descriptions
+from phrasefuse.fuse.labeltext import apply_prior, label_prior_scores
 from phrasefuse.fuse.metrics import evaluate_probs, summary
 from phrasefuse.fuse.pseudo import PseudoShots, pseudo_shots_for
-from phrasefuse.fuse.select import Outcome, Scheme, choose_label_prior, fit_and_choose, shots_scheme, val_split_schemes
+from phrasefuse.fuse.select import Outcome, Scheme, choose_label_prior, fit_and_choose, training_schemes
 
 
 def feature_subsets(roles: Sequence[str], names: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -90,20 +90,6 @@ def named_subsets(rows: Sequence[Sequence[str]], names: Sequence[str], roles: Se
     return out
 
 
-def label_prior_scores(prep: Prepared, prior: str, label_descriptions: str | None) -> np.ndarray:
-    """(n, C) label prior scores of feature `prior` (labeltext.prior_scores)."""
-    names = [f.name for f in prep.features]
-    if prior not in names:
-        raise BadInput(f"--label-prior {prior}: not one of the features ({', '.join(names)})")
-    if prep.task.multilabel:
-        raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
-    j = names.index(prior)
-    descriptions = read_descriptions(label_descriptions) if label_descriptions else None
-    cos, _ = prior_scores(prep.features[j].store, prep.blocks.arrays[j], prep.blocks.present[:, j], prep.task.vocab,
-                          descriptions, label_descriptions)
-    return cos
-
-
 @dataclass
 class AblationReport:
     data: dict
@@ -150,15 +136,17 @@ def ablate(manifest: str | os.PathLike, feature_args: Sequence[str], kind: str, 
     _check_options(kind, shots, seeds)
     _check_out(out)  # before hours of training: a folder of the user's is refused, not written into
     full = not shots if full is None else (full or not shots)
-    prep = prepare(manifest, feature_args, label_col, multilabel,
-                   need=("train", "val", "test") if full else ("train", "test"))
+    prep = prepare(manifest, feature_args, label_col, multilabel, need=("train", "test"))
     split_rows = prep.rows
     names = [f.name for f in prep.features]
+    cos = None
+    if label_prior:  # a feature name or a store path, as in `fuse train`; rows name it by its feature name
+        cos, _, prior_feature = label_prior_scores(prep, label_prior, label_descriptions)
+        label_prior = prior_feature.name
     default_subsets = named_subsets(rows, names, prep.roles, label_prior, bool(pseudo_shots)) if rows else \
         feature_subsets(prep.roles, names)
     shot_subsets = named_subsets(shot_rows, names, prep.roles, label_prior, bool(pseudo_shots)) if shot_rows \
         else default_subsets
-    cos = label_prior_scores(prep, label_prior, label_descriptions) if label_prior else None
     pseudo = pseudo_shots_for(prep, pseudo_shots, label_descriptions, text_model or DEFAULT_TEXT_MODEL) \
         if pseudo_shots else None
     setting = _Setting(prep, kind, head_params(kind, {**(params or {}), "tune_rows": tune_rows}), label_prior, cos,
@@ -194,10 +182,8 @@ def _schemes(setting: _Setting, k: int | None, seed: int) -> tuple[Scheme, Schem
     """Full data: the val split (trust tuned on at most tune_rows train rows); K shots:
     cross-validation within K shots per class drawn with `seed`."""
     prep = setting.prep
-    if k is None:
-        return val_split_schemes(prep.rows["train"], prep.rows["val"], prep.labels.y, prep.task.multilabel,
-                                 setting.params.get("tune_rows"), seed)
-    return shots_scheme(prep.rows["train"], prep.labels.y, prep.task.multilabel, k, seed), None
+    return training_schemes(prep.rows["train"], prep.rows["val"], prep.labels.y, prep.task.multilabel,
+                            setting.params.get("tune_rows"), seed, k)
 
 
 def _regime_table(setting: _Setting, regime: str, k: int | None, subsets: list[tuple[str, list[int]]],
@@ -295,7 +281,10 @@ def _table(regime: str, k: int | None, subsets, runs: dict, prep: Prepared, sche
         rows.append(row)
     n_labels = prep.labels.num_classes
     mean_shots = float(np.mean(train_rows)) / n_labels if n_labels else 0.0
-    if k is None:
+    if k is None and scheme_name != "val split":  # no val split: as `fuse train` without one
+        note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping, the image-only "
+                f"fallback and the label prior's weight chosen by {scheme_name}; test split reported.")
+    elif k is None:
         note = (f"Trained on the train split ({train_rows[0]} rows); text trust, early stopping and the image-only "
                 f"fallback chosen on the val split ({len(prep.rows['val'])} rows), the label prior's weight by "
                 f"likelihood on it (kept only when a likelihood-ratio test is significant at 5%; when it is not, "
@@ -347,7 +336,8 @@ def render_markdown(data: dict) -> str:
             if "pseudo_kept" in row:
                 kept += ("; " if kept else "") + "pseudo-shots kept " + ", ".join(map(str, row["pseudo_kept"]))
             out.append(f"| {markdown_cell(row['features'])} | " + " | ".join(cells) + f" | {gain} | {kept} |")
-        chooser = ("the val split" if table["shots"] is None else
+        chooser = ("the val split" if table["shots"] is None and "on the val split" in table["note"] else
+                   "cross-validation within the training rows" if table["shots"] is None else
                    "nothing (1 shot: text is never kept)" if table["shots"] == 1 else
                    "cross-validation within the shots")
         out += ["", table["note"], "",

@@ -396,6 +396,7 @@ def data_warnings(labels: Labels, rows: dict[str, np.ndarray], splits: Sequence[
         if n_unknown:
             out.append(f"{n_unknown} of {len(rows[split])} {split} rows carry a label the train split lacks; the "
                        f"head cannot predict it, so those rows count as errors")
+    out += absent_labels_warnings(labels, rows, [s for s in splits if s != "val" or check_val])
     if check_val and len(rows["val"]):
         counts = _labels_of(labels, rows["val"])
         few = counts < MIN_VAL_ROWS_PER_LABEL
@@ -403,6 +404,23 @@ def data_warnings(labels: Labels, rows: dict[str, np.ndarray], splits: Sequence[
             out.append(f"the val split has fewer than {MIN_VAL_ROWS_PER_LABEL} rows of {int(few.sum())} of "
                        f"{labels.num_classes} labels ({_examples(labels.vocab, counts, few)}): choices made on it "
                        f"(text trust, label prior weight, early stopping) rest on few rows")
+    return out
+
+
+def absent_labels_warnings(labels: Labels, rows: dict[str, np.ndarray], splits: Sequence[str]) -> list[str]:
+    """One line per split (with rows) that lacks some label of the train split, naming every such label:
+    its test score then says nothing about them (a hash split left one of 8 classes out, unannounced)."""
+    out = []
+    trained = _labels_of(labels, rows["train"]) > 0
+    for split in splits:
+        if len(rows[split]) == 0:
+            continue
+        absent = trained & (_labels_of(labels, rows[split]) == 0)
+        if absent.any():
+            names = ", ".join(f"'{labels.vocab[c]}'" for c in np.flatnonzero(absent))
+            out.append(f"the {split} split has no rows of {int(absent.sum())} of {labels.num_classes} labels "
+                       f"({names}): its scores say nothing about them (a label needs 3 rows for a hash split to "
+                       f"give it val and test rows)")
     return out
 
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from phrasefuse.errors import BadInput
 from phrasefuse.manifests import read_table
 from phrasefuse.manifests.tables import where
+from phrasefuse.fuse.data import Feature, Prepared, load_blocks, resolve_features
 from phrasefuse.store import EmbeddingStore, describe_encoder, l2_normalize
 
 PRIOR_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
@@ -372,3 +373,30 @@ def choose_prior_weight(probs: np.ndarray | None, cos: np.ndarray, y: np.ndarray
     else:
         record["grid"] = []
     return fit.weight, record
+
+
+def label_prior_scores(prep: Prepared, value: str,
+                       label_descriptions: str | None) -> tuple[np.ndarray, np.ndarray, Feature]:
+    """The label prior of `value` (--label-prior, in `fuse train` and `fuse ablate` alike): a feature
+    name among prep's features, or a store path (one of the features, or another store joined to the
+    manifest): ((n, C) scores, (C, d) label text embeddings, the feature)."""
+    if prep.task.multilabel:
+        raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
+    names = [f.name for f in prep.features]
+    if value in names:
+        j = names.index(value)
+    elif os.path.isdir(value):
+        feature = resolve_features([value])[0]
+        same = [j for j, f in enumerate(prep.features) if f.path.resolve() == feature.path.resolve()]
+        j = same[0] if same else None
+    else:
+        raise BadInput(f"--label-prior {value}: neither one of the features ({', '.join(names)}) nor an embedding "
+                       f"store folder; pass a feature name or a store path")
+    if j is not None:
+        feature, vectors, present = prep.features[j], prep.blocks.arrays[j], prep.blocks.present[:, j]
+    else:
+        loaded = load_blocks([feature], prep.manifest.ids, prep.manifest.source)
+        vectors, present = loaded.arrays[0], loaded.present[:, 0]
+    descriptions = read_descriptions(label_descriptions) if label_descriptions else None
+    cos, label_emb = prior_scores(feature.store, vectors, present, prep.task.vocab, descriptions, label_descriptions)
+    return cos, label_emb, feature

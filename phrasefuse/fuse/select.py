@@ -56,11 +56,13 @@ def holdout(train_rows: np.ndarray, val_rows: np.ndarray) -> Scheme:
     return Scheme("val split", [(train_rows, val_rows)], train_rows, True)
 
 
-def cross_validation(rows: np.ndarray, y: np.ndarray, multilabel: bool, k: int, seed: int) -> Scheme:
-    """Stratified folds within the shots (k examples per class -> min(k, 5) folds)."""
+def cross_validation(rows: np.ndarray, y: np.ndarray, multilabel: bool, k: int, seed: int,
+                     within: str = "the shots") -> Scheme:
+    """Stratified folds within `rows` (k examples per class -> min(k, 5) folds)."""
     n_folds = min(k, MAX_FOLDS)
     if n_folds < 2:
-        return Scheme("1 shot per class: no fold can hold one out", [], rows, False)
+        return Scheme("1 shot per class: no fold can hold one out" if within == "the shots" else
+                      f"1 row per label within {within}: no fold can hold one out", [], rows, False)
     rng = np.random.default_rng(seed + 7919)
     perm = rows[rng.permutation(len(rows))]
     if multilabel:
@@ -68,7 +70,7 @@ def cross_validation(rows: np.ndarray, y: np.ndarray, multilabel: bool, k: int, 
     else:
         fold = rank_within_group(y[perm]) % n_folds
     folds = [(perm[fold != f], perm[fold == f]) for f in range(n_folds)]
-    return Scheme(f"{n_folds}-fold cross-validation within the shots", folds, rows, False)
+    return Scheme(f"{n_folds}-fold cross-validation within {within}", folds, rows, False)
 
 
 # ---------------------------------------------------------------- the rule
@@ -212,6 +214,34 @@ def val_split_schemes(train_rows: np.ndarray, val_rows: np.ndarray, y: np.ndarra
 def shots_scheme(train_rows: np.ndarray, y: np.ndarray, multilabel: bool, k: int, seed: int) -> Scheme:
     """K shots per class drawn from the train rows with `seed`, cross-validated within them."""
     return cross_validation(sample_shots(train_rows, y, multilabel, k, seed), y, multilabel, k, seed)
+
+
+NO_VAL = "the training rows (no val split)"
+
+
+def train_cv_schemes(train_rows: np.ndarray, y: np.ndarray, multilabel: bool, tune_rows: int | None,
+                     seed: int) -> tuple[Scheme, Scheme | None]:
+    """No val split: the shots regime's cross-validation within every training row, with as many
+    folds as the median label has rows (at most 5; so 5 photos per class fold exactly as `fuse ablate
+    --shots 5`), and text trust tuned on at most `tune_rows` of them (a stratified sample)."""
+    counts = (y[train_rows] > 0.5).sum(axis=0) if multilabel else np.bincount(y[train_rows][y[train_rows] >= 0])
+    k = int(np.median(counts[counts > 0])) if (counts > 0).any() else 1
+    scheme = cross_validation(train_rows, y, multilabel, k, seed, NO_VAL)
+    tune = stratified_subsample(train_rows, y, multilabel, int(tune_rows or len(train_rows)), seed)
+    return scheme, (cross_validation(tune, y, multilabel, k, seed, NO_VAL) if len(tune) < len(train_rows) else None)
+
+
+def training_schemes(train_rows: np.ndarray, val_rows: np.ndarray, y: np.ndarray, multilabel: bool,
+                     tune_rows: int | None, seed: int, shots: int | None = None) -> tuple[Scheme, Scheme | None]:
+    """Where `fuse train`, a run's head and `fuse ablate` score their choices (text trust, the label
+    prior, early stopping), and the scheme text trust is tuned on (None: the same): K shots per class
+    drawn with `seed`, cross-validated within them (the val split is not read); else the val split;
+    else, without one, the same cross-validation within the training rows."""
+    if shots is not None:
+        return shots_scheme(train_rows, y, multilabel, shots, seed), None
+    if len(val_rows):
+        return val_split_schemes(train_rows, val_rows, y, multilabel, tune_rows, seed)
+    return train_cv_schemes(train_rows, y, multilabel, tune_rows, seed)
 
 
 # ---------------------------------------------------------------- fit and choose

@@ -1,14 +1,16 @@
 """`phrasefuse fuse train`: fit a head on cached embeddings, never knowingly worse than image-only.
 
 1. Join the feature stores to the manifest on `id` (data.py); labels and vocabulary from
-   the train split.
+   the train split. Validation (`select.training_schemes`, shared with `fuse ablate`) is the val
+   split; without one, cross-validation within the training rows; with `--shots K`, K rows per
+   class drawn as `fuse ablate --shots K` draws them for the seed, cross-validated within them.
 2. `select.fit_and_choose`: the image-only head and the fused head are both fitted; the trust of
    each text feature is tuned on validation (a scale from {0, .25, .5, 1} for linear and
    lgbm, on at most `tune_rows` training rows; learned gates + modality dropout for mlp).
    The fused head is kept only when it beats image-only on validation by more than one
    paired standard error (select.choose); otherwise the image-only head is saved, and the
    report says so.
-3. Optional label prior (`--label-prior STORE`) with its weight tuned on validation, and
+3. Optional label prior (`--label-prior NAME|STORE`) with its weight tuned on validation, and
    multi-label decision thresholds (global, or per label tuned on validation).
 4. Metrics on val and test for the saved head, the fused one and image-only; the head
    folder is written whole (artifact.py).
@@ -26,13 +28,13 @@ import numpy as np
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
 from phrasefuse.fuse.artifact import feature_record, format_metrics, save_head
-from phrasefuse.fuse.data import Prepared, data_warnings, load_blocks, prepare, resolve_features
+from phrasefuse.fuse.data import Feature, Prepared, data_warnings, prepare, shots_warning
 from phrasefuse.fuse.heads import HEADS, Align, FittedHead, head_params
-from phrasefuse.fuse.labeltext import (apply_prior, choose_prior_weight, embed_texts, label_texts, prior_scores,
+from phrasefuse.fuse.labeltext import (apply_prior, choose_prior_weight, embed_texts, label_prior_scores, label_texts,
                                        read_descriptions)
 from phrasefuse.fuse.metrics import DEFAULT_THRESHOLD, evaluate_probs, summary, tune_thresholds
 from phrasefuse.fuse.pseudo import pseudo_shots_for
-from phrasefuse.fuse.select import TEXT_RULE, Outcome, choose_label_prior, fit_and_choose, val_split_schemes
+from phrasefuse.fuse.select import TEXT_RULE, Outcome, Scheme, choose_label_prior, fit_and_choose, training_schemes
 
 
 @dataclass
@@ -61,6 +63,8 @@ class TrainReport:
     def text(self) -> str:
         rows = " / ".join(f"{n} {k}" for k, n in self.rows.items())
         feats = ", ".join(f"{f['name']} ({f['role']}, {100 * f['coverage']:.0f}% present)" for f in self.features)
+        used = self.selection.get("training_rows", self.rows.get("train"))
+        rows += f" ({used} train rows used)" if used != self.rows.get("train") else ""
         lines = [f"fuse train: {self.kind} head, {self.task}, {self.labels} labels, rows {rows}",
                  f"  features: {feats}"]
         for split in ("val", "test"):
@@ -70,6 +74,7 @@ class TrainReport:
         trust = ", ".join(f"{f['name']} {f['trust']:.2f}" for f in self.features if f.get("trust") is not None
                           and f["role"] != "image")
         lines.append(f"  saved: {self.saved} ({self.reason})" + (f"; text trust: {trust}" if trust else ""))
+        lines.append(f"  chosen by: {self.selection['chosen_by']}")
         if self.prior:
             scores = ", ".join(f"{g['weight']:.3g}: {100 * g['val_top1']:.1f}" for g in self.prior["grid"])
             lines.append(f"  label prior: {self.prior['store']['name']} ({self.prior['texts']}), weight "
@@ -91,33 +96,33 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
                max_labels: int | None = None, label_descriptions: str | None = None,
                align_descriptions: float = 0.0, text_model: str = DEFAULT_TEXT_MODEL,
                label_prior: str | None = None, tune_rows: int | None = None,
-               params: dict | None = None, pseudo_shots: str | None = None) -> TrainReport:
-    """Fit, choose and save a head (module docstring); the report of what was saved and why."""
+               params: dict | None = None, pseudo_shots: str | None = None,
+               shots: int | None = None) -> TrainReport:
+    """Fit, choose and save a head (module docstring); the report of what was saved and why.
+    `shots`: train on K rows per class drawn with `seed` exactly as `fuse ablate --shots K` draws them
+    (its row for that seed is this head's test score)."""
     start = time.perf_counter()
-    _check_options(kind, threshold, max_labels, align_descriptions, tune_rows)
-    prep = prepare(manifest, feature_args, label_col, multilabel)
+    _check_options(kind, threshold, max_labels, align_descriptions, tune_rows, shots)
+    prep = prepare(manifest, feature_args, label_col, multilabel, need=("train",))
     task, labels, rows = prep.task, prep.labels, prep.rows
-    warnings = data_warnings(labels, rows)
-    if label_prior and task.multilabel:
-        raise BadInput("--label-prior: works for single-label heads; drop it or --multilabel")
+    # with --shots the val split chooses nothing (as in ablate): its caveats do not apply
+    warnings = data_warnings(labels, rows, check_val=shots is None)
+    warnings += [w for w in [shots_warning(labels, rows["train"], shots) if shots else None] if w]
     descriptions = read_descriptions(label_descriptions) if label_descriptions else None
     align, align_meta = _alignment(task.vocab, descriptions, label_descriptions, align_descriptions, text_model)
     pseudo = pseudo_shots_for(prep, pseudo_shots, label_descriptions, text_model) if pseudo_shots else None
     hp = head_params(kind, {**(params or {}), "tune_rows": tune_rows})
-    scheme, tuning = val_split_schemes(rows["train"], rows["val"], labels.y, task.multilabel, hp.get("tune_rows"),
-                                       seed)
+    scheme, tuning = training_schemes(rows["train"], rows["val"], labels.y, task.multilabel, hp.get("tune_rows"),
+                                      seed, shots)
+    # resolved (and refused) before any head is fitted
+    prior_input = label_prior_scores(prep, label_prior, label_descriptions) if label_prior else None
     outcome = fit_and_choose(kind, prep.blocks, labels.y, task, prep.roles, hp, seed, scheme, tuning, align, pseudo)
-    prior = _label_prior(prep, outcome, label_prior, descriptions, label_descriptions) if label_prior else None
-    thr, decision = _decision(lambda: _saved_probs(prep, outcome, prior, "val"), labels.y[rows["val"]],
-                              task.multilabel, threshold, per_label_thresholds, max_labels)
+    prior = _label_prior(prep, outcome, *prior_input, descriptions) if prior_input else None
+    thr, decision = _decision(lambda: _held_out_probs(prep, outcome, prior), task.multilabel, threshold,
+                              per_label_thresholds, max_labels)
     metrics = _metrics(prep, outcome, prior, thr, max_labels)
     feature_meta, considered = _feature_records(prep, outcome)
-    tuning_log = [{"feature": prep.features[e["block"]].name, **{k: v for k, v in e.items() if k != "block"}}
-                  for e in outcome.tuning]
-    selection = {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme, "rule": TEXT_RULE,
-                 "tuning_rows": int(len(tuning.pool) if tuning else len(rows["train"])),
-                 "validation": outcome.validation, "trust_tuning": tuning_log, "features_considered": considered,
-                 "pseudo_shots": outcome.pseudo}
+    selection = _selection(prep, outcome, scheme, tuning, considered, shots, seed)
     tensors, files = outcome.saved.state()
     if prior:
         tensors["prior.labels"] = prior.labels
@@ -125,7 +130,7 @@ def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: st
             "label_col": prep.label_col, "features": feature_meta, "architecture": outcome.saved.architecture(),
             "hyperparameters": hp, "seed": seed, "decision": decision, "prior": prior.meta if prior else None,
             "alignment": align_meta, "selection": selection, "metrics": metrics, "manifest": str(manifest),
-            "rows": {k: int(len(v)) for k, v in rows.items()}, "warnings": warnings,
+            "rows": {k: int(len(v)) for k, v in rows.items()}, "shots": shots, "warnings": warnings,
             "train_seconds": round(time.perf_counter() - start, 2)}
     save_head(out, meta, tensors, files)
     return TrainReport(str(out), kind, meta["task"], len(task.vocab), meta["rows"],
@@ -162,24 +167,39 @@ class _Prior:
         return apply_prior(probs, self.cos[rows], self.meta["weight"])
 
 
-def _label_prior(prep: Prepared, outcome: Outcome, store: str, descriptions: dict[str, str] | None,
-                 label_descriptions: str | None) -> _Prior:
-    """The label prior of `store` (--label-prior), its weight tuned on the saved head's validation probabilities
-    (select.choose_label_prior without a val split)."""
-    feature = resolve_features([store])[0]
-    loaded = load_blocks([feature], prep.manifest.ids, prep.manifest.source)
-    cos, label_emb = prior_scores(feature.store, loaded.arrays[0], loaded.present[:, 0], prep.task.vocab,
-                                  descriptions, label_descriptions)
-    val = prep.rows["val"]
-    if len(val):  # the saved head itself, on the val split
-        train = prep.rows["train"]
+def _label_prior(prep: Prepared, outcome: Outcome, cos: np.ndarray, label_emb: np.ndarray, feature: Feature,
+                 descriptions: dict[str, str] | None) -> _Prior:
+    """The label prior of `feature` (--label-prior), its weight chosen on the rows that chose the head:
+    the saved head's probabilities on the val split, else (no val split, or --shots) the out-of-fold
+    probabilities, or (1 example per class) the prior alone on the training rows: as `fuse ablate`."""
+    if outcome.tuner is not None and outcome.tuner.scheme.holdout:  # the saved head itself, on the val split
+        val, train = prep.rows["val"], prep.rows["train"]
         weight, record = choose_prior_weight(_probs(outcome.saved, outcome.saved_blocks, prep, "val"), cos[val],
                                              prep.labels.y[val], trained=(cos[train], prep.labels.y[train]))
-    else:  # out-of-fold probabilities, or (1 shot) the prior alone on the shots: as ablate
+    else:
         weight, record = choose_label_prior(outcome, cos, prep.labels.y)
     meta = {"store": feature_record(feature), "texts": "descriptions" if descriptions else "label names", **record,
             "weight": weight}
     return _Prior(meta, label_emb.astype(np.float32), cos)
+
+
+def _selection(prep: Prepared, outcome: Outcome, scheme: Scheme, tuning: Scheme | None, considered: list[dict],
+               shots: int | None, seed: int) -> dict:
+    """meta.json's `selection`: what was saved and why, and which rows chose it (`chosen_by`)."""
+    tuning_log = [{"feature": prep.features[e["block"]].name, **{k: v for k, v in e.items() if k != "block"}}
+                  for e in outcome.tuning]
+    if shots is not None:
+        chosen_by = (f"{shots} labelled rows per class drawn with seed {seed} (as `fuse ablate --shots {shots}`), "
+                     f"{scheme.describe()}; the val split is not used")
+    elif scheme.holdout:
+        chosen_by = "the val split"
+    else:
+        chosen_by = f"{scheme.describe()}, as `fuse ablate --shots` cross-validates"
+    return {"saved": outcome.choice, "reason": outcome.reason, "scheme": outcome.scheme, "chosen_by": chosen_by,
+            "rule": TEXT_RULE, "training_rows": int(len(scheme.pool)),
+            "tuning_rows": int(len(tuning.pool) if tuning else len(scheme.pool)),
+            "validation": outcome.validation, "trust_tuning": tuning_log, "features_considered": considered,
+            "pseudo_shots": outcome.pseudo}
 
 
 def _probs(head: FittedHead, which: list[int], prep: Prepared, split: str) -> np.ndarray:
@@ -192,12 +212,24 @@ def _saved_probs(prep: Prepared, outcome: Outcome, prior: _Prior | None, split: 
     return prior.on(probs, prep.rows[split]) if prior else probs
 
 
-def _decision(val_probs: Callable[[], np.ndarray], y_val: np.ndarray, multilabel: bool, threshold: float,
+def _held_out_probs(prep: Prepared, outcome: Outcome, prior: _Prior | None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of the rows that chose the saved head: the val split, else out of fold."""
+    if outcome.tuner is not None and outcome.tuner.scheme.holdout:
+        return _saved_probs(prep, outcome, prior, "val"), prep.labels.y[prep.rows["val"]]
+    trial = outcome.held_out()
+    if trial is None:
+        raise BadInput("--per-label-thresholds: tuned on held-out rows, and 1 example per label holds none out; "
+                       "drop it (the global --threshold applies) or add rows")
+    probs = prior.on(trial.probs, trial.rows) if prior else trial.probs
+    return probs, prep.labels.y[trial.rows]
+
+
+def _decision(held_out: Callable[[], tuple[np.ndarray, np.ndarray]], multilabel: bool, threshold: float,
               per_label: bool, max_labels: int | None) -> tuple[float | np.ndarray, dict | None]:
-    """Multi-label: the decision threshold(s) (per label: tuned on validation) and their record."""
+    """Multi-label: the decision threshold(s) (per label: tuned on held-out rows) and their record."""
     if not multilabel:
         return threshold, None
-    thr = tune_thresholds(val_probs(), y_val, threshold) if per_label else threshold
+    thr = tune_thresholds(*held_out(), threshold) if per_label else threshold
     return thr, {"threshold": threshold, "per_label": thr.tolist() if np.ndim(thr) else None,
                  "max_labels": max_labels}
 
@@ -243,9 +275,11 @@ def _feature_records(prep: Prepared, outcome: Outcome) -> tuple[list[dict], list
 
 
 def _check_options(kind: str, threshold: float, max_labels: int | None, align: float,
-                   tune_rows: int | None) -> None:
+                   tune_rows: int | None, shots: int | None = None) -> None:
     if kind not in HEADS:
         raise BadInput(f"--head {kind}: expected one of {', '.join(HEADS)}")
+    if shots is not None and shots < 1:
+        raise BadInput(f"--shots {shots}: must be at least 1 labelled row per class")
     if not 0 < threshold < 1:
         raise BadInput(f"--threshold {threshold}: must be between 0 and 1")
     if max_labels is not None and max_labels < 1:

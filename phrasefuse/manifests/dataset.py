@@ -3,7 +3,7 @@
 Columns (docs/formats.md, Manifest): `id` (unique string, required), `image` (path,
 relative to the manifest file's folder unless absolute), text columns, `label`
 (string) or `labels` (list of strings; in CSV/TSV one string separated by `|`),
-`split` (train/val/test; missing or null: assigned by a hash of `id`).
+`split` (train/val/test; missing or null: assigned by a hash of `id`, stratified by label).
 
 Validation refuses the whole manifest before any work, naming file, row and
 column. A manifest whose images will be opened (`require_image`) must keep them
@@ -97,6 +97,37 @@ def hash_split(ids: pa.Array) -> pa.Array:
                         ELSE 'test' END AS split
             FROM (SELECT ('0x' || left(md5(value), 8))::UBIGINT % 100 AS b FROM ids)""",
         ids=ids)["split"].combine_chunks()
+
+
+def stratified_hash_split(ids: pa.Array, groups: pa.Array) -> pa.Array:
+    """hash_split, stratified by label (`groups`: one label per row, null for none): a label with at
+    least 3 rows gives round(10%) of them, and at least one, to val and to test (those whose md5
+    buckets are highest, so most rows keep their hash_split split); smaller labels and unlabelled
+    rows keep hash_split. A bare hash left one of 8 classes without test rows in a trial."""
+    train, val = SPLIT_PERCENT["train"], SPLIT_PERCENT["train"] + SPLIT_PERCENT["val"]
+    return sql(
+        f"""SELECT CASE WHEN g IS NULL OR n < 3 THEN (CASE WHEN b < {train} THEN 'train' WHEN b < {val} THEN 'val'
+                                                       ELSE 'test' END)
+                        WHEN r < greatest(1, round(n * {SPLIT_PERCENT['test']} / 100.0)) THEN 'test'
+                        WHEN r < greatest(1, round(n * {SPLIT_PERCENT['test']} / 100.0))
+                               + greatest(1, round(n * {SPLIT_PERCENT['val']} / 100.0)) THEN 'val'
+                        ELSE 'train' END AS split
+            FROM (SELECT i, g, b, count(*) OVER (PARTITION BY g) AS n,
+                         row_number() OVER (PARTITION BY g ORDER BY b DESC, h DESC, id) - 1 AS r
+                  FROM (SELECT i, g, id, h, h % 100 AS b
+                        FROM (SELECT i, g, id, ('0x' || left(md5(id), 8))::UBIGINT AS h FROM rows)))
+            ORDER BY i""",
+        rows=pa.table({"i": np.arange(len(ids)), "id": ids, "g": groups}))["split"].combine_chunks()
+
+
+def _label_groups(table: pa.Table) -> pa.Array | None:
+    """Each row's label for a stratified split ('label', else the first of 'labels'); None without labels."""
+    if "label" in table.column_names:
+        return table["label"].combine_chunks()
+    if "labels" in table.column_names:
+        return sql("SELECT l[1] AS g FROM t ORDER BY i", t=pa.table({
+            "i": np.arange(table.num_rows), "l": table["labels"].combine_chunks()}))["g"].combine_chunks()
+    return None
 
 
 # ---------------------------------------------------------------- checks
@@ -211,7 +242,9 @@ def _validate_labels(source: str, table: pa.Table, name: str) -> pa.Table:
 
 
 def _assign_splits(source: str, table: pa.Table) -> pa.Table:
-    by_hash = hash_split(table["id"].combine_chunks())
+    groups = _label_groups(table)
+    ids = table["id"].combine_chunks()
+    by_hash = hash_split(ids) if groups is None else stratified_hash_split(ids, groups)
     if "split" not in table.column_names:
         return table.append_column("split", by_hash)
     split = table["split"]

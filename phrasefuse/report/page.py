@@ -201,6 +201,8 @@ def _decision_text(meta: dict) -> str:
     label prior's weight and the scores it was chosen on, and the warnings."""
     selection = meta.get("selection") or {}
     parts = [selection.get("reason", "")]
+    if selection.get("chosen_by"):  # the val split, cross-validation within the training rows, or --shots K
+        parts.append(f"chosen by {selection['chosen_by']}")
     scores = selection.get("validation") or {}
     if scores:
         parts.append("validation: " + ", ".join(f"{k.replace('_', '-')} {_pct(v)}" for k, v in scores.items()))

@@ -137,6 +137,7 @@ class Head:  # each head stage reads its own [[heads]] table (and the report all
     label_prior: str | None = option(None)
     align_descriptions: float = option(0.0)
     pseudo_shots: bool = option(False)  # offer the [phrases] index's pseudo-labelled prototypes (fuse/pseudo.py)
+    shots: int | None = option(None)  # K rows per class drawn with `seed`, as `fuse ablate --shots K`
 
 
 @dataclass
@@ -276,7 +277,10 @@ def _parse_head(c: "_Checker", h: dict, where: str, features: list[str], has_phr
                 seed=c.get(h, "seed", int, 0, where=where),
                 label_prior=c.get(h, "label_prior", str, None, where=where),
                 align_descriptions=float(c.get(h, "align_descriptions", (int, float), 0.0, where=where)),
-                pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where))
+                pseudo_shots=c.get(h, "pseudo_shots", bool, False, where=where),
+                shots=c.get(h, "shots", int, None, where=where))
+    if head.shots is not None and head.shots < 1:
+        c.fail(f"{where}.shots", f"expected a whole number of at least 1 (labelled rows per class), got {head.shots}")
     if head.pseudo_shots and not has_phrases:
         c.fail(f"{where}.pseudo_shots", "uses the phrase index of the [phrases] section; add one or drop it")
     c.features(head.features, features, f"{where}.features")

@@ -596,7 +596,7 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, sett
                             label_descriptions=str(descriptions) if descriptions else None,
                             align_descriptions=head.align_descriptions, text_model=config.encoders.text,
                             label_prior=str(layout.store(head.label_prior)) if head.label_prior else None,
-                            pseudo_shots=str(layout.index) if head.pseudo_shots else None)
+                            pseudo_shots=str(layout.index) if head.pseudo_shots else None, shots=head.shots)
         p = predict(out, config.data.source, predictions)
         d = report.as_dict()
         test = (d["metrics"].get("test") or {}).get("saved") or {}

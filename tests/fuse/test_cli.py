@@ -19,8 +19,8 @@ def test_train_eval_predict_inspect(shapes_dataset, stores, tmp_path):
     proc = run_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", stores / "img",
                    "--feature", stores / "title", "--head", "linear", "--out", head, "--seed", "1", "--json")
     report = one_json(proc)
-    assert report["kind"] == "linear" and report["rows"] == {"train": 47, "val": 7, "test": 6}
-    # 7 val rows cannot show the (random tiny CLIP) title to be clearly better: image-only is saved, and said
+    assert report["kind"] == "linear" and report["rows"] == {"train": 48, "val": 6, "test": 6}
+    # 6 val rows cannot show the (random tiny CLIP) title to be clearly better: image-only is saved, and said
     assert report["saved"] == "image-only" and report["reason"] == "every text feature's trust was tuned to 0 " \
         "on validation"
     assert report["metrics"]["val"]["saved"] == report["metrics"]["val"]["image_only"]

@@ -44,7 +44,10 @@ def test_multilabel_mlp_and_ablate(shapes_dataset, stores, tmp_path):
 
     manifest = pq.read_table(shapes_dataset)
     labels = manifest["label"].to_pylist()
-    val = split_rows(read_manifest(shapes_dataset))["val"].tolist()  # a hash of the id: scrambling keeps it
+    # a hash split stratified by label: pinned, so that scrambling labels keeps it
+    splits = read_manifest(shapes_dataset).table["split"]
+    manifest = manifest.append_column("split", splits)
+    val = split_rows(read_manifest(shapes_dataset))["val"].tolist()
     rolled = [labels[val[(j + 1) % len(val)]] for j in range(len(val))]
     assert rolled != [labels[i] for i in val]
     for i, label in zip(val, rolled):
@@ -61,9 +64,10 @@ def test_bad_inputs_exit_2_with_one_line(shapes_dataset, stores, tmp_path):
     pq.write_table(table.drop(["label"]), tmp_path / "nolabel.parquet")
     refused(run_cli("fuse", "train", "--manifest", tmp_path / "nolabel.parquet", "--feature", stores / "img",
                     "--head", "linear", "--out", tmp_path / "h"), "no 'label' or 'labels' column")
-    pq.write_table(table.append_column("split", pa.array(["train"] * 30 + ["test"] * 30)), tmp_path / "noval.parquet")
-    refused(invoke_cli("fuse", "train", "--manifest", tmp_path / "noval.parquet", "--feature", stores / "img",
-                       "--head", "mlp", "--out", tmp_path / "h"), "'val' split has no rows")
+    # no val split is fine (tests/fuse/test_fewshot.py); no train split is not
+    pq.write_table(table.append_column("split", pa.array(["val"] * 30 + ["test"] * 30)), tmp_path / "notrain.parquet")
+    refused(invoke_cli("fuse", "train", "--manifest", tmp_path / "notrain.parquet", "--feature", stores / "img",
+                       "--head", "mlp", "--out", tmp_path / "h"), "'train' split has no rows")
     other = write_store(tmp_path / "other", "image", ["x1", "x2"], np.ones((2, 32), np.float32),
                         generated_encoder("x", 32))
     refused(invoke_cli("fuse", "train", "--manifest", shapes_dataset, "--feature", other, "--head", "lgbm",

@@ -148,11 +148,11 @@ def test_bad_inputs_are_clear_errors(pairs, tmp_path):
     pq.write_table(table.drop(["label"]), tmp_path / "nolabels.parquet")
     with pytest.raises(BadInput, match="no 'label' or 'labels' column"):
         train_head(tmp_path / "nolabels.parquet", [pairs.image], tmp_path / "h", kind="linear")
-    no_val = table.set_column(table.column_names.index("split"), "split",
-                              pa.array(["train" if s == "val" else s for s in table["split"].to_pylist()]))
-    pq.write_table(no_val, tmp_path / "noval.parquet")
-    with pytest.raises(BadInput, match="'val' split has no rows"):
-        train_head(tmp_path / "noval.parquet", [pairs.image], tmp_path / "h", kind="linear")
+    no_train = table.set_column(table.column_names.index("split"), "split",
+                                pa.array(["val" if s == "train" else s for s in table["split"].to_pylist()]))
+    pq.write_table(no_train, tmp_path / "notrain.parquet")  # no val split is fine (tests/fuse/test_fewshot.py)
+    with pytest.raises(BadInput, match="'train' split has no rows"):
+        train_head(tmp_path / "notrain.parquet", [pairs.image], tmp_path / "h", kind="linear")
     stranger = write_store(tmp_path / "stranger", "image", ["zz1", "zz2"], np.ones((2, 48), np.float32),
                            generated_encoder("img", 48))
     with pytest.raises(BadInput, match="none of its 2 ids"):

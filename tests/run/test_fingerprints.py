@@ -27,7 +27,7 @@ RAW = {
     "phrases": {"pairs": "pairs.parquet", "images": "q.parquet", "k": 2, "min_images": 1, "kind": "flat",
                 "weights": True},
     "heads": [{"name": "fused", "kind": "linear", "features": ["image", "title", "phrases"], "seed": 1,
-               "label_prior": "phrases", "align_descriptions": 0.0, "pseudo_shots": True},
+               "label_prior": "phrases", "align_descriptions": 0.0, "pseudo_shots": True, "shots": 2},
               {"name": "plain", "kind": "linear", "features": ["image"]}],  # image-only: no baseline added
     "ablation": {"head": "linear", "seeds": 1, "shots": [1], "rows": [["image"]], "shot_rows": [["image"]],
                  "label_prior": "phrases", "pseudo_shots": True},

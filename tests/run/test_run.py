@@ -187,6 +187,7 @@ def test_lost_run_state_still_embeds_nothing_twice(demo_data, tiny_clip_spec):
     (('[data]\nmanifest = "data/manifest.parquet"', '[data]'), "data.manifest"),
     (('seeds = 1', 'seeds = true'), "ablation.seeds"),
     (('pseudo_shots = true\n\n[ablation]', 'pseudo_shots = "yes"\n\n[ablation]'), "heads[0].pseudo_shots"),
+    (('pseudo_shots = true\n\n[ablation]', 'pseudo_shots = true\nshots = 0\n\n[ablation]'), "heads[0].shots"),
 ])
 def test_invalid_config_is_refused_before_any_work(tmp_path, demo_data, edit, key):
     """The library's one-line error naming the key (the CLI prints it, exit 2: the tests below)."""
@@ -203,6 +204,16 @@ def test_invalid_config_is_refused_before_any_work(tmp_path, demo_data, edit, ke
     error = str(refused.value)
     assert f"'{key}'" in error and str(config) in error and "\n" not in error
     assert not (tmp_path / "w").exists()
+
+
+def test_a_head_takes_shots_as_fuse_train_does(tmp_path, demo_data):
+    """[[heads]] shots = K: the head `fuse train --shots K --seed S` trains (tests/fuse/test_fewshot.py)."""
+    from phrasefuse.run.config import load_config
+
+    text = TINY.format(spec="builtin:efficientnet-lite0", kind="linear")
+    config = demo_data / "shots.toml"
+    config.write_text(text.replace("pseudo_shots = true\n\n[ablation]", "pseudo_shots = true\nshots = 5\n\n[ablation]"))
+    assert load_config(config).heads[0].shots == 5
 
 
 def test_invalid_config_through_the_cli_exits_2_with_one_line(tmp_path, demo_data):
