@@ -268,6 +268,7 @@ def test_predict_manifest_with_labels_scores_it_and_a_missing_label_col_is_refus
     assert table["true_label"].to_pylist() == pq.read_table(shapes_dataset)["label"].to_pylist()
     assert summary.scores["top1"] == pytest.approx(np.mean(table["correct"].to_pylist()))
     assert summary.as_dict()["scores"]["scored"] == 60 and "top-1 " in summary.text()
+    assert "training rows included" in summary.text()  # the manifest the head was trained on
     proc = invoke_cli("predict", trained / "head", shapes_dataset, "--label-col", "kind", "--out", tmp_path / "q.csv")
     assert proc.returncode == 2 and "--label-col kind" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

@@ -130,7 +130,7 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
     features = head.features(feature_args)
     blocks, cos = head.inputs(ids, manifest.source, feature_args)
     prior = head.prior_feature(feature_args)
-    extra = [Feature(Path(p).name, EmbeddingStore(p)) for p in phrases_from]
+    extra = [Feature(Path(p).name, EmbeddingStore(p)) for p in phrases_from if EmbeddingStore(p).exists()]
     phrases = {}
     for f in [*features, *([prior] if prior else []), *extra]:
         # one phrases store read once, whichever way it comes (feature, prior, the run's store)
@@ -138,6 +138,9 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
             phrases[f.name] = phrases_for(f, ids)
     table = prediction_table(head, ids, head.predict(blocks, cos), blocks, phrases, top_k)
     table, scores, warnings = score_against_labels(table, head, manifest.table, label_col)
+    if scores and str(manifest_path) == str(head.meta.get("manifest")):
+        # the manifest the head was trained on: its top-1 over every row is no held-out score
+        scores["note"] = "every row, the head's training rows included; held-out: 'fuse eval --split test'"
     write_predictions(table, out)
     return PredictSummary(str(out), len(ids), time.perf_counter() - start, scores, warnings)
 
@@ -188,7 +191,7 @@ def score_against_labels(table: pa.Table, head, inputs: pa.Table,
     unseen = sorted({x for x in t if x not in known})
     per_class = {label: float(ok[t == label].mean()) for label in sorted(set(t))}
     scores = {"scored": int(mask.sum()), "correct": int(ok.sum()),
-              "top1": float(ok.mean()) if len(ok) else float("nan"),
+              "top1": float(ok.mean()) if len(ok) else None,
               "without_label": int(pc.sum(pc.is_null(truth)).as_py() or 0),
               "without_prediction": int(pc.sum(pc.and_(pc.is_valid(truth), pc.is_null(predicted))).as_py() or 0),
               "per_class_accuracy": per_class, "unseen_labels": unseen}
@@ -209,7 +212,8 @@ def scores_lines(scores: dict | None) -> list[str]:
     lines = [f"top-1 {100 * scores['top1']:.1f}% ({scores['correct']} of {scores['scored']} labelled rows correct"
              + (f"; {scores['without_label']} without a label" if scores["without_label"] else "")
              + (f"; {scores['without_prediction']} without a prediction, not counted"
-                if scores["without_prediction"] else "") + ")"]
+                if scores["without_prediction"] else "") + ")"
+             + (f"; {scores['note']}" if scores.get("note") else "")]
     per = scores["per_class_accuracy"]
     lines.append("per class: " + ", ".join(f"{printable(k)} {100 * v:.1f}%" for k, v in list(per.items())[:20])
                  + (", ..." if len(per) > 20 else ""))
