@@ -284,3 +284,15 @@ def test_predict_manifest_shows_phrases_of_a_store_the_head_does_not_read(traine
     table = pq.read_table(tmp_path / "p.parquet")
     phrases = EmbeddingStore(trained / "phrases").read_table(["id", "phrases"]).to_pydict()
     assert dict(zip(table["id"].to_pylist(), table["phrases"].to_pylist())) == dict(zip(phrases["id"], phrases["phrases"]))
+
+
+def test_inspect_of_a_head_names_every_part_it_saved(trained):
+    """As `fuse train` prints it: the label prior and its weight beside the features."""
+    meta = json.loads((trained / "head" / "meta.json").read_text())
+    text = invoke_cli("inspect", trained / "head", check=True).stdout
+    saved = next(line for line in text.splitlines() if line.lstrip().startswith("saved "))
+    for f in meta["features"]:
+        assert f["name"] in saved
+    prior = f"label prior phrases, weight {meta['prior']['weight']:.3g}" if meta["prior"]["weight"] else \
+        "no label prior (left out)"
+    assert prior in saved and f"{meta['selection']['saved']} head kept: " in text

@@ -25,7 +25,7 @@ import numpy as np
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
-from phrasefuse.fuse.artifact import feature_record, format_metrics, save_head
+from phrasefuse.fuse.artifact import feature_record, format_metrics, save_head, saved_parts
 from phrasefuse.fuse.data import Prepared, data_warnings, load_blocks, prepare, resolve_features
 from phrasefuse.fuse.heads import HEADS, Align, FittedHead, head_params
 from phrasefuse.fuse.labeltext import (apply_prior, choose_prior_weight, embed_texts, label_texts, prior_scores,
@@ -90,18 +90,9 @@ class TrainReport:
         return [f for f in self.features if f["role"] == "image" or (f.get("trust") or 0) > 0]
 
     def saved_parts(self) -> str:
-        """Every part of the saved head, each of which changes its predictions: features (text ones with
-        their trust), the label prior and its weight, pseudo-shots."""
-        feats = ", ".join(f["name"] + (f" (trust {f['trust']:.2f})" if f["role"] != "image" else "")
-                          for f in self.saved_features())
-        parts = [f"features {feats}"]
-        if self.prior:
-            parts.append(f"label prior {self.prior['store']['name']}, weight {self.prior['weight']:.3g}"
-                         if self.prior["weight"] else "no label prior (left out)")
-        pseudo = self.selection.get("pseudo_shots")
-        if pseudo:
-            parts.append(f"{pseudo['rows']} pseudo-shot rows" if pseudo["per_label"] else "no pseudo-shots (left out)")
-        return "; ".join(parts)
+        """Every part of the saved head (features, label prior and its weight, pseudo-shots), said as
+        `inspect` says it from meta.json (artifact.saved_parts)."""
+        return saved_parts({"features": self.saved_features(), "prior": self.prior, "selection": self.selection})
 
     def prior_summary(self) -> str:
         """One plain line: the label prior kept or left out, and what it did to held-out top-1."""
