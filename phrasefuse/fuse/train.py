@@ -25,7 +25,7 @@ import numpy as np
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
-from phrasefuse.fuse.artifact import feature_record, format_metrics, save_head, saved_parts
+from phrasefuse.fuse.artifact import feature_record, format_metrics, save_head
 from phrasefuse.fuse.data import Prepared, data_warnings, load_blocks, prepare, resolve_features
 from phrasefuse.fuse.heads import HEADS, Align, FittedHead, head_params
 from phrasefuse.fuse.labeltext import (apply_prior, choose_prior_weight, embed_texts, label_texts, prior_scores,
@@ -92,6 +92,8 @@ class TrainReport:
     def saved_parts(self) -> str:
         """Every part of the saved head (features, label prior and its weight, pseudo-shots), said as
         `inspect` says it from meta.json (artifact.saved_parts)."""
+        from phrasefuse.fuse.artifact import saved_parts  # here: train.py's imports are another branch's too
+
         return saved_parts({"features": self.saved_features(), "prior": self.prior, "selection": self.selection})
 
     def prior_summary(self) -> str:
