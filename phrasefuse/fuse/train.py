@@ -92,7 +92,7 @@ class TrainReport:
     def saved_parts(self) -> str:
         """Every part of the saved head (features, label prior and its weight, pseudo-shots), said as
         `inspect` says it from meta.json (artifact.saved_parts)."""
-        from phrasefuse.fuse.artifact import saved_parts  # here: train.py's imports are another branch's too
+        from phrasefuse.fuse.artifact import saved_parts
 
         return saved_parts({"features": self.saved_features(), "prior": self.prior, "selection": self.selection})
 
