@@ -334,12 +334,14 @@ def predict(
     device: Device = typer.Option(Device.auto, "--device"),
     id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
     image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="The inputs' true labels, to score the predictions against (default: the head's label column, else 'label': a folder's CLASS/ subfolders)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Classify INPUT images (their features computed as the head records: image encoder, text
     columns, phrases through the index; images already in a recorded store are not re-embedded):
     per image the label, its probability, the top-k and the phrases behind it. With --manifest:
-    every row of a manifest whose features are in stores, into --out.
+    every row of a manifest whose features are in stores, into --out. Labelled inputs (class
+    subfolders, a label column) also get true_label and correct, and top-1 and per-class accuracy.
 
     Printed lines show control characters of ids, labels and phrases as escapes (\\n, \\x1b);
     --out and --json keep them exact."""
@@ -350,7 +352,9 @@ def predict(
             raise BadInput("predict: give INPUT images or --manifest, not both")
         if out is None:
             raise BadInput("predict --manifest: --out is required (the predictions file)")
-        summary = predict_manifest(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature)
+        summary = predict_manifest(head, _source(manifest, id_col, image_col), out, top_k=top_k, feature_args=feature,
+                                   label_col=label_col)
+        _warn(summary.warnings)
         _print(summary, as_json)
         return
     if not inputs:
@@ -358,7 +362,8 @@ def predict(
     from phrasefuse.fuse.evaluate import predict_new
 
     result = predict_new(head, inputs, top_k=top_k, out=out, index=index, model=model, device=device.value,
-                         id_col=id_col, image_col=image_col)
+                         id_col=id_col, image_col=image_col, label_col=label_col)
+    _warn(result.warnings)
     _print(result, as_json)
 
 
@@ -634,9 +639,17 @@ class _PlainArgument(typer.core.TyperArgument):
         return "" if self.nargs != 1 else super().display_type(ctx)
 
 
+# `phrasefuse --help` lists the commands in the order a user runs them (Typer lists single commands
+# before groups, in the order they are defined); commands not named here follow, as defined.
+PIPELINE_ORDER = ("extract", "index", "phrases", "fuse", "predict", "inspect", "run", "demo", "export", "import")
+
+
 def _command() -> click.Command:
-    """The click command tree of `app`, its arguments shown plainly (`_PlainArgument`)."""
+    """The click command tree of `app`, its arguments shown plainly (`_PlainArgument`), its commands
+    in pipeline order (`PIPELINE_ORDER`)."""
     command = typer.main.get_command(app)
+    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+    command.commands = dict(sorted(command.commands.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     todo = [command]
     while todo:
         cmd = todo.pop()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from phrasefuse.errors import BadInput
 from phrasefuse.folder_report import Report
 from phrasefuse.store import EmbeddingStore, describe_encoder, quarantine_bad_files, verify_store
@@ -59,11 +62,33 @@ def describe(path: str | os.PathLike, verify: bool = False, quarantine: bool = F
         "errors": "unreadable errors.parquet" if errors is None else errors.num_rows if not reasons else f"{errors.num_rows} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})",
         "created": meta.get("created"),
     }
-    report = Report("store", str(path), fields)
+    report = Report("store", str(path), fields, examples=_phrase_examples(store))
     if verify:
         report.verified = True
         report.problems = verify_store(store)
     return report
+
+
+# Enough rows to see what the phrases look like; the rest is one `phrasefuse export` away.
+EXAMPLES = 3
+
+
+def _phrase_examples(store: EmbeddingStore, n: int = EXAMPLES) -> list[dict]:
+    """A phrases store's first `n` rows: id, phrases and their scores (none for other stores, or when
+    the first shard is unreadable: --verify names it)."""
+    shards = store.shard_paths()
+    if not shards:
+        return []
+    try:
+        names = pq.read_schema(shards[0]).names
+        if "phrases" not in names:
+            return []
+        columns = ["id", "phrases"] + (["scores"] if "scores" in names else [])
+        rows = pq.read_table(shards[0], columns=columns).slice(0, n).to_pylist()
+    except (OSError, pa.ArrowException, BadInput):  # a damaged shard: inspect still describes the store
+        return []
+    return [{"id": r["id"], "phrases": r["phrases"] or [], **({"scores": r["scores"]} if "scores" in r else {})}
+            for r in rows]
 
 
 def _rows(store: EmbeddingStore) -> int | str:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -22,6 +22,14 @@ def test_help_lists_the_contract_commands():
     proc = run_cli("--help", check=True)
     for command in ("extract", "index", "phrases", "inspect"):
         assert command in proc.stdout
+
+
+def test_help_lists_the_commands_in_pipeline_order():
+    proc = invoke_cli("--help", check=True)
+    # each command's line starts with its name (a long help line wraps onto deeper-indented lines)
+    names = [line.split()[0] for line in proc.stdout.split("Commands:", 1)[1].splitlines()
+             if line.startswith("  ") and not line.startswith("   ")]
+    assert names[:8] == ["extract", "index", "phrases", "fuse", "predict", "inspect", "run", "demo"], names
 
 
 # Every command of the contract (docs/formats.md, CLI contract) and the options it promises (and the

@@ -217,3 +217,82 @@ def test_printed_lines_escape_control_characters_of_file_names(trained, shapes_d
     # an error line naming a path stays one line, its escapes shown
     proc = invoke_cli("predict", trained / "head", tmp_path / "gone\x1b[2J\nphrasefuse: ok.jpg")
     assert proc.returncode == 2 and "\x1b" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------- labelled inputs
+
+
+def _labelled_folder(shapes_dataset, tmp_path):
+    """CLASS/ subfolders of 8 shapes images under their true labels, and one under a label the head
+    never saw ('hexagon')."""
+    table = pq.read_table(shapes_dataset).slice(0, 9).to_pylist()
+    folder = tmp_path / "labelled"
+    for i, row in enumerate(table):
+        label = "hexagon" if i == 8 else row["label"]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shapes_dataset.parent / row["image"], folder / label / f"{i}.jpg")
+    return folder
+
+
+def test_predict_on_a_labelled_folder_scores_it_and_names_unseen_labels(trained, shapes_dataset, tmp_path):
+    import csv
+
+    folder = _labelled_folder(shapes_dataset, tmp_path)
+    proc = invoke_cli("predict", trained / "head", folder, "--out", tmp_path / "p.csv")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:8] == ["id", "label", "probability", "top_labels", "top_probs", "predicted", "true_label",
+                                 "correct"]
+    assert all(r["true_label"] == r["id"].split("/")[0] for r in rows)
+    assert all(r["predicted"] == r["label"] and r["correct"] == str(r["predicted"] == r["true_label"]).lower()
+               for r in rows)
+    unseen = [r for r in rows if r["true_label"] == "hexagon"]
+    assert len(unseen) == 1 and unseen[0]["correct"] == "false"  # the head cannot predict it: wrong
+    # the printed top-1 is the fraction of correct rows in the file
+    right = sum(r["correct"] == "true" for r in rows)
+    assert f"top-1 {100 * right / len(rows):.1f}% ({right} of {len(rows)} labelled rows correct)" in proc.stdout
+    assert "per class: " in proc.stdout and "hexagon 0.0%" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("phrasefuse: warning:")]
+    assert len(warnings) == 1 and "'hexagon'" in warnings[0] and "never saw" in warnings[0]
+    # unlabelled image files: no truth columns, no score
+    image = str(sorted((shapes_dataset.parent / "images").glob("*.jpg"))[0])
+    plain = predict_new(trained / "head", [image])
+    assert "true_label" not in plain.table.column_names and plain.scores is None and "top-1" not in plain.text()
+    assert plain.table["predicted"].to_pylist() == plain.table["label"].to_pylist()
+
+
+def test_predict_manifest_with_labels_scores_it_and_a_missing_label_col_is_refused(trained, shapes_dataset, tmp_path):
+    summary = predict(trained / "head", shapes_dataset, tmp_path / "p.parquet")
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table["true_label"].to_pylist() == pq.read_table(shapes_dataset)["label"].to_pylist()
+    assert summary.scores["top1"] == pytest.approx(np.mean(table["correct"].to_pylist()))
+    assert summary.as_dict()["scores"]["scored"] == 60 and "top-1 " in summary.text()
+    assert "training rows included" in summary.text()  # the manifest the head was trained on
+    proc = invoke_cli("predict", trained / "head", shapes_dataset, "--label-col", "kind", "--out", tmp_path / "q.csv")
+    assert proc.returncode == 2 and "--label-col kind" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_manifest_shows_phrases_of_a_store_the_head_does_not_read(trained, shapes_dataset, tmp_path):
+    """`run`'s predictions (an image-only head beside a phrases store): the phrases are in the file."""
+    from phrasefuse.fuse.train import train_head
+
+    train_head(shapes_dataset, [str(trained / "img")], tmp_path / "image-only", kind="linear")
+    predict(tmp_path / "image-only", shapes_dataset, tmp_path / "p.parquet")
+    assert "phrases" not in pq.read_table(tmp_path / "p.parquet").column_names
+    predict(tmp_path / "image-only", shapes_dataset, tmp_path / "p.parquet", phrases_from=[trained / "phrases"])
+    table = pq.read_table(tmp_path / "p.parquet")
+    phrases = EmbeddingStore(trained / "phrases").read_table(["id", "phrases"]).to_pydict()
+    assert dict(zip(table["id"].to_pylist(), table["phrases"].to_pylist())) == dict(zip(phrases["id"], phrases["phrases"]))
+
+
+def test_inspect_of_a_head_names_every_part_it_saved(trained):
+    """As `fuse train` prints it: the label prior and its weight beside the features."""
+    meta = json.loads((trained / "head" / "meta.json").read_text())
+    text = invoke_cli("inspect", trained / "head", check=True).stdout
+    saved = next(line for line in text.splitlines() if line.lstrip().startswith("saved "))
+    for f in meta["features"]:
+        assert f["name"] in saved
+    prior = f"label prior phrases, weight {meta['prior']['weight']:.3g}" if meta["prior"]["weight"] else \
+        "no label prior (left out)"
+    assert prior in saved and f"{meta['selection']['saved']} head kept: " in text

@@ -99,8 +99,30 @@ class AblationReport:
         return self.data
 
     def text(self) -> str:
-        """The tables (markdown), then the files written."""
-        return self.markdown + "\n" + "".join(f"written: {f}\n" for f in self.data.get("files", []))
+        """The tables (markdown), each regime's note as one plain line (the rules behind it, with their
+        statistics, are in ablation.md, ablation.json and --json), then the files written."""
+        shown = self.markdown
+        for table in self.data.get("tables", []):
+            shown = shown.replace(table["note"], plain_note(table), 1)
+        return shown + "\n" + "".join(f"written: {f}\n" for f in self.data.get("files", []))
+
+
+def plain_note(table: dict) -> str:
+    """One line a user without the method's history can read: what each regime's head was trained
+    and chosen on."""
+    k = table.get("shots")
+    if k is None:
+        note = "Trained on the train split; text and the label prior kept only when they help on the val split."
+    elif k == 1:
+        note = ("1 example per class: nothing can be held out, so text is left out and the label prior is kept only "
+                "when it predicts the examples clearly better than chance.")
+    else:
+        note = (f"{k} examples per class: text and the label prior kept only when they help on examples held out "
+                f"in turn (cross-validation); the val split is not used.")
+    mean = table.get("mean_shots")
+    if k is not None and mean is not None and mean < k - 1e-9:
+        note += f" Some labels have fewer than {k} train rows: {mean:.1f} per label on average."
+    return note + " Details: ablation.md."
 
 
 @dataclass

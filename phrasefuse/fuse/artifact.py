@@ -270,7 +270,9 @@ def describe_head(path: str | os.PathLike, verify: bool = False):
         d = meta["decision"]
         fields["decision"] = f"threshold {'per-label' if d.get('per_label') else d.get('threshold')}, " \
                              f"max labels {d.get('max_labels') or 'none'}"
-    fields["saved"] = f"{sel.get('saved')}: {sel.get('reason')}"
+    # as `fuse train` prints it: every part of the saved head, then why that head was kept
+    fields["saved"] = saved_parts(meta)
+    fields["why"] = f"{sel.get('saved')} head kept: {sel.get('reason')}"
     for split in ("val", "test"):
         m = (meta.get("metrics") or {}).get(split) or {}
         if m:
@@ -282,6 +284,22 @@ def describe_head(path: str | os.PathLike, verify: bool = False):
         report.verified = True
         report.problems = verify_head(path)
     return report
+
+
+def saved_parts(meta: dict) -> str:
+    """Every part of a saved head that changes its predictions, from its meta.json: features (text
+    ones with their trust), the label prior and its weight, pseudo-shots."""
+    feats = ", ".join(f["name"] + (f" (trust {f.get('trust', 1.0):.2f})" if f.get("role") != "image" else "")
+                      for f in meta.get("features", []))
+    parts = [f"features {feats}"]
+    prior = meta.get("prior")
+    if prior:
+        parts.append(f"label prior {prior['store']['name']}, weight {prior['weight']:.3g}" if prior.get("weight")
+                     else "no label prior (left out)")
+    pseudo = (meta.get("selection") or {}).get("pseudo_shots")
+    if pseudo:
+        parts.append(f"{pseudo['rows']} pseudo-shot rows" if pseudo.get("per_label") else "no pseudo-shots (left out)")
+    return "; ".join(parts)
 
 
 def verify_head(path: str | os.PathLike) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +21,7 @@ from phrasefuse.fuse.labeltext import cosine_scores, embed_for_store, label_text
 from phrasefuse.fuse.metrics import decide, multiclass_metrics, multilabel_metrics
 from phrasefuse.manifests import Manifest, read_manifest
 from phrasefuse.folders import make_folder, write_parquet_atomic
+from phrasefuse.store import EmbeddingStore
 
 
 def split_selection(manifest: Manifest, split: str) -> np.ndarray:
@@ -100,19 +101,26 @@ class PredictSummary:
     out: str
     rows: int
     seconds: float
+    scores: dict | None = None  # against the manifest's labels (`score_against_labels`), when it has them
+    warnings: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        return f"predict: {self.rows} rows -> {printable(self.out)} ({self.seconds:.1f} s)"
+        line = f"predict: {self.rows} rows -> {printable(self.out)} ({self.seconds:.1f} s)"
+        return "\n".join([line, *scores_lines(self.scores)])
 
     def as_dict(self) -> dict:
-        return {"out": self.out, "rows": self.rows, "seconds": round(self.seconds, 2)}
+        return {"out": self.out, "rows": self.rows, "seconds": round(self.seconds, 2),
+                **({"scores": self.scores} if self.scores else {})}
 
 
 def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out: str | os.PathLike, top_k: int = 5,
-            feature_args: Sequence[str] | None = None) -> PredictSummary:
+            feature_args: Sequence[str] | None = None, label_col: str | None = None,
+            phrases_from: Sequence[str | os.PathLike] = ()) -> PredictSummary:
     """Every manifest row: top-k labels with probabilities (multi-label: also the labels kept
     by the head's threshold and cap), features missing for the row, and the phrases of any
-    phrases store among the features (so a user can see why)."""
+    phrases store among the features or the label prior's, and of `phrases_from` (so a user
+    can see why, also when the saved head left the phrases out). A manifest with labels is
+    scored against them (`score_against_labels`)."""
     start = time.perf_counter()
     _check_top_k(top_k)
     out_format(out)  # a wrong --out is refused before any work
@@ -121,11 +129,95 @@ def predict(head_path: str | os.PathLike, manifest_path: str | os.PathLike, out:
     ids = manifest.ids
     features = head.features(feature_args)
     blocks, cos = head.inputs(ids, manifest.source, feature_args)
-    phrase_features = [f for f in features if f.has_column("phrases")]
-    phrases = {f.name: phrases_for(f, ids) for f in phrase_features}
+    prior = head.prior_feature(feature_args)
+    extra = [Feature(Path(p).name, EmbeddingStore(p)) for p in phrases_from if EmbeddingStore(p).exists()]
+    phrases = {}
+    for f in [*features, *([prior] if prior else []), *extra]:
+        # one phrases store read once, whichever way it comes (feature, prior, the run's store)
+        if f.name not in phrases and f.has_column("phrases"):
+            phrases[f.name] = phrases_for(f, ids)
     table = prediction_table(head, ids, head.predict(blocks, cos), blocks, phrases, top_k)
+    table, scores, warnings = score_against_labels(table, head, manifest.table, label_col)
+    if scores and str(manifest_path) == str(head.meta.get("manifest")):
+        # the manifest the head was trained on: its top-1 over every row is no held-out score
+        scores["note"] = "every row, the head's training rows included; held-out: 'fuse eval --split test'"
     write_predictions(table, out)
-    return PredictSummary(str(out), len(ids), time.perf_counter() - start)
+    return PredictSummary(str(out), len(ids), time.perf_counter() - start, scores, warnings)
+
+
+def _truth(head, inputs: pa.Table, label_col: str | None) -> pa.Array | None:
+    """The inputs' true labels (null where a row has none), or None: no label column, or a
+    multi-label head (scored by `fuse eval`). --label-col, else the head's label column, else 'label'
+    (a folder's CLASS/ subfolders)."""
+    names = [label_col] if label_col else list(dict.fromkeys([head.meta.get("label_col") or "label", "label"]))
+    col = next((n for n in names if n in inputs.column_names), None)
+    if col is None:
+        if label_col:
+            raise BadInput(f"--label-col {label_col}: the input has no such column (columns: "
+                           f"{', '.join(c for c in inputs.column_names if not c.startswith('_'))})")
+        return None
+    values = inputs[col].combine_chunks()
+    if head.task.multilabel or pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        if label_col:
+            raise BadInput(f"--label-col {label_col}: predict scores single-label heads on one label per row; "
+                           f"score a multi-label head with 'fuse eval'")
+        return None
+    try:
+        values = values.cast(pa.string())
+    except pa.ArrowInvalid:
+        raise BadInput(f"column '{col}': labels of type {values.type} are not text or numbers") from None
+    # an empty cell is no label (a CSV's blank), not a class named ''
+    return pc.if_else(pc.equal(values, ""), pa.nulls(len(values), pa.string()), values)
+
+
+def score_against_labels(table: pa.Table, head, inputs: pa.Table,
+                         label_col: str | None = None) -> tuple[pa.Table, dict | None, list[str]]:
+    """With true labels in `inputs` (row for row with `table`): `true_label` and `correct` columns
+    after `predicted`, top-1 and per-class accuracy over the rows with a label and a prediction, and
+    a warning naming the labels the head never saw (their rows count as wrong: it cannot predict
+    them). Without labels: `table` unchanged, no scores."""
+    truth = _truth(head, inputs, label_col)
+    if truth is None or truth.null_count == len(truth):
+        return table, None, []
+    predicted = table["predicted"].combine_chunks()
+    scored = pc.and_(pc.is_valid(truth), pc.is_valid(predicted))
+    correct = pc.if_else(scored, pc.fill_null(pc.equal(truth, predicted), False), pa.nulls(len(truth), pa.bool_()))
+    at = table.column_names.index("predicted") + 1
+    table = table.add_column(at, "true_label", truth).add_column(at + 1, "correct", correct)
+    mask = scored.to_numpy(zero_copy_only=False)
+    t = np.asarray(truth.to_pylist(), dtype=object)[mask]
+    ok = correct.to_numpy(zero_copy_only=False)[mask].astype(bool)
+    known = set(head.vocab)
+    unseen = sorted({x for x in t if x not in known})
+    per_class = {label: float(ok[t == label].mean()) for label in sorted(set(t))}
+    scores = {"scored": int(mask.sum()), "correct": int(ok.sum()),
+              "top1": float(ok.mean()) if len(ok) else None,
+              "without_label": int(pc.sum(pc.is_null(truth)).as_py() or 0),
+              "without_prediction": int(pc.sum(pc.and_(pc.is_valid(truth), pc.is_null(predicted))).as_py() or 0),
+              "per_class_accuracy": per_class, "unseen_labels": unseen}
+    warnings = []
+    if unseen:
+        rows = int(sum(int((t == x).sum()) for x in unseen))
+        warnings.append(f"{rows} row(s) have labels the head never saw, counted wrong: "
+                        + ", ".join(f"'{x}'" for x in unseen[:20]) + (", ..." if len(unseen) > 20 else ""))
+    return table, scores, warnings
+
+
+def scores_lines(scores: dict | None) -> list[str]:
+    """The printed top-1 and per-class accuracy of `score_against_labels` (nothing without labels)."""
+    if not scores:
+        return []
+    if not scores["scored"]:
+        return ["top-1: no row has both a label and a prediction"]
+    lines = [f"top-1 {100 * scores['top1']:.1f}% ({scores['correct']} of {scores['scored']} labelled rows correct"
+             + (f"; {scores['without_label']} without a label" if scores["without_label"] else "")
+             + (f"; {scores['without_prediction']} without a prediction, not counted"
+                if scores["without_prediction"] else "") + ")"
+             + (f"; {scores['note']}" if scores.get("note") else "")]
+    per = scores["per_class_accuracy"]
+    lines.append("per class: " + ", ".join(f"{printable(k)} {100 * v:.1f}%" for k, v in list(per.items())[:20])
+                 + (", ..." if len(per) > 20 else ""))
+    return lines
 
 
 def _check_top_k(top_k: int) -> None:
@@ -135,7 +227,8 @@ def _check_top_k(top_k: int) -> None:
 
 def prediction_table(head, ids: pa.Array, probs: np.ndarray, blocks, phrases: dict[str, pa.Array],
                      top_k: int) -> pa.Table:
-    """id, label + probability (multi-label: labels), top_labels, top_probs, missing_features, phrases."""
+    """id, label + probability (multi-label: labels), top_labels, top_probs, predicted (single-label),
+    missing_features, phrases."""
     n, C = probs.shape
     k = min(top_k, C)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -154,6 +247,10 @@ def prediction_table(head, ids: pa.Array, probs: np.ndarray, blocks, phrases: di
     columns["top_labels"] = pa.ListArray.from_arrays(offsets, vocab.take(pa.array(top.ravel())))
     columns["top_probs"] = pa.ListArray.from_arrays(
         offsets, pa.array(np.take_along_axis(probs, top, axis=1).ravel().astype(np.float32)))
+    if not head.task.multilabel:
+        # `predicted` names what `label` holds (`label` kept, same values, for files read by name);
+        # with true labels, `true_label` and `correct` come right after it (`score_against_labels`)
+        columns["predicted"] = columns["label"]
     names = np.array([f["name"] for f in head.meta["features"]], dtype=object)
     miss_row, miss_col = np.nonzero(~blocks.present)
     columns["missing_features"] = pa.ListArray.from_arrays(
@@ -220,6 +317,8 @@ class NewPredictions:
     table: pa.Table
     out: str | None
     seconds: float
+    scores: dict | None = None  # against the inputs' labels (`score_against_labels`), when they have them
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> list[dict]:
         """The --json document: a list, one row per input (its id, label, top-k, phrases, error)."""
@@ -239,21 +338,25 @@ class NewPredictions:
             label = (f"{show(row['label'])} ({100 * row['probability']:.1f}%)" if "label" in row
                      else ", ".join(map(show, row["labels"])) or "(no label above the threshold)")
             top = ", ".join(f"{show(lab)} {100 * p:.1f}%" for lab, p in zip(row["top_labels"], row["top_probs"]))
-            lines.append(f"{show(row['id'])}: {label}; top: {top}")
+            truth = "" if row.get("correct") is None else \
+                f"; true: {show(row['true_label'])} ({'right' if row['correct'] else 'wrong'})"
+            lines.append(f"{show(row['id'])}: {label}; top: {top}{truth}")
             for key in [k for k in row if k.startswith("phrases")]:
                 lines.append(f"  {key}: {', '.join(map(show, row[key] or [])) or '(none)'}")
             if row["missing_features"]:
                 lines.append(f"  without: {', '.join(map(show, row['missing_features']))}")
         if self.out:
             lines.append(f"predict: {self.table.num_rows} rows -> {printable(self.out)} ({self.seconds:.1f} s)")
-        return "\n".join(lines)
+        return "\n".join(lines + scores_lines(self.scores))
 
 
 def predict_new(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, top_k: int = 5,
                 out: str | os.PathLike | None = None, index: str | None = None, model: str | None = None,
-                device: str = "auto", id_col: str | None = None, image_col: str | None = None) -> NewPredictions:
+                device: str = "auto", id_col: str | None = None, image_col: str | None = None,
+                label_col: str | None = None) -> NewPredictions:
     """`predict HEAD INPUT...`: the head on images it has not seen (files, folders, any manifest
-    source), computing their features as the head's meta.json records (`fuse.newinputs`)."""
+    source), computing their features as the head's meta.json records (`fuse.newinputs`); inputs
+    with labels (CLASS/ subfolders, a label column) are scored against them."""
     from phrasefuse.fuse.newinputs import compute, provenance, read_inputs
 
     start = time.perf_counter()
@@ -275,9 +378,10 @@ def predict_new(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike
             table = table.set_column(table.column_names.index(name), name,
                                      pc.if_else(failed, pa.nulls(len(failed), col.type), col))
     table = table.append_column("error", made.errors)
+    table, scores, warnings = score_against_labels(table, head, manifest.table, label_col)
     if out is not None:
         write_predictions(table, out)
-    return NewPredictions(table, str(out) if out else None, time.perf_counter() - start)
+    return NewPredictions(table, str(out) if out else None, time.perf_counter() - start, scores, warnings)
 
 
 def phrases_for(feature: Feature, ids: pa.Array) -> pa.Array:

@@ -71,16 +71,14 @@ class TrainReport:
             for name, m in (self.metrics.get(split) or {}).items():
                 if m:
                     lines.append(f"  {split:<4} {name:<13} {format_metrics(m)}")
-        trust = ", ".join(f"{f['name']} {f['trust']:.2f}" for f in self.features if f.get("trust") is not None
-                          and f["role"] != "image")
-        lines.append(f"  saved: {self.saved} ({self.reason})" + (f"; text trust: {trust}" if trust else ""))
+        # One plain line per part of the saved head; the rules behind each choice (likelihood ratios,
+        # shuffled priors, candidate scores) are in meta.json and --json, not here.
+        lines.append(f"  saved: {self.saved_parts()}")
+        lines.append(f"    why: {self.reason}" if self.saved == "single" else
+                     f"    why: {self.saved} head kept: {self.reason}")
         lines.append(f"  chosen by: {self.selection['chosen_by']}")
         if self.prior:
-            scores = ", ".join(f"{g['weight']:.3g}: {100 * g['val_top1']:.1f}" for g in self.prior["grid"])
-            lines.append(f"  label prior: {self.prior['store']['name']} ({self.prior['texts']}), weight "
-                         f"{self.prior['weight']:.3g}" + (" (left out)" if self.prior["weight"] == 0 else "") +
-                         f"; val top-1 by weight: {scores}")
-            lines.append(f"    rule: {self.prior['rule']}")
+            lines.append(f"  {self.prior_summary()}")
         pseudo = self.selection.get("pseudo_shots")
         if pseudo:
             lines.append(f"  pseudo-shots: {pseudo['rows']} rows from {pseudo['index']}"
@@ -88,6 +86,35 @@ class TrainReport:
                          + f": {pseudo['reason']}")
         lines.append(f"  -> {self.out} ({self.seconds:.1f} s)")
         return "\n".join(lines)
+
+    def saved_features(self) -> list[dict]:
+        """The features the saved head reads: the image feature alone when image-only was kept (select:
+        `[img]`), else every image feature and each text feature it trusts (trust 0 left it out)."""
+        if self.saved == "image-only":
+            return [next(f for f in self.features if f["role"] == "image")]
+        return [f for f in self.features if f["role"] == "image" or (f.get("trust") or 0) > 0]
+
+    def saved_parts(self) -> str:
+        """Every part of the saved head (features, label prior and its weight, pseudo-shots), said as
+        `inspect` says it from meta.json (artifact.saved_parts)."""
+        from phrasefuse.fuse.artifact import saved_parts
+
+        return saved_parts({"features": self.saved_features(), "prior": self.prior, "selection": self.selection})
+
+    def prior_summary(self) -> str:
+        """One plain line: the label prior kept or left out, and what it did to held-out top-1."""
+        p = self.prior
+        head = f"label prior: {p['store']['name']} ({p['texts']}), weight {p['weight']:.3g}"
+        val = self.metrics.get("val") or {}
+        with_it, without = (val.get("saved") or {}).get("top1"), (val.get("without_prior") or {}).get("top1")
+        if not p["weight"]:
+            return head + (f" (left out): it did not clearly help on {p['rows']} held-out rows" if p.get("rows")
+                           else " (left out)")
+        if with_it is None or without is None:
+            return head + ", kept"
+        verb = "raised" if with_it > without else "lowered" if with_it < without else "left"
+        return head + (f", kept: it {verb} val top-1 from {100 * without:.1f} to {100 * with_it:.1f}"
+                       if verb != "left" else f", kept: val top-1 unchanged ({100 * with_it:.1f})")
 
 
 def train_head(manifest: str | os.PathLike, feature_args: Sequence[str], out: str | os.PathLike, *, kind: str,

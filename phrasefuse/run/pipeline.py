@@ -597,7 +597,10 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, sett
                             align_descriptions=head.align_descriptions, text_model=config.encoders.text,
                             label_prior=str(layout.store(head.label_prior)) if head.label_prior else None,
                             pseudo_shots=str(layout.index) if head.pseudo_shots else None, shots=head.shots)
-        p = predict(out, config.data.source, predictions)
+        # every head's predictions show the run's phrases (as the README says), also a head that
+        # does not read them (image-only) or saved without them
+        p = predict(out, config.data.source, predictions,
+                    phrases_from=[layout.phrases_store] if config.phrases else [])
         d = report.as_dict()
         test = (d["metrics"].get("test") or {}).get("saved") or {}
         # composed, not rewritten: the head's name over the two commands' own texts

@@ -63,3 +63,15 @@ def test_a_feature_name_with_a_pipe_or_a_newline_stays_in_its_markdown_cell(tmp_
     # every row of the table has the header's 5 cells: no '|' of a name opens a cell, no newline ends a row
     assert {len(re.findall(r"(?<!\\)\|", line)) for line in rows} == {6}
     assert not any(line.startswith("x (image only)") for line in written.splitlines())
+
+
+def test_printed_notes_are_one_plain_line_and_the_rules_stay_in_the_files(tmp_path):
+    data = write_synthetic(tmp_path / "d", n=300, image_signal=0.5, text_signal=0.0)
+    report = ablate(data.manifest, [str(data.image)], "linear", shots=[1, 2], seeds=1, full=True,
+                    out=tmp_path / "abl", progress=False)
+    text = report.text()
+    assert "shuffled priors" not in text and "chi-square" not in text and "likelihood" not in text
+    assert "1 example per class: nothing can be held out" in text and "2 examples per class:" in text
+    for table in report.data["tables"]:  # the full note is kept where the rules are read
+        assert table["note"] in report.markdown and table["note"] in (tmp_path / "abl" / "ablation.md").read_text()
+    assert "shuffled priors" in (tmp_path / "abl" / "ablation.md").read_text()

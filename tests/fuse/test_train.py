@@ -280,6 +280,17 @@ def test_an_informative_label_prior_is_kept_and_a_noise_prior_left_out(tmp_path,
     assert good.prior["weight"] > 0, good.prior["rule"]
     assert top1(good) > top1(good, "without_prior") + 0.03
     assert "label prior: near (label names), weight" in good.text()
+    # what is printed is what was saved: the saved line names every part of the head, the prior and its
+    # weight too (an image-only head with a prior changes predictions); the rule's statistics are in
+    # meta.json and --json, the text has one plain line
+    meta = json.loads((tmp_path / "good" / "meta.json").read_text())
+    saved = next(line for line in good.text().splitlines() if line.startswith("  saved: "))
+    assert saved == (f"  saved: features {', '.join(f['name'] for f in meta['features'])}; label prior near, weight "
+                     f"{meta['prior']['weight']:.3g}")
+    without, with_it = (100 * meta["metrics"]["val"][k]["top1"] for k in ("without_prior", "saved"))
+    assert f"it raised val top-1 from {without:.1f} to {with_it:.1f}" in good.text()
+    assert "rule" not in good.text() and "dlogL" not in good.text() and "dlogL" in meta["prior"]["rule"]
+    assert "dlogL" in json.dumps(good.as_dict())
     for seed in (0, 1, 2):
         noise = np.random.default_rng(seed).standard_normal((len(ids), dim)).astype(np.float32)
         write_store(tmp_path / f"noise{seed}", "text", ids, noise, identity)
@@ -287,4 +298,4 @@ def test_an_informative_label_prior_is_kept_and_a_noise_prior_left_out(tmp_path,
                          label_prior=str(tmp_path / f"noise{seed}"))
         assert bad.prior["weight"] == 0.0, bad.prior["rule"]
         assert bad.metrics["test"]["saved"] == bad.metrics["test"]["without_prior"]
-        assert "(left out)" in bad.text()
+        assert "(left out)" in bad.text() and "; no label prior (left out)" in bad.text()

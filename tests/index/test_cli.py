@@ -87,6 +87,15 @@ def test_phrases_store_joins_back_and_averages_phrase_embeddings(shapes_index, s
     emb = store.embeddings()[1]
     np.testing.assert_allclose(emb, expected, atol=1e-5)
 
+    # `inspect` of a phrases store shows a few images' phrases with their scores (the first rows)
+    shown = invoke_cli("inspect", out, check=True).stdout
+    first = table.slice(0, 3).to_pylist()
+    for row in first:
+        assert f"    {row['id']}: " + ", ".join(f"{p} ({s:.2f})" for p, s in zip(row["phrases"], row["scores"])) in shown
+    examples = json.loads(invoke_cli("inspect", out, "--json", check=True).stdout)["examples"]
+    assert [e["id"] for e in examples] == [r["id"] for r in first] and examples[0]["phrases"] == first[0]["phrases"]
+    assert "examples" not in json.loads(invoke_cli("inspect", shapes_img_store, "--json", check=True).stdout)
+
     # Score-weighted: the same rows, weighted by their cosine scores.
     weighted_out = tmp_path / "weighted"
     generate_phrases(shapes_index, shapes_img_store, weighted_out, text_model=tiny_clip_spec, score_weighted=True, k=2,

@@ -86,6 +86,8 @@ def assert_predictions_and_zeroshot(folder: Path) -> None:
         for top_labels, top_probs in zip(predictions["top_labels"].to_pylist(), predictions["top_probs"].to_pylist()):
             assert set(top_labels) <= labels and top_probs == sorted(top_probs, reverse=True) and sum(top_probs) <= 1 + 1e-5
         assert predictions.column_names[:5] == ["id", "label", "probability", "top_labels", "top_probs"]
+        # every head's predictions show the run's phrases, the image-only head's too (README: Outputs)
+        assert "phrases" in predictions.column_names and predictions["phrases"].null_count < predictions.num_rows
     zeroshot = json.loads((work / "zeroshot.json").read_text())
     assert zeroshot["split"] == "test" and 0 < zeroshot["coverage"] <= 1
     if "split" in manifest.column_names:
