@@ -44,8 +44,11 @@ SMALL_MEMBER = 16 << 20  # .txt/.json/.cls members larger than this are refused 
 CHUNK_ROWS = 2048  # Parquet-bytes rows handed to the image job at a time...
 # ...and at most about this many image bytes (plus one row): a chunk is held ~3 times over (the Arrow
 # batch, its rows' Python bytes in the job, the worker's copy), so 2,048 rows of 2 MB peaked at ~4.8 GB.
-CHUNK_BYTES = 256 << 20
-READ_BUFFER = 8 << 20  # Parquet pages are read through a buffer of this size, not a whole column chunk
+CHUNK_BYTES = 128 << 20
+# Parquet reads: ~32 MB of rows at a time (an Arrow read of N bytes of binary values peaks at ~3x N), each
+# file's pages through a buffer and without pre-buffering (pre_buffer fetched whole row groups ahead).
+READ_BYTES = 32 << 20
+READ_BUFFER = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -355,13 +358,15 @@ def _pending_bytes(todo: pa.Table, file: str, image_bytes: str, rows: int, max_b
     mine = todo.filter(pc.equal(todo[FILE_COL], file))
     want, ids = mine[ROW_COL].to_numpy() - 1, mine["id"].combine_chunks()
     start = 0
-    parquet = pq.ParquetFile(file, buffer_size=READ_BUFFER)
-    for batch in parquet.iter_batches(columns=[image_bytes],
-                                      batch_size=_rows_within(parquet.metadata, image_bytes, rows, max_bytes)):
+    parquet = pq.ParquetFile(file, buffer_size=READ_BUFFER, pre_buffer=False)
+    read_rows = _rows_within(parquet.metadata, image_bytes, rows, min(max_bytes, READ_BYTES))
+    for batch in parquet.iter_batches(columns=[image_bytes], batch_size=read_rows, use_threads=False):
         n = batch.num_rows
         inside = np.flatnonzero((want >= start) & (want < start + n))
         if len(inside):
-            values = batch.column(0).take(pa.array(want[inside] - start))
+            at = want[inside] - start
+            whole = len(at) == n and bool((at == np.arange(n)).all())  # every row, in order: no copy
+            values = batch.column(0) if whole else batch.column(0).take(pa.array(at))
             if pa.types.is_struct(values.type):
                 values = pc.struct_field(values, "bytes")
             yield pa.table({"id": ids.take(pa.array(inside)),
