@@ -1,13 +1,15 @@
 """Peak memory of the commands whose memory must be bounded by settings, not by input size.
 
     .venv/bin/python bench/memory.py [lookup] [parquet] [heads] [text] [--code PATH] [--classes 5000,15000]
+                                     [--heads linear,mlp]
 
 Each case builds its inputs in a temp folder, runs the phrasefuse CLI twice at two input sizes, in
 a fresh process each (`/usr/bin/time`: peak RSS of the process), and prints one line per run:
 
-  lookup   `index lookup` of 100 and 600 distinct noisy 1000x1000 JPEGs (~1 MB each)
+  lookup   `index lookup` of 100 and 600 (--inputs) distinct noisy 1000x1000 JPEGs (~1 MB each)
   parquet  `extract images` of one uncompressed Parquet file of 40 and 400 rows x 2 MB of bytes
-  heads    `fuse train --head linear` and `--head mlp`, one train row per class, dim 32, at --classes
+  heads    `fuse train --head linear` and `--head mlp` (--heads), 3 rows per class (train, val, test), dim 32,
+           at --classes
   text     `extract texts` of a 2-row table whose first cell is 1 MB and 20 MB of text
 
 --code PATH runs the CLI of another checkout (e.g. `git archive` of an older commit unpacked in
@@ -44,7 +46,7 @@ def run(code: Path, args: list, label: str) -> None:
           flush=True)
 
 
-def lookup(code: Path, tmp: Path) -> None:
+def lookup(code: Path, tmp: Path, sizes: list[int]) -> None:
     from PIL import Image
 
     (tmp / "img").mkdir()
@@ -63,11 +65,11 @@ def lookup(code: Path, tmp: Path) -> None:
     (tmp / "big").mkdir()
     noise = np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
     files = []
-    for i in range(600):  # distinct images: no input is a copy of another (lookup reuses a copy's result)
+    for i in range(max(sizes)):  # distinct images: no input is a copy of another (lookup reuses a copy's result)
         noise[:8, :8] = i % 256, i // 256, 0
         files.append(tmp / "big" / f"{i:04d}.jpg")
         Image.fromarray(noise).save(files[-1], quality=95)
-    for n in (100, 600):
+    for n in sizes:
         run(code, ["index", "lookup", tmp / "index", *files[:n], "-k", "1"], f"index lookup, {n} inputs of ~1 MB")
 
 
@@ -82,7 +84,7 @@ def parquet(code: Path, tmp: Path) -> None:
             f"extract images, Parquet {n} rows x 2 MB")
 
 
-def heads(code: Path, tmp: Path, classes: list[int]) -> None:
+def heads(code: Path, tmp: Path, classes: list[int], kinds: list[str]) -> None:
     dim, per = 32, 3
     for k in classes:
         folder = tmp / f"k{k}"
@@ -100,7 +102,7 @@ def heads(code: Path, tmp: Path, classes: list[int]) -> None:
         subprocess.run([sys.executable, "-m", "phrasefuse", "import", str(folder / "emb"), "--out",
                         str(folder / "store"), "--encoder-name", "rand", "--weights-sha256", "abc"],
                        env=dict(os.environ, PYTHONPATH=str(code)), cwd=code, check=True, stdout=subprocess.DEVNULL)
-        for head in ("linear", "mlp"):
+        for head in kinds:
             run(code, ["fuse", "train", "--manifest", folder / "m.parquet", "--feature", f"image={folder / 'store'}",
                        "--head", head, "--out", folder / f"head-{head}"], f"fuse train --head {head}, {k} classes")
 
@@ -117,13 +119,17 @@ def main() -> None:
     parser.add_argument("cases", nargs="*", default=["lookup", "parquet", "heads", "text"])
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose CLI is measured (default: this one)")
     parser.add_argument("--classes", default="5000,15000", help="heads: class counts, comma-separated")
+    parser.add_argument("--heads", default="linear,mlp", help="heads: kinds, comma-separated")
+    parser.add_argument("--inputs", default="100,600", help="lookup: input counts, comma-separated")
     args = parser.parse_args()
     for case in args.cases:
         with tempfile.TemporaryDirectory() as tmp:
             if case == "heads":
-                heads(args.code.resolve(), Path(tmp), [int(c) for c in args.classes.split(",")])
+                heads(args.code.resolve(), Path(tmp), [int(c) for c in args.classes.split(",")], args.heads.split(","))
+            elif case == "lookup":
+                lookup(args.code.resolve(), Path(tmp), [int(n) for n in args.inputs.split(",")])
             else:
-                {"lookup": lookup, "parquet": parquet, "text": text}[case](args.code.resolve(), Path(tmp))
+                {"parquet": parquet, "text": text}[case](args.code.resolve(), Path(tmp))
 
 
 if __name__ == "__main__":
