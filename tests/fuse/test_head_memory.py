@@ -61,3 +61,14 @@ def test_torch_heads_never_hold_logits_for_more_than_a_batch(kind, monkeypatch):
     whole_shapes, whole = fitted()
     assert (200, classes) in whole_shapes  # the same head: chunking changes no choice (steps, early stop)
     np.testing.assert_allclose(whole, probs, atol=1e-6)
+
+
+def test_top_k_accuracy_in_row_chunks_is_the_whole_split_figure(monkeypatch):
+    from phrasefuse.fuse import metrics
+
+    rng = np.random.default_rng(0)
+    scores, y = rng.random((301, 40)).astype(np.float32), rng.integers(-1, 40, 301)  # -1: an unseen label
+    whole = {k: float(np.mean(np.any(np.argsort(-scores, axis=1)[:, :k] == y[:, None], axis=1))) for k in (1, 5)}
+    monkeypatch.setattr(metrics, "TOPK_VALUES", 40 * 7)  # 7-row chunks
+    assert {k: metrics.topk_accuracy(scores, y, k) for k in (1, 5)} == whole
+    assert metrics.topk_accuracy(scores, y, 40) == float(np.mean(y >= 0))
