@@ -198,9 +198,18 @@ class ImageEncoder:
         return self.encode(torch.stack([self.to_pixels(prepare(im, self.resize_shorter)) for im in images]))
 
 
+# Characters kept per token the model reads. Tokenizers tokenize the whole string before truncating
+# to the model's length (a 20 MB cell peaked at 4.3 GB RSS), so a text is cut first at max_tokens x
+# this: an English token is ~4 characters, a word piece at most 100 (BERT's longest word), and
+# whitespace runs are tokens of none; 32 on average over the first max_tokens leaves the model the
+# same tokens for any text but pathological ones, and a batch of 256 capped texts stays ~2 MB.
+CHARS_PER_TOKEN = 32
+
+
 @dataclass
 class TextEncoder:
-    """Texts -> (n, dim) float32 unit vectors."""
+    """Texts -> (n, dim) float32 unit vectors. `max_chars` (0: none): each text is cut to that many
+    characters before tokenisation (`CHARS_PER_TOKEN` x the model's maximum tokens)."""
 
     spec: str
     family: str
@@ -210,6 +219,7 @@ class TextEncoder:
     device: torch.device
     dim: int = 0
     weights_sha256: str = ""
+    max_chars: int = 0
 
     def __post_init__(self) -> None:
         self.module.eval()
@@ -228,6 +238,8 @@ class TextEncoder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        if self.max_chars:  # slicing a shorter str returns it as is: no copy
+            texts = [t[:self.max_chars] for t in texts]
         # Longest first, so each batch pads to similar lengths; rows go back to input order.
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), np.float32)
@@ -290,7 +302,9 @@ def _open_clip_text_encoder(s: Spec, dev: torch.device) -> TextEncoder:
     model, arch, _ = _open_clip(s)
     model.to(dev)
     tokenizer = open_clip.get_tokenizer(arch)
-    return TextEncoder(s.text, s.family, arch, lambda texts: model.encode_text(tokenizer(texts).to(dev)), model, dev)
+    tokens = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", None) or 77)
+    return TextEncoder(s.text, s.family, arch, lambda texts: model.encode_text(tokenizer(texts).to(dev)), model, dev,
+                       max_chars=tokens * CHARS_PER_TOKEN)
 
 
 def _efficientnet_lite0(s: Spec, dev: torch.device) -> ImageEncoder:
@@ -474,7 +488,10 @@ def _sentence_transformer(spec: str, family: str, name: str, path: str, dev: tor
     def encode_batch(texts: list[str]) -> torch.Tensor:
         return model.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False)
 
-    return TextEncoder(spec, family, name, encode_batch, model, dev)
+    tokens = model.max_seq_length or getattr(model.tokenizer, "model_max_length", 0)
+    # a tokenizer without a length (model_max_length is a huge sentinel then): no cap
+    max_chars = int(tokens) * CHARS_PER_TOKEN if tokens and tokens < 1_000_000 else 0
+    return TextEncoder(spec, family, name, encode_batch, model, dev, max_chars=max_chars)
 
 
 BUILTIN_IMAGE = {"efficientnet-lite0": _efficientnet_lite0}

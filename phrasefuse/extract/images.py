@@ -196,9 +196,12 @@ FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)")
               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-def read_item(path: str | None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
+def read_item(path: str | None, limits: ImageLimits = DEFAULT_LIMITS, *,
+              read: bool = True) -> tuple[bytes | None, str | None]:
     """(bytes, None) or (None, reason). Only regular files (symlinks followed) of at most
-    `limits.max_bytes` are read: a FIFO would block forever, a device or a sparse file never end."""
+    `limits.max_bytes` are read: a FIFO would block forever, a device or a sparse file never end.
+    `read=False` makes only the checks that need no read (opens, is a regular file, size): (b"", None)
+    when they pass; a command that streams many files checks them all first without holding any."""
     if not path:
         return None, "no image path"
     try:
@@ -212,7 +215,7 @@ def read_item(path: str | None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[b
     except (ValueError, TypeError, UnicodeError) as e:  # a NUL byte, unencodable characters
         return None, f"not a valid path ({str(e)[:80]}): {path!r}"
     try:
-        return _read_regular(fd, path, limits)
+        return _read_regular(fd, path, limits, read)
     except OSError as e:
         return None, f"cannot read {path}: {e.strerror}"
     except MemoryError:
@@ -231,7 +234,7 @@ def _special_kind(path: str) -> str | None:
                                                 "not a regular file")
 
 
-def _read_regular(fd: int, path: str, limits: ImageLimits) -> tuple[bytes | None, str | None]:
+def _read_regular(fd: int, path: str, limits: ImageLimits, read: bool = True) -> tuple[bytes | None, str | None]:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in FILE_KINDS if test(st.st_mode)), "not a regular file")
@@ -239,6 +242,8 @@ def _read_regular(fd: int, path: str, limits: ImageLimits) -> tuple[bytes | None
     if st.st_size > limits.max_bytes:
         return None, (f"file too large: {st.st_size / 2**20:.0f} MB is over the limit of "
                       f"{limits.max_bytes / 2**20:.0f} MB (max_image_mb): {path}")
+    if not read:  # an empty file is found when it is read (st_size is 0 for /proc files that have content)
+        return b"", None
     with os.fdopen(os.dup(fd), "rb") as f:
         data = f.read(limits.max_bytes + 1)  # the file may have grown since fstat
     if len(data) > limits.max_bytes:

@@ -29,7 +29,7 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,14 @@ SYSTEM_FOLDERS = frozenset(n.lower() for n in ("@eaDir", "@Recycle", "@Recently-
                                                 "__MACOSX", "$RECYCLE.BIN", "System Volume Information", "lost+found"))
 LABELS_NOTE = b"phrasefuse.labels_note"  # schema metadata of a folder's table: why it has no `label`
 SMALL_MEMBER = 16 << 20  # .txt/.json/.cls members larger than this are refused (not metadata)
-CHUNK_ROWS = 2048  # Parquet-bytes rows handed to the image job at a time
+CHUNK_ROWS = 2048  # Parquet-bytes rows handed to the image job at a time...
+# ...and at most about this many image bytes (plus one row): a chunk is held ~3 times over (the Arrow
+# batch, its rows' Python bytes in the job, the worker's copy), so 2,048 rows of 2 MB peaked at ~4.8 GB.
+CHUNK_BYTES = 128 << 20
+# Parquet reads: ~32 MB of rows at a time (an Arrow read of N bytes of binary values peaks at ~3x N), each
+# file's pages through a buffer and without pre-buffering (pre_buffer fetched whole row groups ahead).
+READ_BYTES = 32 << 20
+READ_BUFFER = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -458,28 +465,79 @@ def _bytes_type(t: pa.DataType) -> str | None:
     return None
 
 
-def image_chunks(todo: pa.Table, image_bytes: str | None, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+def image_chunks(todo: pa.Table, image_bytes: str | None, rows: int = CHUNK_ROWS,
+                 max_bytes: int = CHUNK_BYTES) -> Iterator[pa.Table]:
     """The pending rows with what a worker needs to read each image: (id, image[, _offset, _size])
     in one piece for files and tar members, or (id, image, _bytes) streamed from the Parquet files
-    `rows` at a time, for the pending rows only (a file's other rows and columns are never held)."""
+    for the pending rows only (a file's other rows and columns are never held), in chunks of at most
+    `rows` rows whose bytes start within `max_bytes` (`byte_chunks`): memory follows the bytes, not
+    the row count."""
     if image_bytes is None:
         yield todo.select([c for c in ("id", "image", OFFSET_COL, SIZE_COL) if c in todo.column_names])
         return
+    for file in pc.unique(todo[FILE_COL]).to_pylist():
+        yield from byte_chunks(_pending_bytes(todo, file, image_bytes, rows, max_bytes), rows, max_bytes)
+
+
+def _pending_bytes(todo: pa.Table, file: str, image_bytes: str, rows: int, max_bytes: int) -> Iterator[pa.Table]:
+    """(id, image, _bytes) of `todo`'s rows of one Parquet file, read a few rows at a time."""
     import pyarrow.parquet as pq
 
-    for file in pc.unique(todo[FILE_COL]).to_pylist():
-        mine = todo.filter(pc.equal(todo[FILE_COL], file))
-        want, ids = mine[ROW_COL].to_numpy() - 1, mine["id"].combine_chunks()
-        start = 0
-        for batch in pq.ParquetFile(file).iter_batches(columns=[image_bytes], batch_size=rows):
-            n = batch.num_rows
-            inside = np.flatnonzero((want >= start) & (want < start + n))
-            if len(inside):
-                values = batch.column(0).take(pa.array(want[inside] - start))
-                if pa.types.is_dictionary(values.type):
-                    values = values.dictionary_decode()
-                if pa.types.is_struct(values.type):
-                    values = pc.struct_field(values, "bytes")
-                yield pa.table({"id": ids.take(pa.array(inside)), "image": pa.nulls(len(inside), pa.string())
-                                .fill_null(f"{file}:{image_bytes}"), BYTES_COL: pc.cast(values, pa.binary())})
-            start += n
+    mine = todo.filter(pc.equal(todo[FILE_COL], file))
+    want, ids = mine[ROW_COL].to_numpy() - 1, mine["id"].combine_chunks()
+    start = 0
+    parquet = pq.ParquetFile(file, buffer_size=READ_BUFFER, pre_buffer=False)
+    read_rows = _rows_within(parquet.metadata, image_bytes, rows, min(max_bytes, READ_BYTES))
+    for batch in parquet.iter_batches(columns=[image_bytes], batch_size=read_rows, use_threads=False):
+        n = batch.num_rows
+        inside = np.flatnonzero((want >= start) & (want < start + n))
+        if len(inside):
+            at = want[inside] - start
+            whole = len(at) == n and bool((at == np.arange(n)).all())  # every row, in order: no copy
+            values = batch.column(0) if whole else batch.column(0).take(pa.array(at))
+            if pa.types.is_dictionary(values.type):
+                values = values.dictionary_decode()
+            if pa.types.is_struct(values.type):
+                values = pc.struct_field(values, "bytes")
+            yield pa.table({"id": ids.take(pa.array(inside)),
+                            "image": pa.nulls(len(inside), pa.string()).fill_null(f"{file}:{image_bytes}"),
+                            BYTES_COL: pc.cast(values, pa.binary())})
+        start += n
+
+
+def _rows_within(metadata, column: str, rows: int, max_bytes: int) -> int:
+    """Rows per Parquet read: `rows`, fewer when the row groups' mean uncompressed bytes per row of
+    `column` (its leaves: a struct's bytes and path) say that many would pass `max_bytes`. A mean,
+    so a read may pass it when row sizes vary; `byte_chunks` then splits what was read."""
+    widest = 0.0
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        size = sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                   if group.column(j).path_in_schema == column
+                   or group.column(j).path_in_schema.startswith(column + "."))
+        widest = max(widest, size / max(1, group.num_rows))
+    return max(1, min(rows, int(max_bytes // widest) if widest else rows))
+
+
+def byte_chunks(pieces: Iterable[pa.Table], rows: int, max_bytes: int) -> Iterator[pa.Table]:
+    """Consecutive `pieces` (their `_bytes` column) regrouped into chunks of at most `rows` rows: a row
+    joins the chunk while the chunk's bytes before it are under `max_bytes`, so a chunk holds at most
+    `max_bytes` plus one row (a row is at most the image size limit: larger ones are error rows)."""
+    held: list[pa.Table] = []
+    held_rows = held_bytes = 0
+    for piece in pieces:
+        while piece.num_rows:
+            sizes = pc.fill_null(pc.binary_length(piece[BYTES_COL]), 0).to_numpy().astype(np.int64)
+            starts = held_bytes + np.cumsum(sizes) - sizes  # bytes of the chunk before each row
+            fit = min(int(np.searchsorted(starts, max_bytes, side="left")), rows - held_rows)
+            if fit == piece.num_rows:
+                held.append(piece)
+                held_rows, held_bytes = held_rows + fit, held_bytes + int(sizes.sum())
+                break
+            if fit:
+                held.append(piece.slice(0, fit))
+            yield pa.concat_tables(held)  # never empty: an empty chunk takes at least one row
+            held, held_rows, held_bytes = [], 0, 0
+            piece = piece.slice(fit)
+    if held_rows:
+        yield pa.concat_tables(held)

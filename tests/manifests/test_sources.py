@@ -111,3 +111,32 @@ def test_tar_label_from_a_json_field_and_image_by_extension(tmp_path):
     with open(m.table["image"][0].as_py(), "rb") as f:
         f.seek(m.table["_offset"][0].as_py())
         assert f.read(m.table["_size"][0].as_py()) == data.jpeg(1)
+
+
+def test_parquet_bytes_come_in_chunks_bounded_by_bytes_not_only_rows(tmp_path):
+    """b28: 2,048 rows of 2 MB made one 4 GB chunk; a chunk now holds under `max_bytes` of image bytes
+    before its last row (and at most `rows` rows), its boundaries following from the row sizes alone."""
+    import pyarrow.parquet as pq
+
+    from phrasefuse.manifests.sources import byte_chunks
+
+    sizes = [300, 50, 700, 120, 2500, 10, 10, 900, 400, 64, 1300, 5, 600, 1, 1, 1, 1, 1]
+    cells = [bytes([i]) * size for i, size in enumerate(sizes)]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(sizes))], "image": pa.array(cells, pa.large_binary())}),
+                   path, row_group_size=5)  # row groups and reads do not line up with the chunks
+    m = read_manifest(path, require_image=True)
+    expected, current, used = [], [], 0  # a row joins while the chunk's bytes before it are under 1,000
+    for size in sizes:
+        if current and (used >= 1000 or len(current) == 4):
+            expected, current, used = expected + [current], [], 0
+        current, used = current + [size], used + size
+    expected.append(current)
+    chunks = list(image_chunks(m.table, m.image_bytes, rows=4, max_bytes=1000))
+    got = [[len(b) for b in c["_bytes"].to_pylist()] for c in chunks]
+    assert got == expected == [[300, 50, 700], [120, 2500], [10, 10, 900, 400], [64, 1300], [5, 600, 1, 1],
+                               [1, 1, 1]]
+    assert [b for c in chunks for b in c["_bytes"].to_pylist()] == cells  # every row once, in order
+    assert [i for c in chunks for i in c["id"].to_pylist()] == m.ids.to_pylist()
+    assert len(list(image_chunks(m.table, m.image_bytes))) == 1  # the default budget: one chunk here
+    assert list(byte_chunks([], 4, 1000)) == []

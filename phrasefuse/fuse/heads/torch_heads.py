@@ -17,6 +17,14 @@ from phrasefuse.fuse.heads.base import SMALL_WORK, Align, FittedHead
 from phrasefuse.fuse.metrics import example_scores
 
 PREDICT_BATCH = 8192
+# Values (rows x classes) of one scoring forward pass (validation, predict): 64 MB of float32 logits.
+# At 50,000 classes a whole 50,000-row split would be 10 GB of logits, and its softmax as much again.
+LOGIT_VALUES = 1 << 24
+
+
+def score_rows(num_classes: int) -> int:
+    """Rows per scoring forward pass: PREDICT_BATCH, fewer when rows x classes would pass LOGIT_VALUES."""
+    return max(1, min(PREDICT_BATCH, LOGIT_VALUES // max(1, num_classes)))
 
 
 def batch_size_for(n: int, configured: int | None) -> int:
@@ -73,13 +81,15 @@ class TorchHead(FittedHead):
         import torch
 
         x = self.design(blocks)
-        out = []
+        # Filled in place: a list of chunks then np.concatenate would hold the probabilities twice.
+        out = np.empty((len(x), self.task.num_classes), np.float32)
+        rows = score_rows(self.task.num_classes)
         net = self.net.eval()
         with torch.no_grad():
-            for i in range(0, len(x), PREDICT_BATCH):
-                logits = _forward(net, torch.from_numpy(x[i:i + PREDICT_BATCH]))[0]
-                out.append((torch.sigmoid(logits) if self.task.multilabel else torch.softmax(logits, dim=1)).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.task.num_classes), np.float32)
+            for i in range(0, len(x), rows):
+                logits = _forward(net, torch.from_numpy(x[i:i + rows]))[0]
+                out[i:i + rows] = (torch.sigmoid(logits) if self.task.multilabel else torch.softmax(logits, dim=1)).numpy()
+        return out
 
 
 @dataclass
@@ -237,6 +247,7 @@ class _EarlyStop:
         # A stop row whose label the head never saw (-1) counts wrong in the score, and has no
         # place in the loss (cross-entropy has no class for it).
         self.known = torch.from_numpy(_known(stop[1], self.multilabel)).to(device)
+        self.classes = head.task.num_classes
         self.best, self.best_score, self.best_loss, self.best_steps, self.bad = None, -math.inf, math.inf, 0, 0
 
     def should_stop(self, net, done: int) -> bool:
@@ -244,12 +255,24 @@ class _EarlyStop:
         import torch
 
         net.eval()
+        # In chunks of `score_rows`: the stop rows' logits are never all held (rows x classes).
+        # The loss: each chunk's mean times its count, summed, divided once: the mean over all known
+        # rows (with one chunk exactly the earlier whole-set value: float32 mean x count is exact in float64).
+        rows, total, values = score_rows(self.classes), 0.0, 0
+        scores = np.empty(len(self.y), np.float64)
         with torch.no_grad():
-            logits = _forward(net, self.x)[0]
-            loss = float(_loss(logits[self.known], self.target[self.known], self.multilabel)) \
-                if bool(self.known.any()) else 0.0
-            probs = torch.sigmoid(logits) if self.multilabel else logits
-        score = float(np.nanmean(example_scores(probs.cpu().numpy(), self.y, self.multilabel)))
+            for i in range(0, len(self.y), rows):
+                logits = _forward(net, self.x[i:i + rows])[0]
+                known = self.known[i:i + rows]
+                if bool(known.any()):
+                    part = logits[known]
+                    count = part.numel() if self.multilabel else len(part)
+                    total += float(_loss(part, self.target[i:i + rows][known], self.multilabel)) * count
+                    values += count
+                probs = torch.sigmoid(logits) if self.multilabel else logits
+                scores[i:i + rows] = example_scores(probs.cpu().numpy(), self.y[i:i + rows], self.multilabel)
+        loss = total / values if values else 0.0
+        score = float(np.nanmean(scores))
         improved = score > self.best_score + 1e-9
         if improved or (score >= self.best_score - 1e-9 and loss < self.best_loss):
             self.best, self.best_score, self.best_loss = copy.deepcopy(net.state_dict()), score, loss
