@@ -160,3 +160,24 @@ def test_cli_with_nothing_to_do_imports_no_model_library(photos, spec, tmp_path)
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe == {"code": 0, "heavy": []}, proc.stderr
     assert '"present": 4' in proc.stdout
+
+
+def test_weights_stamp_follows_the_files_and_names_only_what_it_can(tmp_path):
+    from phrasefuse.extract.identity import weights_paths
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x" * 10)
+    spec = f"timm:resnet18@{weights}"
+    before = weights_stamp(spec)
+    assert before and weights_stamp(spec) == before
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert weights_stamp(spec) != before
+    weights.unlink()
+    assert weights_stamp(spec) is None  # gone: loading says so, as before
+    # A hub tag or name cannot be named without loading; a builtin is its package's files.
+    assert weights_stamp("open_clip:ViT-B-32@laion2b_s34b_b79k") is None
+    assert weights_stamp("sentence-transformers:all-MiniLM-L6-v2") is None
+    assert weights_stamp("nofamily:x") is None
+    for builtin in ("builtin:efficientnet-lite0", "builtin:all-minilm-l6-v2"):
+        assert weights_paths(builtin) and weights_stamp(builtin)
