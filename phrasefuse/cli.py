@@ -143,7 +143,7 @@ def extract_images(
 
 
 def _image_limits(max_image_mb, max_image_megapixels, max_aspect_ratio):
-    from phrasefuse.extract.images import ImageLimits
+    from phrasefuse.extract.limits import ImageLimits
 
     try:
         return ImageLimits.of(max_image_mb, max_image_megapixels, max_aspect_ratio)

@@ -45,6 +45,8 @@ from phrasefuse.manifests import Manifest, Source, image_chunks, read_manifest
 from phrasefuse.manifests.tables import sql
 from phrasefuse.manifests.sources import OFFSET_COL, SIZE_COL
 from phrasefuse.manifests.tables import ROW_COL
+from phrasefuse.extract.identity import (record_weights_stamp, recorded_identity, refuse_other_model, stamped,
+                                         weights_stamp)
 from phrasefuse.store import STAMP, EmbeddingStore, StoreWriter, new_meta
 
 DEFAULT_SHARD_SIZE = 10_000
@@ -237,7 +239,9 @@ def image_job(todo: pa.Table, known_keys: pa.Array | pa.ChunkedArray, encoder, s
         local = lambda: mappers.embed_images_local(todo, known_keys, encoder, batch_size, workers, limits)  # noqa: E731
     return Job(pending=todo.num_rows > 0, local=local,
                actor=mappers.ImageEmbedder,
-               actor_args={"spec": spec, "identity": encoder.identity, "known_keys": known_keys, "limits": limits},
+               # No encoder when nothing is to embed (not loaded: `extract_images`); the job then never runs.
+               actor_args={"spec": spec, "identity": getattr(encoder, "identity", None), "known_keys": known_keys,
+                           "limits": limits},
                read=lambda ray: arrow_blocks(ray, todo, batch_size * BLOCK_BATCHES),
                batch_size=batch_size, device=device, collect=mappers.image_batches_from_actors)
 
@@ -253,20 +257,24 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
     `replicas` (CPU, local engine): model processes (1, the default: this one), or "auto" as
     `planned_replicas` decides (spawned processes re-import the caller's main module: a script needs
     `if __name__ == "__main__"`)."""
-    from phrasefuse.extract.encoders import load_image_encoder
-
     _check_sizes(batch_size, shard_size, limit)
     if workers is not None and workers < 0:  # 0 is meaningful: decode in this process
         raise BadInput(f"--workers {workers}: must be 0 or more (0 decodes in the main process)")
     runner = get_engine(engine, ray)
     rows = image_rows(manifest, limit, allow_outside_paths)
+    if replicas != "auto":  # a bad --replicas is refused before any work, even when nothing is to embed
+        planned_replicas(replicas, device, engine, len(rows))
     summary = ExtractSummary("images", str(out), rows=len(rows))
     with contextlib.ExitStack() as stack:
-        count = planned_replicas(replicas, device, engine, len(rows))
-        pool = stack.enter_context(_replica_pool(model, limits, count)) if count > 1 else None  # loads beside ours
-        encoder = runner.driver_encoder(load_image_encoder, model, device)
-        pool = _keep_replicas(pool, encoder, model, auto=replicas == "auto")
-        meta = new_meta(modality="image", encoder=encoder.identity, dtype=dtype, preprocess=encoder.preprocess,
+        lazy = _ImageModel(stack, runner, model, device, engine, replicas, limits, len(rows))
+        # The store's record names this model while its weights files are unchanged: no load to learn it.
+        identity = _recorded(out, model)
+        if identity is None:
+            stamp = weights_stamp(model)  # before loading: weights changed meanwhile are seen next time
+            identity = stamped(lazy.load()[0].identity, stamp)
+        encoder, pool = lazy.encoder, lazy.pool
+        meta = new_meta(modality="image", encoder=identity, dtype=dtype,
+                        preprocess=encoder.preprocess if encoder else EmbeddingStore(out).meta.get("preprocess"),
                         source={"manifest": str(manifest), "column": "image"})
         start = time.perf_counter()
         writer = stack.enter_context(StoreWriter.open(out, meta, shard_size))
@@ -276,6 +284,12 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
         writer.revise(changed, restamp)  # the old vectors of changed images go before anything is added
         existing = existing.filter(pc.invert(pc.is_in(existing["id"], value_set=changed)))
         summary.present, summary.changed = len(rows) - todo.num_rows, len(changed)
+        if todo.num_rows and encoder is None:
+            encoder, pool = lazy.load()
+            start += lazy.seconds  # as when loaded first: the rate is of the embedding
+            refuse_other_model(writer, encoder.identity)
+        if encoder is not None:
+            record_weights_stamp(writer, identity)
         stamp_of = _Stamps(pc.cast(todo["id"], pa.string()).combine_chunks(),
                            stamps.filter(pc.is_in(rows.ids, value_set=todo["id"])))
         known_keys, known, sent_keys = existing["key"].combine_chunks(), [], 0
@@ -292,6 +306,35 @@ def extract_images(manifest: str | os.PathLike, out: str | os.PathLike, *, model
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+class _ImageModel:
+    """The image encoder of a job and its replicas (`replicas`), loaded by `load`: only once the
+    store's record cannot name the model, or some row is to be embedded."""
+
+    def __init__(self, stack: contextlib.ExitStack, runner, model: str, device: str, engine: str,
+                 replicas: int | str, limits, rows: int):
+        self.stack, self.runner, self.model, self.device, self.engine = stack, runner, model, device, engine
+        self.replicas, self.limits, self.rows = replicas, limits, rows
+        self.encoder, self.pool, self.seconds = None, None, 0.0
+
+    def load(self) -> tuple:
+        """(encoder, replica pool or None); `seconds` is how long that took."""
+        from phrasefuse.extract.encoders import load_image_encoder  # torch: only when a model runs
+
+        began = time.perf_counter()
+        count = planned_replicas(self.replicas, self.device, self.engine, self.rows)
+        pool = self.stack.enter_context(_replica_pool(self.model, self.limits, count)) if count > 1 else None
+        self.encoder = self.runner.driver_encoder(load_image_encoder, self.model, self.device)  # beside the pool's
+        self.pool = _keep_replicas(pool, self.encoder, self.model, auto=self.replicas == "auto")
+        self.seconds = time.perf_counter() - began
+        return self.encoder, self.pool
+
+
+def _recorded(out: str | os.PathLike, spec: str) -> dict | None:
+    """The encoder record of the store `out` when it can stand for `spec` unloaded (`identity.recorded_identity`)."""
+    store = EmbeddingStore(out)
+    return recorded_identity(spec, store.meta) if store.exists() else None
 
 
 AUTO_REPLICA_ROWS = 2_000  # fewer rows: starting the replicas (seconds) costs more than they save
@@ -414,7 +457,8 @@ def text_job(unique: pa.Table, encoder, spec: str, *, batch_size: int, chunk_row
     return Job(pending=unique.num_rows > 0,
                local=lambda: mappers.embed_texts_local(unique, encoder, batch_size, chunk_rows),
                actor=mappers.TextEmbedder,
-               actor_args={"spec": spec, "identity": encoder.identity, "batch_size": batch_size},
+               # No encoder when nothing is to embed (not loaded: `extract_texts`); the job then never runs.
+               actor_args={"spec": spec, "identity": getattr(encoder, "identity", None), "batch_size": batch_size},
                read=lambda ray: arrow_blocks(ray, unique.select(["key", "text"]), batch_size * BLOCK_BATCHES),
                batch_size=batch_size * BLOCK_BATCHES, device=device, collect=mappers.text_batches_from_actors)
 
@@ -425,18 +469,33 @@ def extract_texts(manifest: str | os.PathLike, col: str, out: str | os.PathLike,
                   progress: bool | None = None, engine: str = "local", ray: RayOptions | None = None) -> ExtractSummary:
     """Embed the text column `col` of a manifest into the store `out`. Each distinct
     text is embedded once; missing and empty texts go to errors.parquet."""
-    from phrasefuse.extract.encoders import load_text_encoder
+    def load_text_encoder(spec: str, device: str):  # torch: only when a model runs
+        from phrasefuse.extract.encoders import load_text_encoder
+
+        return load_text_encoder(spec, device)
 
     _check_sizes(batch_size, shard_size, limit)
     runner = get_engine(engine, ray)
     table = text_rows(manifest, col, limit)
-    encoder = runner.driver_encoder(load_text_encoder, model, device)
-    meta = new_meta(modality="text", encoder=encoder.identity, dtype=dtype,
+    # As extract images: the store's record stands for the model while its weights files are unchanged.
+    encoder, identity = None, _recorded(out, model)
+    if identity is None:
+        stamp = weights_stamp(model)  # before loading: weights changed meanwhile are seen next time
+        encoder = runner.driver_encoder(load_text_encoder, model, device)
+        identity = stamped(encoder.identity, stamp)
+    meta = new_meta(modality="text", encoder=identity, dtype=dtype,
                     source={"manifest": str(manifest), "column": col})
     summary = ExtractSummary(f"texts ({col})", str(out), rows=table.num_rows)
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
         reuse, todo = _pending_texts(table, writer, summary)
+        if todo.num_rows and encoder is None:
+            began = time.perf_counter()
+            encoder = runner.driver_encoder(load_text_encoder, model, device)
+            start += time.perf_counter() - began  # as when loaded first: the rate is of the embedding
+            refuse_other_model(writer, encoder.identity)
+        if encoder is not None:
+            record_weights_stamp(writer, identity)
         # One model call per distinct text; every row with that text gets its vector.
         unique = sql("SELECT key, any_value(text) AS text FROM t GROUP BY key", t=todo)
         job = text_job(unique, encoder, model, batch_size=batch_size, chunk_rows=shard_size, device=device)

@@ -24,6 +24,8 @@ from phrasefuse.engine import Job, RayOptions, check_identity, get_engine, set_t
 from phrasefuse.engine import progress as progress_bar
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import DEFAULT_TEXT_MODEL
+from phrasefuse.extract.identity import (record_weights_stamp, recorded_identity, refuse_other_model, stamped,
+                                         weights_stamp)
 from phrasefuse.index import DEFAULT_PHRASES_K
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.store import (EmbeddingStore, StoreWriter, embedding_array, embeddings_to_numpy, encoder_identity,
@@ -114,14 +116,16 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
     """Write the phrases store `out` for the images of store `images`, looked up in `index`.
     `engine` "ray" runs the mapper on Ray (`ray`: its `phrasefuse.engine.RayOptions`). `device`
     auto|cpu|cuda places the FAISS search and the text model; batch sizes left None are sized to it."""
-    from phrasefuse.extract.encoders import load_text_encoder
-
     for flag, value in (("-k", k), ("--batch-size", batch_size), ("--text-batch-size", text_batch_size),
                         ("--shard-size", shard_size)):
         if value is not None and value < 1:
             raise BadInput(f"{flag} {value}: must be at least 1")
-    # --device cuda without a GPU: refused before any work (on Ray the actors search, each on its own device).
-    phrase_index = PhraseIndex(index, device=device if engine == "local" else "cpu")
+
+    def searched_index() -> PhraseIndex:
+        # --device cuda without a GPU: refused before any work (on Ray the actors search, each on its own device).
+        return PhraseIndex(index, device=device if engine == "local" else "cpu")
+
+    phrase_index = PhraseIndex(index)  # meta.json only: the device (FAISS) is resolved once there is work
     store = EmbeddingStore(images)
     if store.meta.get("modality") != "image":
         raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store")
@@ -131,28 +135,54 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
                 "weighting": "score" if score_weighted else "mean", "text_model": text_model}
     _check_resumable(EmbeddingStore(out), settings)
     runner = get_engine(engine, ray)
-    text_encoder = runner.driver_encoder(load_text_encoder, text_model, device)
-    sized_search, sized_text = batch_sizes(phrase_index.device, getattr(text_encoder.device, "type", "cpu"),
-                                           gpu_free_bytes(), phrase_index.dim)
-    batch_size, text_batch_size = batch_size or sized_search, text_batch_size or sized_text
-    meta = new_meta(modality="text", encoder=text_encoder.identity, dtype=dtype,
+    # As extract: the output store's record stands for the text model while its weights files are unchanged.
+    out_store = EmbeddingStore(out)
+    text_encoder, identity = None, recorded_identity(text_model, out_store.meta) if out_store.exists() else None
+    if identity is None:
+        phrase_index, stamp = searched_index(), weights_stamp(text_model)  # the stamp before the load
+        text_encoder = runner.driver_encoder(_load_text_encoder, text_model, device)
+        identity = stamped(text_encoder.identity, stamp)
+    meta = new_meta(modality="text", encoder=identity, dtype=dtype,
                     source={"manifest": store.meta.get("source", {}).get("manifest"), "images": str(images),
                             "column": "phrases"},
                     extra={"phrases": settings})
 
-    summary = PhrasesSummary(str(out), images=store.num_rows(), search_device=phrase_index.device,
-                             batch_size=batch_size, text_batch_size=text_batch_size)
+    summary = PhrasesSummary(str(out), images=store.num_rows())  # nothing to search: no device, no batch sizes
     start = time.perf_counter()
     with StoreWriter.open(out, meta, shard_size) as writer:
         done = _drop_stale(writer, store)
         summary.present = int(pc.sum(pc.is_in(store.read_table(["id"])["id"], value_set=done)).as_py() or 0)
-        job = phrases_job(store, done, phrase_index, text_encoder, text_model, k=k, score_weighted=score_weighted,
-                          batch_size=batch_size, text_batch_size=text_batch_size, device=device)
-        with progress_bar(summary.images - summary.present, "phrases", progress) as advance:
-            _write_phrase_batches(writer, runner.map(job), phrase_index.phrases, summary, advance)
+        if summary.present < summary.images:
+            if text_encoder is None:
+                phrase_index, began = searched_index(), time.perf_counter()
+                text_encoder = runner.driver_encoder(_load_text_encoder, text_model, device)
+                start += time.perf_counter() - began  # as when loaded first: the time is the search's
+                refuse_other_model(writer, text_encoder.identity)
+            _size_batches(summary, phrase_index, text_encoder, batch_size, text_batch_size)
+            job = phrases_job(store, done, phrase_index, text_encoder, text_model, k=k, score_weighted=score_weighted,
+                              batch_size=summary.batch_size, text_batch_size=summary.text_batch_size, device=device)
+            with progress_bar(summary.images - summary.present, "phrases", progress) as advance:
+                _write_phrase_batches(writer, runner.map(job), phrase_index.phrases, summary, advance)
+        if text_encoder is not None:
+            record_weights_stamp(writer, identity)
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _load_text_encoder(spec: str, device: str):
+    from phrasefuse.extract.encoders import load_text_encoder  # torch: only when phrases are to be embedded
+
+    return load_text_encoder(spec, device)
+
+
+def _size_batches(summary: PhrasesSummary, phrase_index: PhraseIndex, text_encoder, batch_size: int | None,
+                  text_batch_size: int | None) -> None:
+    """The summary's search device and batch sizes (those left None: sized to the devices)."""
+    sized_search, sized_text = batch_sizes(phrase_index.device, getattr(text_encoder.device, "type", "cpu"),
+                                           gpu_free_bytes(), phrase_index.dim)
+    summary.search_device = phrase_index.device
+    summary.batch_size, summary.text_batch_size = batch_size or sized_search, text_batch_size or sized_text
 
 
 def _drop_stale(writer: StoreWriter, images: EmbeddingStore) -> pa.Array:

@@ -109,7 +109,7 @@ class Encoders:
     max_aspect_ratio: float | None = option(None, unread_by=_IMAGE_SIDE_UNREAD)
 
     def image_limits(self):
-        from phrasefuse.extract.images import ImageLimits
+        from phrasefuse.extract.limits import ImageLimits
 
         return ImageLimits.of(self.max_image_mb, self.max_image_megapixels, self.max_aspect_ratio)
 

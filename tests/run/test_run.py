@@ -4,11 +4,15 @@ on a second run, embed-once across runs, and a head change re-running only that 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import invoke_cli, run_cli
+from tests.extract.test_noop import NOOP_PROBE
 
 TINY = """
 work = "work"
@@ -151,6 +155,10 @@ def test_tiny_config_end_to_end_then_skips_then_retrains_only_the_head(demo_data
     assert second["extract image"]["summary"]["embedded"] == 0
     assert second["extract image"]["summary"]["present"] == 60
     assert second["phrases"]["summary"]["written"] == 0
+    # The same in a fresh process: no model library is even imported (torch, open_clip, faiss, lightgbm).
+    probe = subprocess.run([sys.executable, "-c", NOOP_PROBE, "run", str(config), "--json"], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, probe.stderr
 
     # Only the head's kind changes: that head, the image-only baseline of the same kind and the
     # report re-run; nothing is re-embedded, the index and the ablation stay.
