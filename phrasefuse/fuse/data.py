@@ -359,6 +359,7 @@ def prepare(manifest_path: str | os.PathLike, feature_args: Sequence[str], label
         raise BadInput(f"{manifest.source}: the train split has {len(vocab)} distinct value(s) in column '{col}'; "
                        f"a classifier needs at least two labels")
     labels = encode_labels(values, vocab, multi)
+    check_scoring_memory(rows, labels.num_classes, manifest.source)
     features = resolve_features(feature_args)
     blocks = load_blocks(features, manifest.ids, manifest.source)
     for j, f in enumerate(features):
@@ -368,6 +369,39 @@ def prepare(manifest_path: str | os.PathLike, feature_args: Sequence[str], label
     img = image_feature(features)
     roles = ["image" if j == img else "text" for j in range(len(features))]
     return Prepared(manifest, features, roles, blocks, labels, rows, col)
+
+
+# Choosing and scoring a head holds (rows, labels) float32 probabilities of a whole split a few
+# times over (image-only and fused candidates, the label prior, the saved head's): with many labels
+# that, not the head, is what memory follows (50,000 rows x 50,000 labels: 10 GB a matrix).
+SCORING_COPIES = 3
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give this process now (Linux MemAvailable); None: unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_scoring_memory(rows: dict[str, np.ndarray], num_classes: int, source: object,
+                         available: int | None = None) -> None:
+    """Refuse (exit 2, before any training) a manifest whose split probabilities would not fit in
+    memory, rather than be killed by the system hours later. `available`: bytes (default: now)."""
+    largest = max(len(r) for r in rows.values())
+    need = SCORING_COPIES * largest * num_classes * 4
+    available = available_memory() if available is None else available
+    if available is None or need <= available:
+        return
+    raise BadInput(f"{source}: scoring a split of {largest:,} rows over {num_classes:,} labels needs about "
+                   f"{need / 2**30:.1f} GB ({SCORING_COPIES} float32 matrices of rows x labels), more than the "
+                   f"{available / 2**30:.1f} GB available; use fewer labels or smaller splits (e.g. a split "
+                   f"column), or a machine with more memory")
 
 
 MIN_VAL_ROWS_PER_LABEL = 5  # below this, a validation choice rests on a handful of rows: said out loud

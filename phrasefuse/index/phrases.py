@@ -125,7 +125,9 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
         # --device cuda without a GPU: refused before any work (on Ray the actors search, each on its own device).
         return PhraseIndex(index, device=device if engine == "local" else "cpu")
 
-    phrase_index = PhraseIndex(index)  # meta.json only: the device (FAISS) is resolved once there is work
+    # meta.json only: the device (FAISS) is resolved once there is work, unless the user asked for
+    # cuda: a machine without one is told at once, whatever is to do
+    phrase_index = searched_index() if device == "cuda" else PhraseIndex(index)
     store = EmbeddingStore(images)
     if store.meta.get("modality") != "image":
         raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store")

@@ -72,3 +72,22 @@ def test_top_k_accuracy_in_row_chunks_is_the_whole_split_figure(monkeypatch):
     monkeypatch.setattr(metrics, "TOPK_VALUES", 40 * 7)  # 7-row chunks
     assert {k: metrics.topk_accuracy(scores, y, k) for k in (1, 5)} == whole
     assert metrics.topk_accuracy(scores, y, 40) == float(np.mean(y >= 0))
+
+
+def test_splits_whose_probabilities_would_not_fit_are_refused_before_training():
+    """Many labels: choosing and scoring holds (rows, labels) probabilities of a split; a manifest
+    whose largest split would not fit is one line, exit 2, before any head is fitted."""
+    import numpy as np
+    import pytest
+
+    from phrasefuse.errors import BadInput
+    from phrasefuse.fuse.data import SCORING_COPIES, check_scoring_memory
+
+    rows = {"train": np.arange(50_000), "val": np.arange(50_000), "test": np.arange(50_000)}
+    need = SCORING_COPIES * 50_000 * 50_000 * 4
+    with pytest.raises(BadInput) as refused:
+        check_scoring_memory(rows, 50_000, "m.parquet", available=need - 1)
+    message = str(refused.value)
+    assert "\n" not in message and "m.parquet" in message and "50,000 labels" in message
+    check_scoring_memory(rows, 50_000, "m.parquet", available=need)  # fits: nothing said
+    check_scoring_memory(rows, 10, "m.parquet")  # this machine, a small manifest
