@@ -125,8 +125,7 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
         # --device cuda without a GPU: refused before any work (on Ray the actors search, each on its own device).
         return PhraseIndex(index, device=device if engine == "local" else "cpu")
 
-    # meta.json only: the device (FAISS) is resolved once there is work, unless the user asked for
-    # cuda: a machine without one is told at once, whatever is to do
+    # meta.json only (the FAISS device once there is work); an explicit cuda is checked at once
     phrase_index = searched_index() if device == "cuda" else PhraseIndex(index)
     store = EmbeddingStore(images)
     if store.meta.get("modality") != "image":
