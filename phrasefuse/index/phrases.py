@@ -122,11 +122,10 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
             raise BadInput(f"{flag} {value}: must be at least 1")
 
     def searched_index() -> PhraseIndex:
-        # --device cuda without a GPU: refused before any work (on Ray the actors search, each on its own device).
+        # --device cuda without a GPU: refused before any work, even none (on Ray the actors choose their device).
         return PhraseIndex(index, device=device if engine == "local" else "cpu")
 
-    # meta.json only (the FAISS device once there is work); an explicit cuda is checked at once
-    phrase_index = searched_index() if device == "cuda" else PhraseIndex(index)
+    phrase_index = searched_index() if device == "cuda" else PhraseIndex(index)  # else meta.json only, for now
     store = EmbeddingStore(images)
     if store.meta.get("modality") != "image":
         raise BadInput(f"--images {images}: holds {store.meta.get('modality')} embeddings; pass an image store")
