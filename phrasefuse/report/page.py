@@ -52,12 +52,12 @@ def _ablation_html(ablation: dict, plot_dir: Path, written: list[Path]) -> str:
     body = ""
     for t in full:
         path = plot_dir / "ablation.png"
-        write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp))
+        write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp, ablation['head']))
         written.append(path)
         body += _table_html(t, ablation["test_rows"]) + _img(path, "ablation bar chart")
     if shot_tables:
         path = plot_dir / "few_shot.png"
-        write_atomic(path, lambda tmp: plots.few_shot_curves(shot_tables, tmp))
+        write_atomic(path, lambda tmp: plots.few_shot_curves(shot_tables, tmp, ablation['head']))
         written.append(path)
         body += "<h3>Few-shot</h3>" + _img(path, "few-shot curves") + "".join(
             _table_html(t, ablation["test_rows"]) for t in shot_tables)
