@@ -18,6 +18,22 @@ from phrasefuse.fuse.metrics import headline, headline_key
 
 THUMB = 128  # gallery thumbnail size (pixels)
 
+# The words the report uses, in README's wording ("The words it uses"): tests/report/test_page.py
+# checks each one is still written so there, so that the page and the README say the same thing.
+GLOSSARY = {
+    "text trust": "the weight of a text feature in a fused head (0, 0.25, 0.5 or 1 for linear and lgbm; learned "
+                  "gates for mlp), tuned on the val split. A fused head is saved only if it beats the image-only "
+                  "head by more than one standard error; \"text kept 1/3 seeds\" counts where it did.",
+    "label prior": "how close an image's phrases are to each label's name (or description), added to the head's "
+                   "scores with a weight fitted on held-out rows and kept only when it beats shuffled priors. It "
+                   "needs no labelled image; zeroshot.json is its accuracy alone.",
+    "prototype": "the mean embedding of the images of one query phrase; the index holds one per phrase.",
+    "pseudo-shots": "prototypes whose phrase matches a label's name, offered as extra training rows.",
+    "second look": "when the held-out rows are too few to decide on the prior (e.g. 5 shots), its own temperature "
+                   "is fitted on the training rows (which it never saw) and kept only if held-out top-1 does not "
+                   "drop.",
+}
+
 
 def write_report(config, layout, heads: list) -> list[Path]:
     """Write the plots and report.html for a run (`config`, `layout`: `phrasefuse.run`'s) whose
@@ -39,6 +55,7 @@ def write_report(config, layout, heads: list) -> list[Path]:
     if zeroshot:
         sections.append(_zeroshot_html(zeroshot))
     sections += _best_head_html(config, layout, metas, plot_dir, written)
+    sections.append(_glossary_html())
 
     page = _page(f"phrasefuse report: {config.path.name}", sections, config)
     write_atomic(layout.report, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
@@ -54,14 +71,24 @@ def _ablation_html(ablation: dict, plot_dir: Path, written: list[Path]) -> str:
         path = plot_dir / "ablation.png"
         write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp, ablation['head']))
         written.append(path)
-        body += _table_html(t, ablation["test_rows"]) + _img(path, "ablation bar chart")
+        body += _table_html(t, ablation["test_rows"]) + _img(path, f"ablation bar chart, {ablation['head']} head, test split") \
+            + ("<p class='note'>Bars: mean test score over seeds; error bars: ± 1 standard deviation over seeds; "
+               "dashed line: the image-only row, the reference.</p>")
     if shot_tables:
         path = plot_dir / "few_shot.png"
         write_atomic(path, lambda tmp: plots.few_shot_curves(shot_tables, tmp, ablation['head']))
         written.append(path)
-        body += "<h3>Few-shot</h3>" + _img(path, "few-shot curves") + "".join(
+        body += ("<h3>Few-shot</h3>" + _img(path, f"few-shot curves, {ablation['head']} head, test split")
+                 + "<p class='note'>Each line: the mean test score over seeds at K labelled examples per class; "
+                   "each band: ± 1 standard deviation over seeds. The dashed line is image only, drawn on top: a "
+                   "line hidden under it scored the same (text not kept).</p>") + "".join(
             _table_html(t, ablation["test_rows"]) for t in shot_tables)
     return f"<h2>Ablation: {html.escape(ablation['head'])} head</h2>{body}"
+
+
+def _glossary_html() -> str:
+    return ("<h2>Words used here</h2><dl>" + "".join(f"<dt><b>{html.escape(w)}</b></dt><dd>{html.escape(t)}</dd>"
+                                                    for w, t in GLOSSARY.items()) + "</dl>")
 
 
 def _zeroshot_html(zeroshot: dict) -> str:

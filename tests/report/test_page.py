@@ -113,3 +113,17 @@ def test_confusion_matrix_is_normalised_per_class_with_a_colour_bar(tmp_path):
     assert bar_ax.get_ylabel() == "share of the true class's rows"
     assert ax.get_title() == "h head, test split (10 rows)"
     assert "67%\n(6)" in [t.get_text() for t in ax.texts]
+
+
+def test_glossary_is_written_as_the_readme_writes_it():
+    """r25: the report's words ("text trust", "label prior", "prototype", "pseudo-shots", "second look")
+    in README's plain wording, each one found there as written (markdown marks aside)."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text(encoding="utf-8")
+    flat = " ".join(re.sub(r"[*`]", "", readme).split())
+    assert set(page.GLOSSARY) == {"text trust", "label prior", "prototype", "pseudo-shots", "second look"}
+    for word, text in page.GLOSSARY.items():
+        assert f"- {word}: {text}" in flat, word
+    assert "<h2>Words used here</h2>" in page._glossary_html()
