@@ -163,10 +163,11 @@ def _head_caption(name: str, metas: dict) -> str:
     meta = metas[name]
     score, base = _test_score(meta), _test_score(metas[BASELINE]) if BASELINE in metas else -1.0
     key = headline_key(((meta.get("metrics") or {}).get("test") or {}).get("saved") or {})
-    versus = "" if base < 0 else (f", image-only {_pct(base)}" + (
-        " (below image-only)" if score < base else " (above image-only)" if score > base else " (level)"))
-    return (f"The {html.escape(name)} head: the fused head with the highest test {plots.NAMES.get(key, key)}, "
-            f"{_pct(score if score >= 0 else None)}{versus}; saved as: {html.escape(saved_parts(meta))}")
+    versus = "" if base < 0 else (f" (image-only {_pct(base)}: " + (
+        "below it)" if score < base else "above it)" if score > base else "level)"))
+    return (f"Head {html.escape(name)}, of the fused heads the one with the highest test "
+            f"{plots.NAMES.get(key, key)}: {_pct(score if score >= 0 else None)}{versus}; saved as: "
+            f"{html.escape(saved_parts(meta))}")
 
 
 # ---------------------------------------------------------------- data

@@ -125,6 +125,8 @@ def test_gallery_statement_is_counted_from_the_prediction_files(tmp_path, tiny_c
     said = re.findall(r"On the test split \((\d+) rows\), the saved (\S+) head against the image-only head: "
                       r"text fixed (\d+) and broke (\d+)", page)
     assert said == [(str(len(test_ids)), "h", str(fixed), str(broke))], said
+    # the confusion matrix names its head and split, never "best" (a fused head can be below image-only)
+    assert "<h2>Confusion matrix: h head, test split</h2>" in page and "best head" not in page
 
 
 def test_a_kept_label_prior_is_never_the_image_only_fallback(tmp_path, tiny_clip_spec):
