@@ -127,3 +127,16 @@ def test_glossary_is_written_as_the_readme_writes_it():
     for word, text in page.GLOSSARY.items():
         assert f"- {word}: {text}" in flat, word
     assert "<h2>Words used here</h2>" in page._glossary_html()
+
+
+def test_one_shot_text_kept_note_says_why_not_scored_by_nothing():
+    """r25: ablation.md's 1-shot note said "as scored by nothing": it now says why text is never kept."""
+    from phrasefuse.fuse.ablate import render_markdown
+
+    rows = _rows({"image (image only)": 0.5})
+    tables = [{"regime": f"{k}-shot", "shots": k, "seeds": 1, "columns": ["top1"], "rows": rows, "note": "n"}
+              for k in (1, 2)]
+    text = render_markdown({"head": "linear", "manifest": "m.csv", "test_rows": 4, "tables": tables})
+    assert "scored by nothing" not in text
+    assert "with 1 shot per class no row is left to score text on, so text is never kept" in text
+    assert "as scored by cross-validation within the shots" in text  # 2 shots
