@@ -71,7 +71,8 @@ def _ablation_html(ablation: dict, plot_dir: Path, written: list[Path]) -> str:
         path = plot_dir / "ablation.png"
         write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp, ablation['head']))
         written.append(path)
-        body += _table_html(t, ablation["test_rows"]) + _img(path, f"ablation bar chart, {ablation['head']} head, test split") \
+        alt = f"ablation bar chart, {ablation['head']} head, test split"
+        body += _table_html(t, ablation["test_rows"]) + _img(path, alt) \
             + ("<p class='note'>Bars: mean test score over seeds; error bars: ± 1 standard deviation over seeds; "
                "dashed line: the image-only row, the reference.</p>")
     if shot_tables:
@@ -134,7 +135,8 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
         pred = np.array([index.get(v, -1) for v in best_pred["label"].to_pylist()], dtype=np.int64)
         matrix = plots.confusion_matrix(true, pred, len(vocab))
         path = plot_dir / "confusion.png"
-        write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, f"{best} head, test split ({len(truth)} rows)"))
+        title = f"{best} head, test split ({len(truth)} rows)"
+        write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, title))
         written.append(path)
         sections.append(f"<h2>Confusion matrix: {html.escape(best)} head, test split</h2><p>{shown}. Rows: the "
                         f"true label; columns: the predicted one; each cell is the share of its row (the true "

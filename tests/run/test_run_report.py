@@ -118,7 +118,8 @@ def test_gallery_statement_is_counted_from_the_prediction_files(tmp_path, tiny_c
     truth = {r["id"]: r["label"] for r in rows}
     test_ids = [r["id"] for r in rows if r["split"] == "test"]
     preds = tmp_path / "work" / "predictions"
-    saved, base = _correct(preds / "h.parquet", test_ids, truth), _correct(preds / "image-only.parquet", test_ids, truth)
+    saved = _correct(preds / "h.parquet", test_ids, truth)
+    base = _correct(preds / "image-only.parquet", test_ids, truth)
     fixed, broke = int((saved & ~base).sum()), int((base & ~saved).sum())
     assert fixed + broke > 0  # the two heads differ: the sentence is checked on numbers that are not all 0
     page = report(tmp_path)
