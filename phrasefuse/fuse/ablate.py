@@ -360,11 +360,12 @@ def render_markdown(data: dict) -> str:
             out.append(f"| {markdown_cell(row['features'])} | " + " | ".join(cells) + f" | {gain} | {kept} |")
         chooser = ("the val split" if table["shots"] is None and "on the val split" in table["note"] else
                    "cross-validation within the training rows" if table["shots"] is None else
-                   "nothing (1 shot: text is never kept)" if table["shots"] == 1 else
                    "cross-validation within the shots")
-        out += ["", table["note"], "",
-                f"'text kept': seeds in which the fused head beat image-only, as scored by {chooser}, by more than "
-                "one standard error (otherwise the row is the image-only head that `fuse train` would save).", ""]
+        kept_note = ("'text kept': with 1 shot per class no row is left to score text on, so text is never kept "
+                     "(the row is the image-only head that `fuse train` would save)." if table["shots"] == 1 else
+                     f"'text kept': seeds in which the fused head beat image-only, as scored by {chooser}, by more "
+                     "than one standard error (otherwise the row is the image-only head that `fuse train` would save).")
+        out += ["", table["note"], "", kept_note, ""]
     if data.get("warnings"):
         out += ["Warnings:", ""] + [f"- {markdown_cell(w)}" for w in data["warnings"]] + [""]
     return "\n".join(out)

@@ -116,10 +116,8 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
     """Write the phrases store `out` for the images of store `images`, looked up in `index`.
     `engine` "ray" runs the mapper on Ray (`ray`: its `phrasefuse.engine.RayOptions`). `device`
     auto|cpu|cuda places the FAISS search and the text model; batch sizes left None are sized to it."""
-    for flag, value in (("-k", k), ("--batch-size", batch_size), ("--text-batch-size", text_batch_size),
-                        ("--shard-size", shard_size)):
-        if value is not None and value < 1:
-            raise BadInput(f"{flag} {value}: must be at least 1")
+    _at_least_one(("-k", k), ("--batch-size", batch_size), ("--text-batch-size", text_batch_size),
+                  ("--shard-size", shard_size))
 
     def searched_index() -> PhraseIndex:
         # --device cuda without a GPU: refused before any work, even none (on Ray the actors choose their device).
@@ -168,6 +166,13 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
         writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _at_least_one(*flags: tuple[str, int | None]) -> None:
+    """Counts and sizes refused before any work (a flag left None is sized later)."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise BadInput(f"{flag} {value}: must be at least 1")
 
 
 def _load_text_encoder(spec: str, device: str):

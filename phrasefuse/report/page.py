@@ -18,6 +18,22 @@ from phrasefuse.fuse.metrics import headline, headline_key
 
 THUMB = 128  # gallery thumbnail size (pixels)
 
+# The words the report uses, in README's wording ("The words it uses"): tests/report/test_page.py
+# checks each one is still written so there, so that the page and the README say the same thing.
+GLOSSARY = {
+    "text trust": "the weight of a text feature in a fused head (0, 0.25, 0.5 or 1 for linear and lgbm; learned "
+                  "gates for mlp), tuned on the val split. A fused head is saved only if it beats the image-only "
+                  "head by more than one standard error; \"text kept 1/3 seeds\" counts where it did.",
+    "label prior": "how close an image's phrases are to each label's name (or description), added to the head's "
+                   "scores with a weight fitted on held-out rows and kept only when it beats shuffled priors. It "
+                   "needs no labelled image; zeroshot.json is its accuracy alone.",
+    "prototype": "the mean embedding of the images of one query phrase; the index holds one per phrase.",
+    "pseudo-shots": "prototypes whose phrase matches a label's name, offered as extra training rows.",
+    "second look": "when the held-out rows are too few to decide on the prior (e.g. 5 shots), its own temperature "
+                   "is fitted on the training rows (which it never saw) and kept only if held-out top-1 does not "
+                   "drop.",
+}
+
 
 def write_report(config, layout, heads: list) -> list[Path]:
     """Write the plots and report.html for a run (`config`, `layout`: `phrasefuse.run`'s) whose
@@ -39,6 +55,7 @@ def write_report(config, layout, heads: list) -> list[Path]:
     if zeroshot:
         sections.append(_zeroshot_html(zeroshot))
     sections += _best_head_html(config, layout, metas, plot_dir, written)
+    sections.append(_glossary_html())
 
     page = _page(f"phrasefuse report: {config.path.name}", sections, config)
     write_atomic(layout.report, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
@@ -52,22 +69,33 @@ def _ablation_html(ablation: dict, plot_dir: Path, written: list[Path]) -> str:
     body = ""
     for t in full:
         path = plot_dir / "ablation.png"
-        write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp))
+        write_atomic(path, lambda tmp, t=t: plots.ablation_bars(t, tmp, ablation['head']))
         written.append(path)
-        body += _table_html(t, ablation["test_rows"]) + _img(path, "ablation bar chart")
+        alt = f"ablation bar chart, {ablation['head']} head, test split"
+        body += _table_html(t, ablation["test_rows"]) + _img(path, alt) \
+            + ("<p class='note'>Bars: mean test score over seeds; error bars: ± 1 standard deviation over seeds; "
+               "dashed line: the image-only row, the reference.</p>")
     if shot_tables:
         path = plot_dir / "few_shot.png"
-        write_atomic(path, lambda tmp: plots.few_shot_curves(shot_tables, tmp))
+        write_atomic(path, lambda tmp: plots.few_shot_curves(shot_tables, tmp, ablation['head']))
         written.append(path)
-        body += "<h3>Few-shot</h3>" + _img(path, "few-shot curves") + "".join(
+        body += ("<h3>Few-shot</h3>" + _img(path, f"few-shot curves, {ablation['head']} head, test split")
+                 + "<p class='note'>Each line: the mean test score over seeds at K labelled examples per class; "
+                   "each band: ± 1 standard deviation over seeds. The dashed line is image only, drawn on top: a "
+                   "line hidden under it scored the same (text not kept).</p>") + "".join(
             _table_html(t, ablation["test_rows"]) for t in shot_tables)
     return f"<h2>Ablation: {html.escape(ablation['head'])} head</h2>{body}"
 
 
+def _glossary_html() -> str:
+    return ("<h2>Words used here</h2><dl>" + "".join(f"<dt><b>{html.escape(w)}</b></dt><dd>{html.escape(t)}</dd>"
+                                                    for w, t in GLOSSARY.items()) + "</dl>")
+
+
 def _zeroshot_html(zeroshot: dict) -> str:
     m = zeroshot["metrics"]
-    return ("<h2>Zero-shot label prior</h2><p>Generated phrases scored against the embedded label "
-            f"{html.escape(zeroshot['label_texts'])}, with no labelled image: "
+    return ("<h2>Zero-shot label prior</h2><p>Generated phrases scored against the embedded "
+            f"{html.escape(zeroshot['label_texts'])} (no head, no labelled image): "
             f"<b>{_pct(m.get('top1', m.get('mAP')))}</b> {'top-1' if 'top1' in m else 'mAP'} on the "
             f"{html.escape(zeroshot['split'])} split ({zeroshot['rows']} rows, "
             f"{100 * zeroshot['coverage']:.0f}% with phrases; chance {_pct(zeroshot.get('chance_top1'))}).</p>")
@@ -97,6 +125,9 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
         [v if v is not None else "" for v in labels.to_pylist()]
     sections = []
     best_pred = _predictions(layout.predictions(best), test["id"])
+    # The head is the fused head with the highest test score, which may still be below image-only:
+    # every title names it, its split and that comparison rather than calling it "best".
+    shown = _head_caption(best, metas)
     if not multilabel:
         vocab = list(metas[best]["labels"])
         index = {v: i for i, v in enumerate(vocab)}
@@ -104,18 +135,41 @@ def _best_head_html(config, layout, metas: dict, plot_dir: Path, written: list[P
         pred = np.array([index.get(v, -1) for v in best_pred["label"].to_pylist()], dtype=np.int64)
         matrix = plots.confusion_matrix(true, pred, len(vocab))
         path = plot_dir / "confusion.png"
-        write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, f"{best} head, test split"))
+        title = f"{best} head, test split ({len(truth)} rows)"
+        write_atomic(path, lambda tmp: plots.confusion(matrix, vocab, tmp, title))
         written.append(path)
-        sections.append(f"<h2>Confusion matrix: best head ({html.escape(best)})</h2>" + _img(path, "confusion"))
-    if config.report.gallery and (metas[best].get("selection") or {}).get("saved") == "image-only":
-        sections.append(f"<h2>Gallery</h2><p>The saved {html.escape(best)} head is the image-only fallback (text "
-                        f"did not beat image-only on validation): it is the same model as the image-only head, so "
-                        f"text fixed and broke nothing; no gallery to compare.</p>")
-    elif config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
+        sections.append(f"<h2>Confusion matrix: {html.escape(best)} head, test split</h2><p>{shown}. Rows: the "
+                        f"true label; columns: the predicted one; each cell is the share of its row (the true "
+                        f"class's test rows), so every class reads on the same 0-100% scale; counts in "
+                        f"brackets.</p>" + _img(path, f"confusion matrix, {best} head, test split"))
+    if config.report.gallery and BASELINE in metas and layout.predictions(BASELINE).is_file():
         base_pred = _predictions(layout.predictions(BASELINE), test["id"])
         sections.append(_gallery_html(config, layout, manifest, test, truth, base_pred, best_pred, best,
-                                      config.report.gallery))
+                                      metas[best], config.report.gallery))
     return sections
+
+
+def is_image_only_fallback(meta: dict) -> bool:
+    """Whether the saved head predicts as the image-only head does: image-only was kept and nothing
+    else that changes a prediction was (a label prior with a weight, pseudo-shot rows). `selection.saved`
+    alone says only which network was kept: a prior kept on top of it changes predictions."""
+    selection = meta.get("selection") or {}
+    return (selection.get("saved") == "image-only" and not (meta.get("prior") or {}).get("weight")
+            and not (selection.get("pseudo_shots") or {}).get("per_label"))
+
+
+def _head_caption(name: str, metas: dict) -> str:
+    """The head's test score beside image-only's, and what it is made of (as `fuse train` says it)."""
+    from phrasefuse.fuse.artifact import saved_parts
+
+    meta = metas[name]
+    score, base = _test_score(meta), _test_score(metas[BASELINE]) if BASELINE in metas else -1.0
+    key = headline_key(((meta.get("metrics") or {}).get("test") or {}).get("saved") or {})
+    versus = "" if base < 0 else (f" (image-only {_pct(base)}: " + (
+        "below it)" if score < base else "above it)" if score > base else "level)"))
+    return (f"Head {html.escape(name)}, of the fused heads the one with the highest test "
+            f"{plots.NAMES.get(key, key)}: {_pct(score if score >= 0 else None)}{versus}; saved as: "
+            f"{html.escape(saved_parts(meta))}")
 
 
 # ---------------------------------------------------------------- data
@@ -262,7 +316,7 @@ def _thumbnail(source, limits=None) -> str:
 
 
 def _gallery_html(config, layout, manifest, test: pa.Table, truth: list[str], base: pa.Table, fused: pa.Table,
-                  fused_name: str, count: int) -> str:
+                  fused_name: str, fused_meta: dict, count: int) -> str:
     from phrasefuse.store import EmbeddingStore
 
     def shown(pred: pa.Table) -> list[str]:
@@ -275,10 +329,13 @@ def _gallery_html(config, layout, manifest, test: pa.Table, truth: list[str], ba
         return pred["label"].to_pylist() if "label" in pred.column_names else \
             [", ".join(v or []) for v in pred["labels"].to_pylist()]
 
-    base_ok = np.array([a == b for a, b in zip(bare(base), truth)])
-    fused_ok = np.array([a == b for a, b in zip(bare(fused), truth)])
+    base_ok = np.array([a == b for a, b in zip(bare(base), truth)], dtype=bool)
+    fused_ok = np.array([a == b for a, b in zip(bare(fused), truth)], dtype=bool)
     groups = [("fixed by text", ~base_ok & fused_ok), ("broken by text", base_ok & ~fused_ok),
               ("both wrong", ~base_ok & ~fused_ok), ("both right", base_ok & fused_ok)]
+    statement = _text_effect(fused_name, fused_meta, len(truth), *(int(m.sum()) for _, m in groups))
+    if is_image_only_fallback(fused_meta) and not groups[0][1].any() and not groups[1][1].any():
+        return f"<h2>Gallery: test split, image-only head vs {html.escape(fused_name)}</h2><p>{statement}</p>"
     quota = [count // 2, count // 4, count // 8, count]
     chosen: list[tuple[str, int]] = []
     for (name, mask), q in zip(groups, quota):
@@ -314,10 +371,25 @@ def _gallery_html(config, layout, manifest, test: pa.Table, truth: list[str], ba
             f"<div class='{'ok' if fused_ok[i] else 'bad'}'><b>{html.escape(fused_name)}</b>: "
             f"{html.escape(fused_text[i])}</div>{meta_text}"
             + (f"<div class='meta'><b>generated phrases</b><ul>{ph}</ul></div>" if ph else "") + "</div>")
-    counts = ", ".join(f"{name}: {int(mask.sum())}" for name, mask in groups)
-    return (f"<h2>Gallery: test images, image-only head vs {html.escape(fused_name)}</h2>"
-            f"<p>Test split: {counts}. Shown: up to {count} (text's fixes first, then what it broke).</p>"
+    return (f"<h2>Gallery: test split, image-only head vs {html.escape(fused_name)}</h2>"
+            f"<p>{statement} Shown: up to {count} (text's fixes first, then what it broke).</p>"
             f"<div class='gallery'>{''.join(cards)}</div>")
+
+
+def _text_effect(name: str, meta: dict, rows: int, fixed: int, broke: int, both_wrong: int, both_right: int) -> str:
+    """What text did, counted from the two heads' prediction files on the test rows (never inferred
+    from which network `fuse train` kept: a label prior kept on the image-only network changes
+    predictions too). The test reads these words: keep them in step with tests/run/test_run_report.py."""
+    from phrasefuse.fuse.artifact import saved_parts
+
+    head = f"the saved {html.escape(name)} head"
+    if is_image_only_fallback(meta):
+        what = (f"The saved {html.escape(name)} head is the image-only fallback (text did not beat image-only "
+                f"on validation)")
+    else:
+        what = f"The saved {html.escape(name)} head is made of: {html.escape(saved_parts(meta))}"
+    return (f"{what}. On the test split ({rows} rows), {head} against the image-only head: text fixed "
+            f"{fixed} and broke {broke} (both wrong: {both_wrong}, both right: {both_right}).")
 
 
 def _cell(value) -> str:
