@@ -352,10 +352,10 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
 
     yield from extract_stages(config, layout, state, settings, progress)
     if config.phrases:
-        # the run's image store now names [encoders] image's identity (loaded if it had to be)
-        problems = reused_encoder_problems(config, _encoder_of(layout.store(IMAGE)))
-        if problems:
-            raise config_error(config.path, problems)
+        if reused_folders(config):  # the run's image store now names [encoders] image's identity (loaded if need be)
+            problems = reused_encoder_problems(config, _encoder_of(layout.store(IMAGE)))
+            if problems:
+                raise config_error(config.path, problems)
         yield from phrase_stages(config, layout, state, settings, progress)
 
     def features_of(names: list[str]) -> list[str]:
@@ -445,7 +445,8 @@ def check_inputs(config: Config) -> None:
     if "data.manifest" not in missing:
         problems += _column_problems(config)
     problems += _reused_problems(config, missing)
-    if not problems:  # before any work when the records can tell (else after extract image: run_config)
+    if reused_folders(config) and not problems:
+        # before any work when a record vouches for [encoders] image (else after extract image: run_config)
         problems += reused_encoder_problems(config, _recorded_image_encoder(config))
     if problems:  # every mistake at once, each naming its key
         raise config_error(config.path, problems)
@@ -454,7 +455,9 @@ def check_inputs(config: Config) -> None:
 def reused_folders(config: Config) -> list[tuple[str, Path]]:
     """(key, folder) of each folder made elsewhere that the run reads ([phrases] index, query_store)."""
     ph = config.phrases
-    return [(f"phrases.{key}", path) for key, path in (("index", ph and ph.index), ("query_store", ph and ph.query_store))
+    if ph is None:
+        return []
+    return [(f"phrases.{key}", path) for key, path in (("index", ph.index), ("query_store", ph.query_store))
             if path is not None]
 
 

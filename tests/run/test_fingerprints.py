@@ -117,7 +117,8 @@ def declared_readers(section: str, f: dataclasses.Field, flipped: cfg.Config) ->
     return readers
 
 
-BASE_STAGES = {"extract image", "extract title", "phrases", "head fused", "head plain", "zeroshot", "ablation", "report"}
+BASE_STAGES = {"extract image", "extract title", "phrases", "head fused", "head plain", "zeroshot", "ablation",
+               "report"}
 
 
 @pytest.mark.parametrize("reusing, built", [
