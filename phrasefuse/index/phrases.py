@@ -108,6 +108,13 @@ def list_column(values: pa.Array, found: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
+def _at_least_one(*flags: tuple[str, int | None]) -> None:
+    """Each (flag, value) given is at least 1 (None: left to be sized)."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise BadInput(f"{flag} {value}: must be at least 1")
+
+
 def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
                      k: int = DEFAULT_PHRASES_K, text_model: str = DEFAULT_TEXT_MODEL, score_weighted: bool = False,
                      batch_size: int | None = None, text_batch_size: int | None = None, device: str = "auto",

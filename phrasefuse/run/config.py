@@ -119,9 +119,16 @@ _INDEX_ONLY = (EXTRACT_QUERY, PHRASES_STAGE)  # index settings: the phrases stag
 
 @dataclass
 class Phrases:
-    pairs: Path = option(unread_by=_INDEX_ONLY)
+    # required unless `index` names a built one (checked in _parse_phrases: a dataclass default cannot say so)
+    pairs: Path | None = option(None, unread_by=_INDEX_ONLY)
     # manifest of the query corpus' images (default: the labelled manifest)
     images: Path | None = option(None, unread_by=(PHRASES_STAGE,))
+    # An index built elsewhere (`phrasefuse index build`, another run's WORK/index), read in place of
+    # building WORK/index: there is then no index stage to read it, and no query images to extract.
+    index: Path | None = option(None, unread_by=(EXTRACT_QUERY, INDEX_STAGE))
+    # An image store made elsewhere (`phrasefuse extract images`), read in place of extracting `images`:
+    # the index stage builds from it (the phrases stage reads the index's build id, not the store).
+    query_store: Path | None = option(None, unread_by=(EXTRACT_QUERY, PHRASES_STAGE))
     k: int = option(DEFAULT_PHRASES_K, unread_by=(EXTRACT_QUERY, INDEX_STAGE))
     min_images: int = option(1, unread_by=_INDEX_ONLY)
     kind: str = option("auto", unread_by=_INDEX_ONLY)
@@ -250,14 +257,32 @@ def _parse_encoders(c: "_Checker", enc_raw: dict) -> Encoders:
     return encoders
 
 
+# The keys that say how to build an index: with `index` (one built already) they would be silently unused.
+INDEX_BUILD_KEYS = ("pairs", "images", "query_store", "min_images", "kind", "weights")
+
+
 def _parse_phrases(c: "_Checker", ph_raw: dict, base: Path) -> Phrases:
     c.known(ph_raw, "phrases", option_names(Phrases))
-    return Phrases(pairs=_path(base, c.get(ph_raw, "pairs", str, where="phrases")),
-                   images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
-                   k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
-                   min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
-                   kind=c.choice(ph_raw, "kind", ("auto", *INDEX_KINDS), "auto", where="phrases"),
-                   weights=c.get(ph_raw, "weights", bool, True, where="phrases"))
+    phrases = Phrases(pairs=_path(base, c.get(ph_raw, "pairs", str, None, where="phrases")),
+                      images=_path(base, c.get(ph_raw, "images", str, None, where="phrases")),
+                      index=_path(base, c.get(ph_raw, "index", str, None, where="phrases")),
+                      query_store=_path(base, c.get(ph_raw, "query_store", str, None, where="phrases")),
+                      k=c.positive(ph_raw, "k", DEFAULT_PHRASES_K, where="phrases"),
+                      min_images=c.positive(ph_raw, "min_images", 1, where="phrases"),
+                      kind=c.choice(ph_raw, "kind", ("auto", *INDEX_KINDS), "auto", where="phrases"),
+                      weights=c.get(ph_raw, "weights", bool, True, where="phrases"))
+    if "index" in ph_raw:
+        for key in INDEX_BUILD_KEYS:
+            if key in ph_raw:  # a key the run would not read: the user meant one of the two
+                c.fail(f"phrases.{key}", "builds an index, but 'index' names a built one that is used instead; "
+                                         f"drop '{key}' to reuse that index, or drop 'index' to build one")
+    elif "pairs" not in ph_raw:
+        c.fail("phrases.pairs", "missing; name the pairs table to build the index from, or name a built index "
+                                "with 'index' (phrasefuse index build, or another run's WORK/index)")
+    if "index" not in ph_raw and "images" in ph_raw and "query_store" in ph_raw:
+        c.fail("phrases.images", "the query images are read from 'query_store', already extracted; drop 'images' "
+                                 "to reuse that store, or drop 'query_store' to extract these images")
+    return phrases
 
 
 def _parse_heads(c: "_Checker", heads_raw, features: list[str], has_phrases: bool) -> list[Head]:

@@ -8,6 +8,10 @@
     WORK/report.html, WORK/plots/*.png                                 the report
     WORK/run-state.json                                                what each stage last did
 
+`[phrases] index` / `query_store` name an index / a query image store made elsewhere: read in place of
+WORK/index / WORK/stores/query-image, never written (their content's fingerprint is in the inputs of
+the stages that read them, so a rebuilt index re-runs the phrases).
+
 A stage is skipped when its inputs (files, the stores it reads, its settings) have the
 same fingerprint as when it last completed and its output is still as it left it. Its
 settings are not listed by hand: they are every option, declared in run/config.py, of the
@@ -41,6 +45,7 @@ from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, wr
 from phrasefuse.store import EmbeddingStore
 
 STATE = RUN_STATE  # one name, which the folder scan (manifests.sources) knows too
+REUSED = "reused"  # the status of a stage whose output was made elsewhere ([phrases] index, query_store)
 
 
 @dataclass
@@ -51,7 +56,7 @@ class StageResult:
     summary: dict = field(default_factory=dict)
 
     def text(self) -> str:
-        return f"[{self.status}] {self.stage}: {self.line}" if self.status == "skipped" else self.line
+        return f"[{self.status}] {self.stage}: {self.line}" if self.status in ("skipped", REUSED) else self.line
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "status": self.status, "summary": self.summary}
@@ -85,14 +90,24 @@ class RunSummary:
     def text(self) -> str:
         """The ablation table and where the report is (the stages' texts are printed as they complete)."""
         parts = ["\n" + self.ablation_markdown] if self.ablation_markdown is not None else []
+        # said again at the end: the stages above read it, this run neither built nor changed it
+        parts += [f"{s.stage}: reused {s.summary['reused_from']}" for s in self.stages if s.status == REUSED]
         return "\n".join(parts + ([f"report: {self.work / 'report.html'}"] if self.work else []))
 
 
 @dataclass
 class Layout:
-    """Where each output of a run lives."""
+    """Where each output of a run lives, and the index and query store it reads: its own, or the
+    folders made elsewhere that [phrases] index / query_store name (read, never written)."""
 
     work: Path
+    reused_index: Path | None = None
+    reused_query_store: Path | None = None
+
+    @classmethod
+    def of(cls, config: Config) -> "Layout":
+        ph = config.phrases
+        return cls(config.work, ph.index if ph else None, ph.query_store if ph else None)
 
     def store(self, feature: str) -> Path:
         return self.work / "stores" / feature
@@ -103,11 +118,11 @@ class Layout:
 
     @property
     def query_store(self) -> Path:
-        return self.work / "stores" / "query-image"
+        return self.reused_query_store or self.work / "stores" / "query-image"
 
     @property
     def index(self) -> Path:
-        return self.work / "index"
+        return self.reused_index or self.work / "index"
 
     def head(self, name: str) -> Path:
         return self.work / "heads" / name
@@ -247,9 +262,10 @@ def plan_settings(config: Config, files: Callable[[Path], str] | None = None) ->
     for col in config.data.text_columns:
         plan[f"extract {col}"] = {"column": col, **stage_settings(config, EXTRACT_TEXT, files=files)}
     if config.phrases:
-        if config.phrases.images is not None:
+        if extracts_query(config):
             plan[EXTRACT_QUERY] = stage_settings(config, EXTRACT_QUERY, files=files)
-        plan[INDEX_STAGE] = stage_settings(config, INDEX_STAGE, files=files)
+        if config.phrases.index is None:  # else the index is read, not built
+            plan[INDEX_STAGE] = stage_settings(config, INDEX_STAGE, files=files)
         plan[PHRASES_STAGE] = stage_settings(config, PHRASES_STAGE, files=files)
     for head in heads_with_baseline(config):
         plan[f"head {head.name}"] = stage_settings(config, HEAD_STAGE, head, files=files)
@@ -259,6 +275,13 @@ def plan_settings(config: Config, files: Callable[[Path], str] | None = None) ->
         plan[ABLATION_STAGE] = stage_settings(config, ABLATION_STAGE, files=files)
     plan[REPORT_STAGE] = stage_settings(config, REPORT_STAGE, files=files)
     return {stage: _digest(settings) for stage, settings in plan.items()}
+
+
+def extracts_query(config: Config) -> bool:
+    """Whether the run extracts the query corpus' images: [phrases] images, when no store or index made
+    elsewhere stands for them."""
+    ph = config.phrases
+    return ph is not None and ph.images is not None and ph.query_store is None and ph.index is None
 
 
 def _digest(inputs: dict) -> str:
@@ -316,7 +339,7 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     """Run every stage of the config; yields each stage's result as it completes."""
     config = load_config(config_path)
     check_inputs(config)
-    layout = Layout(config.work)
+    layout = Layout.of(config)
     check_work(config)  # absent, empty or a run's: never "/", home, or a folder of the user's files
     make_folder(config.work, "work folder")
     if not (config.work / STATE).is_file():  # first: a run killed at any later point left a work folder
@@ -329,6 +352,10 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
 
     yield from extract_stages(config, layout, state, settings, progress)
     if config.phrases:
+        if reused_folders(config):  # the run's image store now names [encoders] image's identity (loaded if need be)
+            problems = reused_encoder_problems(config, _encoder_of(layout.store(IMAGE)))
+            if problems:
+                raise config_error(config.path, problems)
         yield from phrase_stages(config, layout, state, settings, progress)
 
     def features_of(names: list[str]) -> list[str]:
@@ -384,7 +411,7 @@ def ablation_stage(config: Config, layout: Layout, state: RunState, settings: di
             {"seconds": report.data["seconds"]}
 
     inputs = {"settings": settings[ABLATION_STAGE], "stores": stores_fp(names),
-              **({"index": _build_id(layout.index)} if ab.pseudo_shots else {})}
+              **(_index_inputs(layout) if ab.pseudo_shots else {})}
     return state.run("ablation", inputs, lambda: file_fingerprint(layout.ablation / "ablation.json"), ablation_job)
 
 
@@ -406,7 +433,9 @@ def check_inputs(config: Config) -> None:
     """The files a config names exist (before any work)."""
     named = [("data.manifest", config.data.manifest), ("data.label_descriptions", config.data.label_descriptions)]
     if config.phrases:
-        named += [("phrases.pairs", config.phrases.pairs), ("phrases.images", config.phrases.images)]
+        ph = config.phrases
+        named += [("phrases.pairs", ph.pairs), ("phrases.images", ph.images), ("phrases.index", ph.index),
+                  ("phrases.query_store", ph.query_store)]
     # recursive: a ** matches as the commands read it (manifests.tables.expand); braces: tar shards
     missing = [key for key, path in named if path is not None and not all(
         glob.glob(name, recursive=True) if glob.has_magic(name) else os.path.exists(name)
@@ -415,8 +444,83 @@ def check_inputs(config: Config) -> None:
                 f"folder)" for key in missing]
     if "data.manifest" not in missing:
         problems += _column_problems(config)
+    problems += _reused_problems(config, missing)
+    if reused_folders(config) and not problems:
+        # before any work when a record vouches for [encoders] image (else after extract image: run_config)
+        problems += reused_encoder_problems(config, _recorded_image_encoder(config))
     if problems:  # every mistake at once, each naming its key
         raise config_error(config.path, problems)
+
+
+def reused_folders(config: Config) -> list[tuple[str, Path]]:
+    """(key, folder) of each folder made elsewhere that the run reads ([phrases] index, query_store)."""
+    ph = config.phrases
+    if ph is None:
+        return []
+    return [(f"phrases.{key}", path) for key, path in (("index", ph.index), ("query_store", ph.query_store))
+            if path is not None]
+
+
+def _reused_problems(config: Config, missing: list[str]) -> list[str]:
+    """A reused folder is what its key says: an index, an image store (meta.json read; nothing written)."""
+    problems = []
+    for key, path in reused_folders(config):
+        if key in missing:
+            continue
+        made_by = "'phrasefuse index build' or another run's WORK/index" if key == "phrases.index" \
+            else "'phrasefuse extract images' or another run's WORK/stores/query-image"
+        try:
+            modality = _reused_meta(key, path).get("modality", "image")
+        except BadInput as e:  # its own message names the folder and what it is not
+            problems.append(f"key '{key}': {e}; name a folder made by {made_by}")
+            continue
+        if modality != "image":
+            problems.append(f"key '{key}': {path} holds {modality} embeddings; name an image store made by {made_by}")
+    return problems
+
+
+def _reused_meta(key: str, path: Path) -> dict:
+    from phrasefuse.index.folder import PhraseIndex
+
+    return PhraseIndex(path).meta if key == "phrases.index" else EmbeddingStore(path).meta
+
+
+def _encoder_of(store: Path) -> dict | None:
+    s = EmbeddingStore(store)
+    return s.meta.get("encoder") if s.exists() else None
+
+
+def _recorded_image_encoder(config: Config) -> dict | None:
+    """[encoders] image's identity, when a record vouches for it without loading the model (a store made
+    by that spec whose weights files are as they were: extract.identity); None: not known yet."""
+    from phrasefuse.extract.identity import recorded_identity
+
+    spec = config.encoders.image
+    metas = [_reused_meta(key, path) for key, path in reused_folders(config)]
+    try:  # the run's own image store, from an earlier run (an unreadable one is the extract stage's to say)
+        image_store = EmbeddingStore(Layout.of(config).store(IMAGE))
+        if image_store.exists():
+            metas.append(image_store.meta)
+    except BadInput:
+        pass
+    return next((found for found in (recorded_identity(spec, m) for m in metas) if found), None)
+
+
+def reused_encoder_problems(config: Config, image_encoder: dict | None) -> list[str]:
+    """The reused index or query store was embedded by [encoders] image (`image_encoder`: its identity;
+    None: not known, nothing to say yet). Another encoder's vectors would be searched by this run's."""
+    from phrasefuse.store import describe_encoder, encoder_identity
+
+    if image_encoder is None:
+        return []
+    problems = []
+    for key, path in reused_folders(config):
+        theirs = _reused_meta(key, path).get("encoder") or {}
+        if encoder_identity(theirs) != encoder_identity(image_encoder):
+            problems.append(f"key '{key}': {path} holds embeddings of {describe_encoder(theirs)}, but [encoders] "
+                            f"image is {describe_encoder(image_encoder)}; set [encoders] image to the encoder that "
+                            f"made it, or name a folder made with this one")
+    return problems
 
 
 def _column_problems(config: Config) -> list[str]:
@@ -454,7 +558,9 @@ def extract_stages(config: Config, layout: Layout, state: RunState, settings: di
                         lambda col=col, out_t=out_t: _mirroring(config.data.source, out_t, _summary(extract_texts(
                             config.data.source, col, _of_encoder(out_t, enc.text), model=enc.text, device=enc.device,
                             progress=progress))))
-    if config.phrases and config.phrases.images is not None:
+    if config.phrases and config.phrases.index is None and config.phrases.query_store is not None:
+        yield reused_stage(EXTRACT_QUERY, "the query images' store", layout.query_store)
+    if extracts_query(config):
         q = config.phrases.images
         yield state.run(EXTRACT_QUERY, {"settings": settings[EXTRACT_QUERY],
                                         "images": stamps_fingerprint(q, config.data.allow_outside_paths)},
@@ -536,18 +642,21 @@ def phrase_stages(config: Config, layout: Layout, state: RunState, settings: dic
     from phrasefuse.index.phrases import generate_phrases
 
     ph, enc = config.phrases, config.encoders
-    query = layout.query_store if ph.images is not None else layout.store(IMAGE)
-    inputs = {"settings": settings[INDEX_STAGE], "images": folder_fingerprint(query)}
+    if ph.index is not None:
+        yield reused_stage(INDEX_STAGE, "the index", layout.index)
+    else:
+        query = layout.query_store if ph.images is not None or ph.query_store is not None else layout.store(IMAGE)
+        inputs = {"settings": settings[INDEX_STAGE], "images": folder_fingerprint(query)}
 
-    def index_job() -> tuple[str, dict]:
-        s = build_index(ph.pairs, query, layout.index, min_images=ph.min_images, kind=ph.kind,
-                        use_weights=ph.weights, device=enc.device, progress=progress)
-        return s.text(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
+        def index_job() -> tuple[str, dict]:
+            s = build_index(ph.pairs, query, layout.index, min_images=ph.min_images, kind=ph.kind,
+                            use_weights=ph.weights, device=enc.device, progress=progress)
+            return s.text(), {"phrases": s.counts.get("phrases"), "recall_at_10": s.index.get("recall_at_10")}
 
-    yield state.run(INDEX_STAGE, inputs, lambda: _build_id(layout.index), index_job)
+        yield state.run(INDEX_STAGE, inputs, lambda: _build_id(layout.index), index_job)
 
     out = layout.store(PHRASES)
-    inputs = {"settings": settings[PHRASES_STAGE], "index": _build_id(layout.index),
+    inputs = {"settings": settings[PHRASES_STAGE], **_index_inputs(layout),
               "images": folder_fingerprint(layout.store(IMAGE))}
 
     def phrases_job() -> tuple[str, dict]:
@@ -585,7 +694,7 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, sett
     descriptions = config.data.label_descriptions
     reads = head.features + ([head.label_prior] if head.label_prior else [])
     inputs = {"settings": settings[f"head {head.name}"], "stores": stores_fp(reads),
-              **({"index": _build_id(layout.index)} if head.pseudo_shots else {})}
+              **(_index_inputs(layout) if head.pseudo_shots else {})}
 
     def job() -> tuple[str, dict]:
         from phrasefuse.fuse.evaluate import predict
@@ -616,6 +725,27 @@ def head_stage(config: Config, layout: Layout, state: RunState, head: Head, sett
 
 def _summary(s) -> tuple[str, dict]:
     return s.text(), s.as_dict()
+
+
+def reused_stage(stage: str, what: str, path: Path) -> StageResult:
+    """The result of a stage whose output was made elsewhere: said, with its folder (nothing recorded in
+    the run's state: the stages reading it hold its fingerprint)."""
+    from phrasefuse.index.folder import PhraseIndex
+
+    if stage == INDEX_STAGE:
+        meta = PhraseIndex(path).meta
+        size, extra = f"{(meta.get('counts') or {}).get('phrases')} phrases", {"build_id": meta.get("build_id")}
+    else:
+        size, extra = f"{EmbeddingStore(path).num_rows()} rows", {}
+    return StageResult(stage, REUSED, f"{what} {path} ({size}), made elsewhere: read, never written",
+                       {"reused_from": str(path), **extra})
+
+
+def _index_inputs(layout: Layout) -> dict:
+    """What a stage reading the index holds of it: its build id (new with every rebuild) and, for an
+    index made elsewhere, its files' fingerprint too (this run did not build it, so cannot vouch for it)."""
+    return {"index": _build_id(layout.index),
+            **({"index_files": folder_fingerprint(layout.index)} if layout.reused_index else {})}
 
 
 def _build_id(index: Path) -> str | None:

@@ -33,12 +33,23 @@ RAW = {
                  "label_prior": "phrases", "pseudo_shots": True},
     "report": {"gallery": 4},
 }
+# [phrases] reading folders made elsewhere: `index` stands for every key that builds one, `query_store`
+# for `images` (the parser refuses them together), so these set the keys RAW's [phrases] cannot.
+REUSING = {
+    "index": {"index": "other-run/index", "k": 2},
+    "query_store": {"pairs": "pairs.parquet", "query_store": "stores/q", "k": 2, "min_images": 1, "kind": "flat",
+                    "weights": True},
+}
 SECTIONS = {"data": cfg.Data, "encoders": cfg.Encoders, "phrases": cfg.Phrases, "ablation": cfg.Ablation,
             "report": cfg.Report}
 
 
-def base_config(tmp_path: Path) -> cfg.Config:
-    return cfg.parse_config(json.loads(json.dumps(RAW)), tmp_path / "run.toml")
+def base_config(tmp_path: Path, reusing: str | None = None) -> cfg.Config:
+    """RAW's config; `reusing` (a key of REUSING): with that [phrases] instead."""
+    raw = json.loads(json.dumps(RAW))
+    if reusing:
+        raw["phrases"] = REUSING[reusing]
+    return cfg.parse_config(raw, tmp_path / "run.toml")
 
 
 def other(value, hint):
@@ -106,13 +117,21 @@ def declared_readers(section: str, f: dataclasses.Field, flipped: cfg.Config) ->
     return readers
 
 
-def test_every_option_of_every_section_reruns_exactly_its_readers(tmp_path):
+BASE_STAGES = {"extract image", "extract title", "phrases", "head fused", "head plain", "zeroshot", "ablation",
+               "report"}
+
+
+@pytest.mark.parametrize("reusing, built", [
+    (None, {"extract query images", "index"}),  # RAW: the query images extracted, the index built
+    ("index", set()),  # an index made elsewhere: neither
+    ("query_store", {"index"}),  # a query store made elsewhere: the index built from it
+])
+def test_every_option_of_every_section_reruns_exactly_its_readers(tmp_path, reusing, built):
     assert set(STAGE_SECTIONS) == set(cfg.STAGES)  # every kind of stage says which sections it reads
-    config = base_config(tmp_path)
+    config = base_config(tmp_path, reusing)
     files = lambda p: f"content of {p}"  # noqa: E731 - a changed path is a changed file
     base = plan_settings(config, files=files)
-    assert set(base) == {"extract image", "extract title", "extract query images", "index", "phrases", "head fused",
-                         "head plain", "zeroshot", "ablation", "report"}
+    assert set(base) == BASE_STAGES | built
     seen = set()
     for section, f, flipped in flips(config):
         after = plan_settings(flipped, files=files)
@@ -141,6 +160,8 @@ def test_every_option_of_every_section_reruns_exactly_its_readers(tmp_path):
     ("encoders.max_image_mb", {"extract image", "extract query images"}),
     ("phrases.pairs", {"index"}),
     ("phrases.images", {"extract query images", "index"}),
+    ("phrases.index", {"phrases"}),  # and no index stage, no query images extracted
+    ("phrases.query_store", {"index"}),  # and no query images extracted
     ("phrases.k", {"phrases"}),
     ("phrases.kind", {"index"}),
     ("head.seed", {"head fused"}),
@@ -172,11 +193,22 @@ def test_a_changed_file_under_the_same_path_reruns_its_readers(tmp_path):
     assert rerun(before, after) == {"index", "report"}
 
 
+def test_a_rebuilt_index_made_elsewhere_reruns_the_phrases(tmp_path):
+    """[phrases] index: the folder's content is in the settings of the stages that read it."""
+    config = base_config(tmp_path, "index")
+    before = plan_settings(config, files=lambda p: "v1")
+    after = plan_settings(config, files=lambda p: "v2" if p.name == "index" else "v1")
+    assert rerun(before, after) == {"phrases", "report"}
+
+
 def test_every_declared_option_is_a_key_of_the_config_file(tmp_path):
     """The parser accepts exactly the declared options: a key cannot be read without being fingerprinted."""
     for name, cls in [*SECTIONS.items(), ("head", cfg.Head)]:
         raw = RAW["heads"][0] if name == "head" else RAW[name]
-        assert set(raw) == cfg.option_names(cls), name  # RAW sets every option (the flips start from real values)
+        keys = set(raw).union(*REUSING.values()) if name == "phrases" else set(raw)
+        assert keys == cfg.option_names(cls), name  # RAW sets every option (the flips start from real values)
+    for reusing in REUSING:
+        assert base_config(tmp_path, reusing).phrases  # each base parses
 
 
 def make_b31_data(folder: Path, spec: str) -> None:
