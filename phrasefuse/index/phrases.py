@@ -175,13 +175,6 @@ def generate_phrases(index: str | os.PathLike, images: str | os.PathLike, out: s
     return summary
 
 
-def _at_least_one(*flags: tuple[str, int | None]) -> None:
-    """Counts and sizes refused before any work (a flag left None is sized later)."""
-    for flag, value in flags:
-        if value is not None and value < 1:
-            raise BadInput(f"{flag} {value}: must be at least 1")
-
-
 def _load_text_encoder(spec: str, device: str):
     from phrasefuse.extract.encoders import load_text_encoder  # torch: only when phrases are to be embedded
 
