@@ -27,6 +27,35 @@ def jpeg(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
     return buf.getvalue()
 
 
+def bmp(seed: int) -> bytes:
+    """A 32x32 BMP: every seed gives a file of the same size, other pixels (a replaced photo that
+    keeps its size)."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "BMP")
+    return buf.getvalue()
+
+
+def bmp_classes(folder: Path, per_class: int) -> Path:
+    """folder/red/0.bmp ... folder/blue/N.bmp (seeds 0.. and 10..)."""
+    for c, name in enumerate(("red", "blue")):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            (folder / name / f"{i}.bmp").write_bytes(bmp(10 * c + i))
+    return folder
+
+
+def bmp_folder_and_pairs(tmp_path: Path, n: int = 6) -> Path:
+    """tmp_path/photos/0.bmp ... (n flat images) and tmp_path/pairs.parquet (3 phrases over them)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(n):
+        (photos / f"{i}.bmp").write_bytes(bmp(i))
+    pq.write_table(pa.table({"query": [f"phrase {i % 3}" for i in range(n)],
+                             "image_id": [f"{i}.bmp" for i in range(n)]}), tmp_path / "pairs.parquet")
+    return photos
+
+
 def image_folder(root: Path, splits=("train", "validation"), per_class: int = 3) -> Path:
     """root/SPLIT/CLASS/N.jpg (splits None: root/CLASS/N.jpg)."""
     for s, split in enumerate(splits or [None]):

@@ -5,7 +5,6 @@ touched but identical file is not embedded again; a store written before stamps 
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 
@@ -14,7 +13,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from phrasefuse.extract import jobs
 from phrasefuse.extract.jobs import extract_images, extract_texts
@@ -24,20 +22,12 @@ from tests import inputs_data as data
 
 
 def bmp(seed: int) -> bytes:
-    """A 32x32 BMP: every seed gives a file of the same size, other pixels."""
-    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "BMP")
-    return buf.getvalue()
+    return data.bmp(seed)
 
 
 @pytest.fixture
 def photos(tmp_path):
-    for c, name in enumerate(("red", "blue")):
-        (tmp_path / "photos" / name).mkdir(parents=True)
-        for i in range(3):
-            (tmp_path / "photos" / name / f"{i}.bmp").write_bytes(bmp(10 * c + i))
-    return tmp_path / "photos"
+    return data.bmp_classes(tmp_path / "photos", per_class=3)
 
 
 def vector(store, id_: str) -> np.ndarray:

@@ -5,40 +5,31 @@ still load the model, and a changed model is still refused."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from phrasefuse.errors import BadInput
 from phrasefuse.extract import encoders
 from phrasefuse.extract.identity import WEIGHTS_FILES, weights_stamp
 from phrasefuse.extract.jobs import extract_images, extract_texts
 from phrasefuse.store import EmbeddingStore
+from tests import inputs_data as data
 from tests.conftest import TINY_CLIP_CONFIG
 
 HEAVY = ("torch", "open_clip", "faiss", "lightgbm", "sentence_transformers", "timm")
 
 
 def bmp(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "BMP")
-    return buf.getvalue()
+    return data.bmp(seed)
 
 
 @pytest.fixture
 def photos(tmp_path):
-    for c, name in enumerate(("red", "blue")):
-        (tmp_path / "photos" / name).mkdir(parents=True)
-        for i in range(2):
-            (tmp_path / "photos" / name / f"{i}.bmp").write_bytes(bmp(10 * c + i))
-    return tmp_path / "photos"
+    return data.bmp_classes(tmp_path / "photos", per_class=2)
 
 
 @pytest.fixture

@@ -3,41 +3,23 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-
 from phrasefuse.extract.jobs import extract_images
 from phrasefuse.index.build import build_index
 from phrasefuse.index.phrases import generate_phrases
 from phrasefuse.store import EmbeddingStore, verify_store
-
-
-def bmp(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "BMP")
-    return buf.getvalue()
+from tests import inputs_data as data
 
 
 def test_phrases_of_a_changed_image_are_searched_again(tiny_clip_spec, tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(6):
-        (photos / f"{i}.bmp").write_bytes(bmp(i))
+    photos = data.bmp_folder_and_pairs(tmp_path)
     images = tmp_path / "images"
     extract_images(photos, images, model=tiny_clip_spec, workers=0, progress=False)
-    pairs = pa.table({"query": [f"phrase {i % 3}" for i in range(6)], "image_id": [f"{i}.bmp" for i in range(6)]})
-    pq.write_table(pairs, tmp_path / "pairs.parquet")
     build_index(tmp_path / "pairs.parquet", images, tmp_path / "index", progress=False)
     out = tmp_path / "phrases"
     assert generate_phrases(tmp_path / "index", images, out, text_model=tiny_clip_spec, device="cpu", k=2,
                             progress=False).written == 6
 
-    (photos / "4.bmp").write_bytes(bmp(404))
+    (photos / "4.bmp").write_bytes(data.bmp(404))
     assert extract_images(photos, images, model=tiny_clip_spec, workers=0, progress=False).changed == 1
     again = generate_phrases(tmp_path / "index", images, out, text_model=tiny_clip_spec, device="cpu", k=2,
                              progress=False)

@@ -9,26 +9,19 @@ import os
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from phrasefuse.extract import encoders
 from phrasefuse.extract.jobs import extract_images
 from phrasefuse.index.build import build_index
 from phrasefuse.index.folder import PhraseIndex
 from phrasefuse.index.phrases import generate_phrases
-from tests.extract.test_noop import NOOP_PROBE, bmp
+from tests import inputs_data as data
+from tests.extract.test_noop import NOOP_PROBE
 
 
 def test_no_new_image_loads_no_text_model_nor_index(tiny_clip_spec, tmp_path, monkeypatch):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(6):
-        (photos / f"{i}.bmp").write_bytes(bmp(i))
+    photos = data.bmp_folder_and_pairs(tmp_path)
     images = tmp_path / "images"
     extract_images(photos, images, model=tiny_clip_spec, workers=0, progress=False)
-    pq.write_table(pa.table({"query": [f"phrase {i % 3}" for i in range(6)],
-                             "image_id": [f"{i}.bmp" for i in range(6)]}), tmp_path / "pairs.parquet")
     build_index(tmp_path / "pairs.parquet", images, tmp_path / "index", progress=False)
     loads = {"text": 0, "faiss": 0}
     real_text, real_faiss = encoders.load_text_encoder, PhraseIndex.faiss_index.fget
@@ -59,7 +52,7 @@ def test_no_new_image_loads_no_text_model_nor_index(tiny_clip_spec, tmp_path, mo
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stderr
 
-    (photos / "6.bmp").write_bytes(bmp(6))  # a new image: searched, with the model and the index loaded
+    (photos / "6.bmp").write_bytes(data.bmp(6))  # a new image: searched, with the model and the index loaded
     extract_images(photos, images, model=tiny_clip_spec, workers=0, progress=False)
     new = phrases()
     assert (new.written, new.present, loads) == (1, 6, {"text": 2, "faiss": 2})
