@@ -64,6 +64,8 @@ SHARD_SIZE_HELP = "Rows per shard; a killed job loses at most the shard it was f
 MANIFEST_HELP = ("Dataset manifest: a table (Parquet, CSV/TSV, JSON Lines, or a quoted glob), a folder of images "
                  "(CLASS/ subfolders give the label), WebDataset tars ('shards/{00000..00099}.tar'), or Parquet "
                  "with image bytes.")
+ALLOW_OUTSIDE_HELP = ("Read images outside the manifest's folder (../, absolute paths, symlinks out); "
+                      "refused by default.")
 ID_COL_HELP = "Column holding the row ids (default 'id'; tars: the sample key)."
 IMAGE_COL_HELP = ("Column holding image paths or bytes (binary, or a struct {bytes, path}) (default 'image'; "
                   "tars: the image member's extension).")
@@ -116,7 +118,7 @@ def extract_images(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows of the manifest."),
     shard_size: int = typer.Option(10_000, "--shard-size", help=SHARD_SIZE_HELP),
     dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Stored float type."),
-    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Read images outside the manifest's folder (../, absolute paths, symlinks out); refused by default."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help=ALLOW_OUTSIDE_HELP),
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
@@ -334,6 +336,7 @@ def predict(
     device: Device = typer.Option(Device.auto, "--device"),
     id_col: Optional[str] = typer.Option(None, "--id-col", help=ID_COL_HELP),
     image_col: Optional[str] = typer.Option(None, "--image-col", help=IMAGE_COL_HELP),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help=ALLOW_OUTSIDE_HELP),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="The inputs' true labels, to score the predictions against (default: the head's label column, else 'label': a folder's CLASS/ subfolders)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -362,7 +365,8 @@ def predict(
     from phrasefuse.fuse.evaluate import predict_new
 
     result = predict_new(head, inputs, top_k=top_k, out=out, index=index, model=model, device=device.value,
-                         id_col=id_col, image_col=image_col, label_col=label_col)
+                         id_col=id_col, image_col=image_col, label_col=label_col,
+                         allow_outside_paths=allow_outside_paths)
     _warn(result.warnings)
     _print(result, as_json)
 

@@ -262,6 +262,22 @@ def test_predict_on_a_labelled_folder_scores_it_and_names_unseen_labels(trained,
     assert plain.table["predicted"].to_pylist() == plain.table["label"].to_pylist()
 
 
+def test_predict_on_a_folder_of_symlinks_out_is_refused_unless_allowed(trained, shapes_dataset, tmp_path):
+    """A folder whose images link elsewhere (`cp -rs`: a dataset kept once, linked into a project):
+    refused with one line naming the flag, as extract refuses it; with --allow-outside-paths, scored."""
+    real = _labelled_folder(shapes_dataset, tmp_path)
+    linked = tmp_path / "linked"
+    for image in sorted(real.rglob("*.jpg")):
+        (linked / image.parent.name).mkdir(parents=True, exist_ok=True)
+        (linked / image.parent.name / image.name).symlink_to(image)
+    refused = invoke_cli("predict", trained / "head", linked, "--out", tmp_path / "r.csv")
+    assert refused.returncode == 2 and "--allow-outside-paths" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.csv").exists()
+    allowed = invoke_cli("predict", trained / "head", linked, "--allow-outside-paths", "--out", tmp_path / "a.csv")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "of 9 labelled rows correct" in allowed.stdout
+
+
 def test_predict_manifest_with_labels_scores_it_and_a_missing_label_col_is_refused(trained, shapes_dataset, tmp_path):
     summary = predict(trained / "head", shapes_dataset, tmp_path / "p.parquet")
     table = pq.read_table(tmp_path / "p.parquet")

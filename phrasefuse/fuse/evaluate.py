@@ -353,7 +353,7 @@ class NewPredictions:
 def predict_new(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, top_k: int = 5,
                 out: str | os.PathLike | None = None, index: str | None = None, model: str | None = None,
                 device: str = "auto", id_col: str | None = None, image_col: str | None = None,
-                label_col: str | None = None) -> NewPredictions:
+                label_col: str | None = None, allow_outside_paths: bool = False) -> NewPredictions:
     """`predict HEAD INPUT...`: the head on images it has not seen (files, folders, any manifest
     source), computing their features as the head's meta.json records (`fuse.newinputs`); inputs
     with labels (CLASS/ subfolders, a label column) are scored against them."""
@@ -365,7 +365,7 @@ def predict_new(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike
         out_format(out)  # a wrong --out is refused before any image is read
     head = load_head(head_path)
     provenance(head)  # an old head is refused before any image is read
-    manifest = read_inputs(inputs, id_col, image_col)
+    manifest = read_inputs(inputs, id_col, image_col, allow_outside_paths)
     made = compute(head, manifest, index=index, model=model, device=device)
     cos = None
     if made.prior is not None:

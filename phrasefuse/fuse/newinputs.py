@@ -55,10 +55,11 @@ def input_id_prefix(item: str | os.PathLike, several: bool) -> str:
 
 
 def read_inputs(inputs: Sequence[str | os.PathLike], id_col: str | None = None,
-                image_col: str | None = None) -> Manifest:
+                image_col: str | None = None, allow_outside_paths: bool = False) -> Manifest:
     """Image files (id: the path as given), folders and manifests (ids: their own, prefixed by
     `input_id_prefix` when several INPUTs are given), as one table (id, image, text columns, image
-    byte locations); an id seen twice (the same image or input given twice) is refused."""
+    byte locations); an id seen twice (the same image or input given twice) is refused. A folder's or
+    manifest's images outside it (../, symlinks out) are refused unless `allow_outside_paths`, as in extract."""
     files = [str(i) for i in inputs if os.path.isfile(i) and str(i).lower().endswith(FOLDER_IMAGE_EXTS)]
     parts = []
     if files:
@@ -69,7 +70,8 @@ def read_inputs(inputs: Sequence[str | os.PathLike], id_col: str | None = None,
     for item in inputs:
         if str(item) in files:
             continue
-        m = read_manifest(Source(str(item), id_col, image_col), require_image=True)
+        m = read_manifest(Source(str(item), id_col, image_col), require_image=True,
+                          allow_outside_paths=allow_outside_paths)
         if m.image_bytes and (bytes_col or len(inputs) > 1):
             raise BadInput(f"{item}: Parquet with image bytes: predict it on its own (one INPUT)")
         bytes_col = m.image_bytes
