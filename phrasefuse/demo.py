@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.folders import make_folder, write_atomic, write_json_atomic
+from phrasefuse.folders import make_folder, write_atomic
 
 DEFAULT_N = 1000
 QUERY_IMAGES = 800
@@ -48,15 +48,15 @@ def run_demo(work: str | os.PathLike, n: int = DEFAULT_N, progress: bool | None 
     if n < MIN_N:
         raise BadInput(f"--n {n}: the demo needs at least {MIN_N} images (its 20-shot table needs 20 training "
                        f"images per class)")
-    from phrasefuse.run.config import RUN_STATE, work_problem
+    from phrasefuse.folders import mark_run_folder
+    from phrasefuse.run.config import work_problem
 
     work = Path(work)
     problem = work_problem(work, "choose a new or empty --work folder")  # the demo's config says work = "."
     if problem:
         raise BadInput(f"--work {problem}")
     make_folder(work, "--work")
-    if not (work / RUN_STATE).is_file():  # first: the folder is a run's from now on (data and config follow)
-        write_json_atomic(work / RUN_STATE, {"format": "phrasefuse-run-state", "stages": {}})
+    mark_run_folder(work)  # first: the folder is a run's from now on (data and config follow)
     paths = generate_demo(work / "data", n=n, n_query=QUERY_IMAGES)
     yield DemoData(n, len(DEMO_CLASSES), QUERY_IMAGES, paths["manifest"].parent)
     config = work / "demo.toml"

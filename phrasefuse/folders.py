@@ -253,7 +253,15 @@ def _swap_in(tmp: Path, out: Path, token: str) -> None:
 LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.phrasefuse-(?P<token>[0-9a-f]{16})\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 # In a leftover folder: the token of its name (the proof that phrasefuse made it).
 OWNER_FILE = ".phrasefuse-owner"
-RUN_STATE = "run-state.json"  # a run's work folder holds it (run/pipeline.py)
+RUN_STATE = "run-state.json"  # a run's work folder holds it (run/pipeline.py RunState)
+RUN_STATE_FORMAT = "phrasefuse-run-state"
+
+
+def mark_run_folder(work: Path) -> None:
+    """Write an empty run-state.json in `work` unless it has one: the first write of a run (or the
+    demo), so that a run killed at any later point left a folder that is provably a run's."""
+    if not (Path(work) / RUN_STATE).is_file():
+        write_json_atomic(Path(work) / RUN_STATE, {"format": RUN_STATE_FORMAT, "stages": {}})
 
 
 def new_token() -> str:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phrasefuse.errors import BadInput
+from phrasefuse.folders import is_phrasefuse_folder
 from phrasefuse.manifests.tables import FILE_COL, ROW_COL, expand, read_table
 
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -224,34 +225,18 @@ def _columns(table: pa.Table) -> str:
 
 # ---------------------------------------------------------------- a folder of images
 
-RUN_STATE = "run-state.json"  # in a `run` work folder (run/pipeline.py STATE) from its start
-
-
-def made_by_phrasefuse(folder: str) -> bool:
-    """A folder phrasefuse wrote: a `run` work folder (its plots are PNGs), or a store, index or head
-    (meta.json of a phrasefuse format). Never a dataset's images, even when it sits in the image
-    folder (a run config kept beside its images, with work = "work")."""
-    if os.path.isfile(os.path.join(folder, RUN_STATE)):
-        return True
-    try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            fmt = json.load(f).get("format")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(fmt, str) and fmt.startswith("phrasefuse-")
-
-
 def walk_dataset(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
-    """os.walk of an image folder, without the folders phrasefuse made inside it."""
+    """os.walk of an image folder, without the folders phrasefuse made inside it (a run's work folder,
+    a store, index or head: never a dataset's images, even beside a run config kept with its images)."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS
-                         and not made_by_phrasefuse(os.path.join(folder, d)))  # not walked
+                         and not is_phrasefuse_folder(os.path.join(folder, d)))  # not walked
         yield folder, dirs, files
 
 
 def folder_table(folder: str) -> pa.Table:
     """Every image file under `folder` (recursively, sorted; hidden files, hidden folders,
-    SYSTEM_FOLDERS and folders phrasefuse made (`made_by_phrasefuse`: a run's work folder inside it)
+    SYSTEM_FOLDERS and folders phrasefuse made (`folders.is_phrasefuse_folder`: a run's work folder inside it)
     skipped): id = its path relative to the folder. When every image sits one level down
     (ImageFolder: CLASS/x.jpg) that folder is the `label`; a level of split folders above (train/,
     val/, test/; validation, valid, dev read as val) gives `split`. When some images sit in class

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from phrasefuse.errors import MAX_SEED, BadInput
+from phrasefuse.folders import RUN_STATE, RUN_STATE_FORMAT
 from phrasefuse.extract import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from phrasefuse.fuse import HEAD_KINDS, LABEL_PRIOR, PSEUDO_SHOTS
 from phrasefuse.index import DEFAULT_PHRASES_K
@@ -357,7 +358,6 @@ def _path(base: Path, value: str | None) -> Path | None:
     return None if value is None else Path(os.path.normpath(base / os.path.expanduser(value)))
 
 
-RUN_STATE = "run-state.json"  # what makes a folder a run's work folder (run/pipeline.py RunState)
 # What a run writes in its work folder (run/pipeline.py Layout): a folder holding only these is a
 # run's whose run-state.json was lost (every stage then checks its output again).
 RUN_OUTPUTS = frozenset({RUN_STATE, "stores", "index", "heads", "predictions", "ablation", "zeroshot.json",
@@ -372,7 +372,7 @@ def is_work_folder(folder: Path) -> bool:
 
     try:
         state = json.loads((folder / RUN_STATE).read_text(encoding="utf-8"))
-        return isinstance(state, dict) and state.get("format") == "phrasefuse-run-state"
+        return isinstance(state, dict) and state.get("format") == RUN_STATE_FORMAT
     except (OSError, ValueError):
         pass
     try:

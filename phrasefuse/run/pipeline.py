@@ -36,15 +36,16 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from phrasefuse.errors import BadInput
-from phrasefuse.manifests.sources import RUN_STATE, expand_braces
+from phrasefuse.manifests.sources import expand_braces
 from phrasefuse.report import BASELINE
 from phrasefuse.run.config import (ABLATION_STAGE, CHANGES_RESULT, EXTRACT_IMAGE, EXTRACT_QUERY, EXTRACT_TEXT,
                                    HEAD_STAGE, IMAGE, INDEX_STAGE, PHRASES, PHRASES_STAGE, REPORT_STAGE, UNREAD_BY,
                                    ZEROSHOT_STAGE, Config, Head, check_work, config_error, load_config)
-from phrasefuse.folders import make_folder, recover_leftovers, remove_folder, write_json_atomic
+from phrasefuse.folders import (RUN_STATE, RUN_STATE_FORMAT, make_folder, mark_run_folder, recover_leftovers,
+                                remove_folder, write_json_atomic)
 from phrasefuse.store import EmbeddingStore
 
-STATE = RUN_STATE  # one name, which the folder scan (manifests.sources) knows too
+STATE = RUN_STATE  # one name, which the folder scan (folders.is_phrasefuse_folder) knows too
 REUSED = "reused"  # the status of a stage whose output was made elsewhere ([phrases] index, query_store)
 
 
@@ -316,7 +317,7 @@ class RunState:
         return StageResult(stage, "ran", line, summary)
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"format": "phrasefuse-run-state", "stages": self.stages})
+        write_json_atomic(self.path, {"format": RUN_STATE_FORMAT, "stages": self.stages})
 
 
 def as_skipped(summary: dict) -> dict:
@@ -342,8 +343,7 @@ def run_config(config_path: str | os.PathLike, progress: bool | None = None) -> 
     layout = Layout.of(config)
     check_work(config)  # absent, empty or a run's: never "/", home, or a folder of the user's files
     make_folder(config.work, "work folder")
-    if not (config.work / STATE).is_file():  # first: a run killed at any later point left a work folder
-        write_json_atomic(config.work / STATE, {"format": "phrasefuse-run-state", "stages": {}})
+    mark_run_folder(config.work)  # first: a run killed at any later point left a folder that is a run's
     for folder in (config.work, config.work / "stores", config.work / "heads", config.work / "predictions",
                    layout.ablation, config.work / "plots"):
         recover_leftovers(folder, owned=True)  # of a killed earlier run: swaps undone, temporaries removed
